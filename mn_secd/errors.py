@@ -1,0 +1,276 @@
+"""The typed failure taxonomy shared by every layer of mn_secd.
+
+Every error says *who was wrong* (``culprit``): a gateway operator reading a log line needs to know
+whether to look at the modem, the card, the operator's BSF, a local AE, or our own configuration.
+The key service maps these classes to CoAP codes in exactly one place
+(:mod:`mn_secd.control.payloads`), so a new error class is a deliberate change there too.
+
+Messages never carry key material: callers pass identifiers, status words and lengths, never keys.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Culprit(str, Enum):
+    """Who a failure points at."""
+
+    LOCAL = "local"  # our own code or configuration
+    MODEM = "modem"  # the AT port or the modem firmware
+    CARD = "card"  # the UICC
+    BSF = "bsf"  # the operator's bootstrapping server
+    NAF = "naf"  # the network application function (IN-CSE)
+    AE = "ae"  # a local application entity talking to the control socket
+
+
+class MnSecdError(Exception):
+    """Base of every error mn_secd raises on purpose."""
+
+    culprit: Culprit = Culprit.LOCAL
+    #: A stable machine-readable name, used in logs, status payloads and diagnostics.
+    kind: str = "internal"
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+class ConfigError(MnSecdError):
+    """A configuration file is wrong; the message names the file and the key at fault."""
+
+    kind = "config"
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{file}: {key}: {problem}")
+
+
+# --- timeouts --------------------------------------------------------------------------------------
+
+
+class OperationTimeout(MnSecdError):
+    """A peer (modem, card, BSF, NAF) did not answer in time."""
+
+    kind = "timeout"
+
+
+# --- modem and AT port -------------------------------------------------------------------------------
+
+
+class ModemError(MnSecdError):
+    """The modem or its AT port misbehaved."""
+
+    culprit = Culprit.MODEM
+    kind = "modem"
+
+
+class AtParseError(ModemError):
+    """Bytes from the AT port that are not a well-formed AT answer (the only error the codec raises)."""
+
+    kind = "at-parse"
+
+
+class AtCommandError(ModemError):
+    """The modem answered a command with ``ERROR`` or ``+CME ERROR: <code>``."""
+
+    kind = "at-error"
+
+    def __init__(self, command: str, cme: int | None = None, text: str | None = None) -> None:
+        self.command = command
+        self.cme = cme
+        self.text = text
+        detail = "ERROR" if cme is None and text is None else f"+CME ERROR: {cme if cme is not None else text}"
+        super().__init__(f"{command} -> {detail}")
+
+
+class ModemTimeout(OperationTimeout, ModemError):
+    """The modem gave no final result code within the command's timeout."""
+
+    culprit = Culprit.MODEM
+    kind = "modem-timeout"
+
+
+class PortGoneError(ModemError):
+    """The serial port vanished (unplugged modem, USB reset) or cannot be opened."""
+
+    kind = "port-gone"
+
+
+# --- UICC ---------------------------------------------------------------------------------------------
+
+
+class UiccError(MnSecdError):
+    """The card, or the path to it, failed an operation."""
+
+    culprit = Culprit.CARD
+    kind = "uicc"
+
+
+class ApduParseError(UiccError):
+    """A malformed APDU, status word or BER-TLV structure (the only error the TLV/APDU parsers raise)."""
+
+    kind = "apdu-parse"
+
+
+class UiccAbsent(UiccError):
+    """No card in the modem, or it was removed."""
+
+    kind = "uicc-absent"
+
+
+class UiccLocked(UiccError):
+    """The card needs a PIN/PUK; the daemon never enters PINs."""
+
+    kind = "uicc-locked"
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        super().__init__(f"card is locked ({state})")
+
+
+class ApplicationNotFound(UiccError):
+    """Neither an ISIM nor a USIM was found in EF_DIR (or the AID could not be selected)."""
+
+    kind = "application-not-found"
+
+
+class CardStatusError(UiccError):
+    """The card answered with an unexpected status word."""
+
+    kind = "card-status"
+
+    def __init__(self, operation: str, sw: int) -> None:
+        self.operation = operation
+        self.sw = sw
+        super().__init__(f"{operation}: status word {sw:04X}")
+
+
+class AuthenticateRefused(UiccError):
+    """The modem or the card refused to run AUTHENTICATE at all (e.g. +CME ERROR: 3, SW 6985/9864)."""
+
+    kind = "authenticate-refused"
+
+
+class AuthenticateOutcomeUnknown(OperationTimeout, UiccError):
+    """AUTHENTICATE was sent but no answer came in time.
+
+    The card may or may not have consumed the sequence number, so the command is never resent;
+    the caller decides whether to start a fresh bootstrap with a fresh challenge.
+    """
+
+    culprit = Culprit.MODEM
+    kind = "authenticate-timeout"
+
+
+class TransportUnavailable(UiccError):
+    """No APDU transport (AT+CSIM, AT+CGLA) works on this modem."""
+
+    culprit = Culprit.MODEM
+    kind = "transport-unavailable"
+
+
+# --- GBA / Ub -----------------------------------------------------------------------------------------
+
+
+class GbaError(MnSecdError):
+    """Bootstrapping or key derivation failed."""
+
+    kind = "gba"
+
+
+class DigestParseError(GbaError):
+    """A malformed ``WWW-Authenticate`` / ``Authentication-Info`` header (only error the parser raises)."""
+
+    culprit = Culprit.BSF
+    kind = "digest-parse"
+
+
+class NetworkAuthenticationFailure(GbaError):
+    """The card found the AUTN's MAC wrong: the BSF is not who it claims (never answered with a RES)."""
+
+    culprit = Culprit.BSF
+    kind = "network-auth-failure"
+
+
+class BsfUnreachable(GbaError):
+    """The BSF could not be reached (connection refused, DNS, TLS, timeout)."""
+
+    culprit = Culprit.BSF
+    kind = "bsf-unreachable"
+
+
+class BsfRejected(GbaError):
+    """The BSF refused the bootstrap (unknown IMPI, wrong response, ...)."""
+
+    culprit = Culprit.BSF
+    kind = "bsf-rejected"
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"BSF answered {status}: {reason}")
+
+
+class BsfAnswerInvalid(GbaError):
+    """The BSF answered something we must not accept (bad rspauth, malformed XML, expired lifetime)."""
+
+    culprit = Culprit.BSF
+    kind = "bsf-answer-invalid"
+
+
+class InvalidNafId(GbaError):
+    """A NAF FQDN that cannot be part of a NAF_Id."""
+
+    culprit = Culprit.AE
+    kind = "invalid-naf-id"
+
+
+class UnsupportedUaProtocol(GbaError):
+    """A Ua security protocol identifier that is malformed or not supported."""
+
+    culprit = Culprit.AE
+    kind = "unsupported-ua-protocol"
+
+
+class GbaModeUnavailable(GbaError):
+    """The configured GBA mode policy cannot be met by this card (e.g. GBA_U only, card without GBA)."""
+
+    culprit = Culprit.LOCAL
+    kind = "gba-mode-unavailable"
+
+
+class BootstrapRateLimited(GbaError):
+    """A forced re-bootstrap was asked for too soon after the previous one."""
+
+    culprit = Culprit.AE
+    kind = "bootstrap-rate-limited"
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"re-bootstrap refused: try again in {retry_after:.1f} s")
+
+
+# --- key service and NAF ------------------------------------------------------------------------------
+
+
+class NotAuthorised(MnSecdError):
+    """A local AE asked for something its ACL does not allow."""
+
+    culprit = Culprit.AE
+    kind = "not-authorised"
+
+
+class NafError(MnSecdError):
+    """The NAF side (Zn lookup, Ua handshake) failed."""
+
+    culprit = Culprit.NAF
+    kind = "naf"
+
+
+class BtidUnknown(NafError):
+    """The BSF does not know (or no longer knows) the B-TID: the UE must bootstrap again."""
+
+    culprit = Culprit.BSF
+    kind = "btid-unknown"
