@@ -1,0 +1,51 @@
+"""The ``mn-secd`` command line.
+
+Only the module of the chosen command is imported, so ``mn-secd run`` loads the daemon and nothing
+of the simulated world or the lab tools, and every command starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mn_secd.errors import MnSecdError
+
+#: command -> (module in mn_secd.commands providing ``configure(parser)``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("mn_secd.commands.daemon", "run the daemon (under systemd or in the foreground)"),
+    "check-config": ("mn_secd.commands.check_config", "validate a configuration file and exit"),
+    "bootstrap": ("mn_secd.commands.bootstrap", "run one GBA bootstrap and print B-TID, expiry, mode"),
+    "key": ("mn_secd.commands.client", "ask the daemon for a NAF key (as a local AE)"),
+    "status": ("mn_secd.commands.client", "show the daemon's status (as a local AE)"),
+    "uicc": ("mn_secd.commands.uicc", "diagnose the UICC through the modem's AT port"),
+    "sim": ("mn_secd.commands.sim", "run a part of the simulated world (modem, BSF, NAF)"),
+    "demo": ("mn_secd.commands.demo", "run the whole chain on the embedded simulated world"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mn-secd", description="Security daemon for oneM2M Middle Nodes")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).configure(p, name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Each ``configure(parser, name)`` sets ``handler``: a function of the parsed args returning the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = args_list[0] if args_list and args_list[0] in COMMANDS else None
+    args = build_parser(command).parse_args(args_list)
+    try:
+        code: int = args.handler(args)
+    except MnSecdError as exc:
+        print(f"mn-secd {args.command}: {exc.kind}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
