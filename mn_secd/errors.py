@@ -10,10 +10,10 @@ Messages never carry key material: callers pass identifiers, status words and le
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Culprit(str, Enum):
+class Culprit(StrEnum):
     """Who a failure points at."""
 
     LOCAL = "local"  # our own code or configuration

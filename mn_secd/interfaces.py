@@ -16,7 +16,7 @@ from mn_secd.gba.ua import UaId
 from mn_secd.uicc.auth import AkaResult, AuthContext
 
 
-class Application(str, enum.Enum):
+class Application(enum.StrEnum):
     """Which UICC application answers for us."""
 
     ISIM = "isim"
@@ -46,7 +46,7 @@ class CardIdentity:
         return self.imsi[3 : 3 + self.mnc_length]
 
 
-class CardEventKind(str, enum.Enum):
+class CardEventKind(enum.StrEnum):
     REMOVED = "removed"  # the card went away (URC, +CME ERROR: 10, port gone)
     INSERTED = "inserted"  # a card is back: identity re-read, may be the same card
     CHANGED = "changed"  # a different ICCID/IMPI than before
@@ -77,12 +77,12 @@ class CardAccess(Protocol):
         """Be told of removal, insertion and change; returns an unsubscribe function."""
 
 
-class GbaMode(str, enum.Enum):
+class GbaMode(enum.StrEnum):
     GBA_ME = "gba-me"
     GBA_U = "gba-u"
 
 
-class GbaPolicy(str, enum.Enum):
+class GbaPolicy(enum.StrEnum):
     AUTO = "auto"  # GBA_U when the card can, GBA_ME otherwise
     GBA_ME_ONLY = "gba-me"
     GBA_U_ONLY = "gba-u"
@@ -101,7 +101,7 @@ class NafKey:
     gba_mode: GbaMode
 
 
-class KeyEventKind(str, enum.Enum):
+class KeyEventKind(enum.StrEnum):
     REFRESHED = "refreshed"  # a new bootstrap replaced the key
     WIPED = "wiped"  # keys were wiped (card removed or changed, shutdown)
 
