@@ -1,0 +1,412 @@
+"""The daemon's configuration: one TOML file, validated up front, with errors that name the key.
+
+An operator editing ``/etc/mn-secd/mn-secd.toml`` on a gateway gets exactly one line back when
+something is wrong (``mn-secd.toml: gba.refresh_margin: expected a number, got "soon"``), so every
+check here raises :class:`~mn_secd.errors.ConfigError` with the file and the dotted key. Unknown
+keys are errors, not warnings: a misspelt ``refresh_margn`` silently falling back to the default is
+exactly the kind of mistake that only shows up months later.
+
+Secrets never live in this file. Each AE's pre-shared key is in its own file, found in
+``$CREDENTIALS_DIRECTORY`` first (systemd ``LoadCredential=``) and then next to the config file,
+and refused when group or others could read it. This module checks where the file is and who may
+read it; the key service (:mod:`mn_secd.control.registry`) reads its contents.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mn_secd.errors import ConfigError, InvalidNafId, UnsupportedUaProtocol
+from mn_secd.gba.ua import UaId, normalise_fqdn
+from mn_secd.interfaces import GbaPolicy
+
+TRANSPORTS = ("auto", "csim", "cgla")
+APPLICATIONS = ("auto", "isim", "usim")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Used when an ``[[ae]]`` entry has no ``ua`` key: oneM2M's mandatory DTLS suite.
+DEFAULT_UA = ("dtls-psk",)
+
+
+@dataclass(frozen=True)
+class ModemConfig:
+    port: str
+    baud: int = 115200
+    transport: str = "auto"  # "auto" | "csim" | "cgla"
+    application: str = "auto"  # "auto" | "isim" | "usim"
+    command_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class GbaConfig:
+    mode: GbaPolicy = GbaPolicy.AUTO
+    bsf_url: str | None = None  # None: derived from the IMSI (bsf.mncXXX.mccYYY.pub.3gppnetwork.org)
+    refresh_margin: float = 300.0
+    refresh_jitter: float = 60.0
+    min_forced_interval: float = 30.0
+    http_timeout: float = 10.0
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+    port: int = 5684
+    max_peers: int = 256
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class AeConfig:
+    identity: str  # the DTLS PSK identity the AE presents
+    psk_file: Path  # resolved: $CREDENTIALS_DIRECTORY/<name>, else relative to the config file
+    naf: tuple[str, ...]  # normalised FQDNs, or "*.domain" wildcards
+    ua: tuple[str, ...]  # Ua security protocol ids as written (hex or a named form), all parseable
+    may_force_bootstrap: bool = False
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    modem: ModemConfig
+    gba: GbaConfig
+    control: ControlConfig
+    aes: tuple[AeConfig, ...]
+    log: LogConfig
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate ``path``; raises :class:`ConfigError` naming the first key at fault."""
+    cfg_path = Path(path)
+    file = str(path)
+    try:
+        raw = cfg_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(file, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(file, "(file)", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", f"not valid TOML: {exc}") from None
+
+    top = _Table(file, "", data)
+    modem = _modem(top.table("modem", required=True))
+    gba = _gba(top.table("gba"))
+    control = _control(top.table("control"))
+    log = _log(top.table("log"))
+    aes = _aes(file, cfg_path.absolute().parent, top.array_of_tables("ae"))
+    top.finish()
+    return Config(path=cfg_path, modem=modem, gba=gba, control=control, aes=aes, log=log)
+
+
+def check_modem_port(config: Config) -> None:
+    """The serial port must exist when the daemon starts (a typo here is a config error).
+
+    A modem that exists but does not answer yet is a different matter: the daemon waits for it.
+    """
+    port = config.modem.port
+    if not os.path.exists(port):
+        raise ConfigError(str(config.path), "modem.port", f"no such device: {port}")
+    mode = os.stat(port).st_mode
+    if not stat.S_ISCHR(mode):
+        raise ConfigError(str(config.path), "modem.port", f"not a character device: {port}")
+
+
+def resolve_psk_file(name: str, config_dir: Path) -> list[Path]:
+    """Where a ``psk_file`` value is looked for, in order.
+
+    A relative name is tried in ``$CREDENTIALS_DIRECTORY`` (what ``LoadCredential=`` fills) and then
+    next to the config file, so the same config works under systemd and in a development checkout.
+    """
+    candidate = Path(name)
+    if candidate.is_absolute():
+        return [candidate]
+    tried: list[Path] = []
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        tried.append(Path(creds) / candidate)
+    tried.append(config_dir / candidate)
+    return tried
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def _modem(t: _Table) -> ModemConfig:
+    port = t.required_string("port", hint="the modem's AT port, e.g. /dev/ttyUSB2")
+    modem = ModemConfig(
+        port=port,
+        baud=t.integer("baud", ModemConfig.baud, minimum=1),
+        transport=t.choice("transport", ModemConfig.transport, TRANSPORTS),
+        application=t.choice("application", ModemConfig.application, APPLICATIONS),
+        command_timeout=t.number("command_timeout", ModemConfig.command_timeout, positive=True),
+    )
+    t.finish()
+    return modem
+
+
+def _gba(t: _Table) -> GbaConfig:
+    mode = GbaPolicy(t.choice("mode", GbaConfig.mode.value, tuple(p.value for p in GbaPolicy)))
+    bsf_url = t.optional_string("bsf_url")
+    if bsf_url is not None:
+        parts = urlsplit(bsf_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise t.error("bsf_url", f"expected an http:// or https:// URL, got {_show(bsf_url)}")
+    gba = GbaConfig(
+        mode=mode,
+        bsf_url=bsf_url,
+        refresh_margin=t.number("refresh_margin", GbaConfig.refresh_margin),
+        refresh_jitter=t.number("refresh_jitter", GbaConfig.refresh_jitter),
+        min_forced_interval=t.number("min_forced_interval", GbaConfig.min_forced_interval),
+        http_timeout=t.number("http_timeout", GbaConfig.http_timeout, positive=True),
+        retries=t.integer("retries", GbaConfig.retries, minimum=0),
+    )
+    t.finish()
+    return gba
+
+
+def _control(t: _Table) -> ControlConfig:
+    addresses = t.string_list("addresses", ControlConfig.addresses, nonempty=True)
+    for i, address in enumerate(addresses):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise t.error(f"addresses[{i}]", f"expected an IP address, got {_show(address)}") from None
+    if len(set(addresses)) != len(addresses):
+        raise t.error("addresses", "lists an address twice")
+    control = ControlConfig(
+        addresses=addresses,
+        port=t.integer("port", ControlConfig.port, minimum=1, maximum=65535),
+        max_peers=t.integer("max_peers", ControlConfig.max_peers, minimum=1),
+        idle_timeout=t.number("idle_timeout", ControlConfig.idle_timeout, positive=True),
+    )
+    t.finish()
+    return control
+
+
+def _log(t: _Table) -> LogConfig:
+    log = LogConfig(level=t.choice("level", LogConfig.level, LOG_LEVELS))
+    t.finish()
+    return log
+
+
+def _aes(file: str, config_dir: Path, tables: list[_Table]) -> tuple[AeConfig, ...]:
+    seen: dict[str, int] = {}
+    aes: list[AeConfig] = []
+    for index, t in enumerate(tables):
+        identity = t.required_string("identity", hint="the AE's DTLS PSK identity")
+        if identity in seen:
+            raise t.error("identity", f"{_show(identity)} is already used by ae[{seen[identity]}]")
+        seen[identity] = index
+        psk_file = _psk_file(t, config_dir)
+        naf = tuple(_naf_pattern(t, i, p) for i, p in enumerate(t.string_list("naf", None, nonempty=True)))
+        ua = t.string_list("ua", DEFAULT_UA, nonempty=True)
+        for i, text in enumerate(ua):
+            try:
+                UaId.parse(text)
+            except UnsupportedUaProtocol as exc:
+                raise t.error(f"ua[{i}]", str(exc)) from None
+        aes.append(
+            AeConfig(
+                identity=identity,
+                psk_file=psk_file,
+                naf=naf,
+                ua=ua,
+                may_force_bootstrap=t.boolean("may_force_bootstrap", False),
+            )
+        )
+        t.finish()
+    return tuple(aes)
+
+
+def _naf_pattern(t: _Table, index: int, pattern: str) -> str:
+    """An exact FQDN or ``*.domain`` (any name below the domain), stored in normalised form."""
+    wildcard = pattern.startswith("*.")
+    try:
+        name = normalise_fqdn(pattern[2:] if wildcard else pattern)
+    except InvalidNafId:
+        raise t.error(f"naf[{index}]", f"expected a host name or *.domain, got {_show(pattern)}") from None
+    return f"*.{name}" if wildcard else name
+
+
+def _psk_file(t: _Table, config_dir: Path) -> Path:
+    name = t.required_string("psk_file", hint="a file holding the AE's pre-shared key")
+    tried = resolve_psk_file(name, config_dir)
+    found = next((p for p in tried if p.exists()), None)
+    if found is None:
+        where = ", ".join(str(p) for p in tried)
+        raise t.error("psk_file", f"no such file (looked for {where})")
+    try:
+        st = found.stat()
+    except OSError as exc:
+        raise t.error("psk_file", f"cannot stat {found}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise t.error("psk_file", f"not a regular file: {found}")
+    if st.st_mode & 0o077:
+        mode = f"{stat.S_IMODE(st.st_mode):04o}"
+        raise t.error("psk_file", f"{found} is accessible by group or others (mode {mode}); chmod 600 it")
+    if not os.access(found, os.R_OK):
+        raise t.error("psk_file", f"{found} is not readable by this user")
+    if st.st_size == 0:
+        raise t.error("psk_file", f"{found} is empty")
+    return found
+
+
+# --- typed access to one TOML table ----------------------------------------------------------------
+
+
+class _Table:
+    """One TOML table being validated: typed getters that remember which keys were consumed."""
+
+    def __init__(self, file: str, prefix: str, data: dict[str, Any]) -> None:
+        self.file = file
+        self.prefix = prefix
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def _get(self, name: str) -> Any:
+        self.used.add(name)
+        return self.data.get(name)
+
+    def table(self, name: str, *, required: bool = False) -> _Table:
+        value = self._get(name)
+        if value is None:
+            if required:
+                raise self.error(name, f"missing section [{self.key(name)}]")
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(name, f"expected a table [{self.key(name)}], got {_show(value)}")
+        return _Table(self.file, self.key(name), value)
+
+    def array_of_tables(self, name: str) -> list[_Table]:
+        value = self._get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(name, f"expected [[{self.key(name)}]] entries, got {_show(value)}")
+        return [_Table(self.file, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
+
+    def required_string(self, name: str, *, hint: str) -> str:
+        value = self._get(name)
+        if value is None:
+            raise self.error(name, f"missing ({hint})")
+        return self._string(name, value)
+
+    def optional_string(self, name: str) -> str | None:
+        value = self._get(name)
+        return None if value is None else self._string(name, value)
+
+    def _string(self, name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {_show(value)}")
+        if not value.strip():
+            raise self.error(name, "must not be empty")
+        return value.strip()
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.optional_string(name)
+        if value is None:
+            return default
+        if value.lower() not in choices:
+            allowed = ", ".join(f'"{c}"' for c in choices)
+            raise self.error(name, f"expected one of {allowed}, got {_show(value)}")
+        return value.lower()
+
+    def number(self, name: str, default: float, *, positive: bool = False) -> float:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(name, f"expected a number, got {_show(value)}")
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise self.error(name, f"expected a finite number, got {_show(value)}")
+        if positive and number <= 0:
+            raise self.error(name, f"must be greater than 0, got {_show(value)}")
+        if number < 0:
+            raise self.error(name, f"must not be negative, got {_show(value)}")
+        return number
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected an integer, got {_show(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise self.error(name, f"must be {bounds}, got {value}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {_show(value)}")
+        return value
+
+    def string_list(self, name: str, default: tuple[str, ...] | None, *, nonempty: bool = False) -> tuple[str, ...]:
+        value = self._get(name)
+        if value is None:
+            if default is None:
+                raise self.error(name, "missing (a list of strings)")
+            return default
+        if not isinstance(value, list):
+            raise self.error(name, f"expected a list of strings, got {_show(value)}")
+        if nonempty and not value:
+            raise self.error(name, "must list at least one entry")
+        return tuple(self._string(f"{name}[{i}]", v) for i, v in enumerate(value))
+
+    def finish(self) -> None:
+        """Reject keys nobody asked for, suggesting the nearest known key (typos are the usual cause)."""
+        for name in self.data:
+            if name not in self.used:
+                close = difflib.get_close_matches(name, sorted(self.used), n=1)
+                hint = f" (did you mean {_show(close[0])}?)" if close else ""
+                raise self.error(name, f"unknown key{hint}")
+
+
+def _show(value: Any) -> str:
+    """A value as the operator wrote it, shortened: strings quoted, TOML spellings for the rest."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, dict):
+        text = "a table"
+    elif isinstance(value, list):
+        text = "a list" if value else "an empty list"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: Every key each section accepts, for documentation and for the example file's test.
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "modem": tuple(f.name for f in fields(ModemConfig)),
+    "gba": tuple(f.name for f in fields(GbaConfig)),
+    "control": tuple(f.name for f in fields(ControlConfig)),
+    "ae": tuple(f.name for f in fields(AeConfig)),
+    "log": tuple(f.name for f in fields(LogConfig)),
+}
