@@ -1,0 +1,39 @@
+"""``mn-secd check-config``: validate a configuration file without starting anything.
+
+Meant for ``ExecStartPre=``, package post-install scripts and operators before a reload: it runs
+exactly the checks ``mn-secd run`` runs at start (including that the modem's port exists) and
+answers in one line either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mn_secd.config import Config, check_modem_port, load_config
+
+DEFAULT_CONFIG = "/etc/mn-secd/mn-secd.toml"
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+    parser.set_defaults(handler=check_config)
+
+
+def summary(config: Config) -> str:
+    """One line an operator can eyeball: what the daemon would talk to, and how many AEs."""
+    bsf = config.gba.bsf_url or "derived from the IMSI"
+    addresses = ", ".join(config.control.addresses)
+    n = len(config.aes)
+    return (
+        f"{config.path}: OK: modem {config.modem.port} ({config.modem.transport}/{config.modem.application}), "
+        f"GBA {config.gba.mode.value}, BSF {bsf}, control on {addresses} port {config.control.port}, "
+        f"{n} AE{'' if n == 1 else 's'}"
+    )
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """ConfigError propagates: the CLI prints it as the one line naming the file and key."""
+    config = load_config(args.config)
+    check_modem_port(config)
+    print(summary(config))
+    return 0
