@@ -147,6 +147,13 @@ class CardStatusError(UiccError):
         super().__init__(f"{operation}: status word {sw:04X}")
 
 
+class GetResponseLoop(CardStatusError):
+    """GET RESPONSE kept answering ``61xx`` past the cap (seen on modems answering ``6100`` forever)."""
+
+    culprit = Culprit.MODEM
+    kind = "get-response-loop"
+
+
 class AuthenticateRefused(UiccError):
     """The modem or the card refused to run AUTHENTICATE at all (e.g. +CME ERROR: 3, SW 6985/9864)."""
 
