@@ -1,0 +1,802 @@
+"""An AT modem on a real pseudo-terminal, with a software UICC behind it and real modems' quirks.
+
+The daemon talks to modems through a serial port, and real modems disagree about almost everything
+that matters on that port: echo, unsolicited result codes in the middle of answers, how AT+CCHO names
+a channel, whether logical channels exist at all, who fetches ``61xx`` responses, whether
+AUTHENTICATE may pass. Each such behaviour seen in the field (gba-digest.md §5.3, prior-art.md §3)
+is a switch in :class:`Quirks`, so tests can prove the daemon copes with each one, over a real tty.
+
+The emulator serves the pty's master side in one background thread. The thread owns the master fd;
+other threads (a test's) change the quirks, remove or insert the SIM, or make the port vanish, and
+the thread notices through a wake-up pipe, so nothing ever waits longer than a ``select()`` round.
+
+It depends on the card only through :class:`SimCard` (``process_apdu`` and ``profile.imsi``), so it
+runs the project's software UICC as well as a test's small fake card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import select
+import threading
+import tty
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+logger = logging.getLogger(__name__)
+
+#: How AT+CCHO names the channel it opened: ``+CCHO: 1`` (most modems), a Sierra-style session
+#: handle ``+CCHO: 000000000385A7CF`` (lpac #138/#139) or a bare ``1`` without prefix (Fibocom,
+#: lpac #179/#209/#445).
+CchoStyle = Literal["prefixed", "session_handle", "bare"]
+CCHO_STYLES: tuple[CchoStyle, ...] = ("prefixed", "session_handle", "bare")
+
+#: The Sierra handle of channel 1 is the one lpac's issue shows; other channels count up from it.
+_SIERRA_HANDLE_BASE = 0x000000000385A7CE
+
+#: +CME ERROR codes used here, with their TS 27.007 §9.2 texts (for AT+CMEE=2).
+CME_TEXTS: dict[int, str] = {
+    3: "operation not allowed",
+    4: "operation not supported",
+    10: "SIM not inserted",
+    13: "SIM failure",
+    20: "memory full",
+    21: "invalid index",
+    22: "not found",
+    50: "Incorrect parameters",
+}
+CME_NOT_ALLOWED = 3
+CME_NOT_SUPPORTED = 4
+CME_SIM_NOT_INSERTED = 10
+CME_SIM_FAILURE = 13
+CME_MEMORY_FULL = 20
+CME_INVALID_INDEX = 21
+CME_NOT_FOUND = 22
+CME_INCORRECT_PARAMETERS = 50
+
+#: Longest APDU AT+CSIM / AT+CGLA accept (5 header bytes + 255 data + Le), as in vendor manuals.
+MAX_APDU = 261
+#: A modem fetching ``61xx`` by itself gives up after this many GET RESPONSEs.
+_MAX_INTERNAL_FETCHES = 8
+#: A line longer than this without a terminator is noise; it is dropped.
+_MAX_LINE = 4096
+
+INS_AUTHENTICATE = 0x88
+INS_MANAGE_CHANNEL = 0x70
+INS_GET_RESPONSE = 0xC0
+INS_SELECT = 0xA4
+
+
+class ProfileLike(Protocol):
+    """The one thing the modem reads from the card profile: the IMSI, for AT+CIMI."""
+
+    @property
+    def imsi(self) -> str: ...
+
+
+class SimCard(Protocol):
+    """What the modem needs from a card (:class:`mn_secd.sim.usim.SoftUicc` is one)."""
+
+    @property
+    def profile(self) -> ProfileLike: ...
+
+    def process_apdu(self, apdu: bytes) -> bytes:
+        """One command APDU in, response data + SW1 SW2 out (T=0 behaviour: ``61xx`` for case 4)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """Real modems' behaviours, each off by default (the default is a tidy TS 27.007 modem).
+
+    Frozen: change them at run time with :meth:`ModemEmulator.set_quirks`, which swaps the whole
+    object, so the serving thread always sees one consistent set per command.
+    """
+
+    #: Echo on at power-on (V.250 ``E1``). ATE0 turns it off as on real modems; setting this quirk
+    #: at run time turns echo on (or off) right away, e.g. to test echo during APDU traffic.
+    echo: bool = False
+    #: A URC line (from ``urc_lines``, in turn) before every answer, i.e. between answers.
+    urcs_between: bool = False
+    #: A URC line inside every answer: after the info lines, before the final result code.
+    urcs_inside: bool = False
+    #: The URCs injected by ``urcs_between`` / ``urcs_inside``.
+    urc_lines: tuple[str, ...] = ("+CREG: 1,1", "RING", "+CEREG: 1")
+    #: Every write (echo, URCs, answers) goes out in pieces of ``split_size`` bytes,
+    #: ``split_delay`` seconds apart.
+    split_writes: bool = False
+    split_size: int = 3
+    split_delay: float = 0.002
+    #: Lower-case hex in AT+CSIM/AT+CGLA/AT+CCHO is refused with a bare ``ERROR`` (Sierra EM7565).
+    reject_lowercase_hex: bool = False
+    #: Info lines without the space after the colon: ``+CSIM:4,"9000"`` (SIMCom A7908E).
+    no_space_after_colon: bool = False
+    #: How AT+CCHO names the channel (see :data:`CchoStyle`); AT+CGLA/AT+CCHC take the same token.
+    ccho_style: CchoStyle = "prefixed"
+    #: No logical channels at all: ``+CME ERROR: 4`` on AT+CCHO, AT+CCHC, AT+CGLA and on MANAGE
+    #: CHANNEL sent through AT+CSIM (Dell DW5821e, Huawei MS2372h, Alcatel IK41).
+    no_logical_channels: bool = False
+    #: ``=?`` test commands answer ``ERROR`` (Fibocom FG132-GL; Sierra's AT+CGLA=?).
+    no_test_commands: bool = False
+    #: GET RESPONSE answers ``6100`` forever and never reaches the card (Quectel EC800G).
+    get_response_loop: bool = False
+    #: AUTHENTICATE (INS 88) is refused with ``+CME ERROR: 3`` and never reaches the card (Moxa).
+    refuse_authenticate: bool = False
+    #: The modem fetches ``61xx`` itself and returns data + ``9000``, as many real modems do.
+    internal_get_response: bool = False
+    #: Seconds before every answer.
+    latency: float = 0.0
+    #: Extra seconds before the answer to an APDU that is an AUTHENTICATE and reached the card
+    #: (the card has run it: a host that times out here must not resend it).
+    auth_latency: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.ccho_style not in CCHO_STYLES:
+            raise ValueError(f"ccho_style must be one of {CCHO_STYLES}, not {self.ccho_style!r}")
+        if self.split_size < 1:
+            raise ValueError("split_size must be >= 1")
+        for name in ("split_delay", "latency", "auth_latency"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not self.urc_lines and (self.urcs_between or self.urcs_inside):
+            raise ValueError("URC injection needs at least one line in urc_lines")
+
+
+class _CmeError(Exception):
+    """A failure the modem reports as ``+CME ERROR: <code>`` (``ERROR`` when AT+CMEE=0)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _BareError(Exception):
+    """A failure the modem reports as a bare ``ERROR`` whatever AT+CMEE says."""
+
+
+class _Halted(Exception):
+    """The port is being closed: abandon the command in progress."""
+
+
+@dataclass
+class _Port:
+    """One incarnation of the AT port: a pty, a wake-up pipe and the thread serving them."""
+
+    master: int
+    slave: int
+    slave_path: str
+    wake_r: int
+    wake_w: int
+    halt: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def close_fds(self) -> None:
+        for fd in (self.master, self.slave, self.wake_r, self.wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def channel_of(cla: int) -> int:
+    """The logical channel a CLA byte addresses (TS 102 221 §10.1.1)."""
+    return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
+
+
+def cla_for_channel(cla: int, channel: int) -> int:
+    """``cla`` with its channel bits set to ``channel`` (what the MT does for AT+CGLA, §4.9)."""
+    base = cla & 0x80  # keep the proprietary-class bit (e.g. STATUS 80 F2); drop SM bits
+    return base | channel if channel <= 3 else base | 0x40 | (channel - 4)
+
+
+def _split_params(text: str) -> list[tuple[str, bool]]:
+    """``1,"ab,c",x`` -> ``[("1", False), ("ab,c", True), ("x", False)]``; unterminated quote -> 50."""
+    params: list[tuple[str, bool]] = []
+    i = 0
+    while True:
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == '"':
+            end = text.find('"', i + 1)
+            if end < 0:
+                raise _CmeError(CME_INCORRECT_PARAMETERS)
+            value, quoted, i = text[i + 1 : end], True, end + 1
+            while i < len(text) and text[i] == " ":
+                i += 1
+        else:
+            end = text.find(",", i)
+            end = len(text) if end < 0 else end
+            value, quoted, i = text[i:end].strip(), False, end
+        params.append((value, quoted))
+        if i >= len(text):
+            return params
+        if text[i] != ",":
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        i += 1
+
+
+def _parse_int(value: str) -> int:
+    if not value.isdigit():
+        raise _CmeError(CME_INCORRECT_PARAMETERS)
+    return int(value)
+
+
+class ModemEmulator:
+    """A TS 27.007 modem on a pseudo-terminal, serving ``card`` (``None``: no SIM inserted).
+
+    ``start()`` returns the port's path: the pty slave (``/dev/pts/N``), or ``link`` when given, a
+    symlink the emulator keeps pointing at the current pty. The symlink is how a test keeps one
+    path across :meth:`vanish` / :meth:`restore` (a new pty usually gets a new ``/dev/pts/N``);
+    without it, :meth:`restore` returns the new path and :attr:`path` always holds the current one.
+    """
+
+    def __init__(self, card: SimCard | None, quirks: Quirks | None = None, *, link: str | None = None) -> None:
+        self._lock = threading.Lock()
+        self._card = card
+        self._quirks = quirks if quirks is not None else Quirks()
+        self._link = link
+        self._port: _Port | None = None
+        self._log: list[str] = []
+        self._apdu_ins: Counter[int] = Counter()
+        self._urc_queue: deque[str] = deque()
+        self._urc_turn = 0
+        # Modem settings (reset by a power cycle, i.e. by restore()).
+        self._echo = self._quirks.echo
+        self._cmee = 0
+        # Logical channels the modem knows are open on the card, and AT+CCHO's session tokens.
+        self._card_channels: set[int] = set()
+        self._sessions: dict[int, int] = {}  # session key (channel or Sierra handle) -> channel
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Open the pty and serve it in a background thread; returns the port's path."""
+        return self._open_port()
+
+    def stop(self) -> None:
+        """Stop serving and close the pty (idempotent; prompt: waits at most one select() round)."""
+        self._close_port()
+
+    def vanish(self) -> None:
+        """The port disappears (USB reset, unplug): the master closes, so a reader on the slave gets
+        EIO / hang-up, and the symlink (if any) is removed. The modem forgets its channels, as a
+        modem that reboots closes them on the card."""
+        if self._port is None:
+            raise RuntimeError("the port is not open")
+        self._close_port()
+
+    def restore(self) -> str:
+        """The port comes back after :meth:`vanish`: a new pty (at the same ``link`` path if one
+        was given), modem settings back to power-on defaults (echo per quirk, AT+CMEE=0)."""
+        return self._open_port()
+
+    def __enter__(self) -> ModemEmulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def path(self) -> str | None:
+        """The port's current path (the link when one is managed), ``None`` while vanished/stopped."""
+        port = self._port
+        if port is None:
+            return None
+        return self._link if self._link is not None else port.slave_path
+
+    @property
+    def slave_path(self) -> str | None:
+        """The current ``/dev/pts/N`` (also when a link is managed)."""
+        port = self._port
+        return None if port is None else port.slave_path
+
+    def _open_port(self) -> str:
+        with self._lock:
+            if self._port is not None:
+                raise RuntimeError("the port is already open")
+            if self._link is not None and os.path.lexists(self._link) and not os.path.islink(self._link):
+                raise FileExistsError(f"{self._link} exists and is not a symlink: not replacing it")
+            master, slave = os.openpty()
+            tty.setraw(slave)  # no line discipline: no echo, no CR/LF translation, 8 bit clean
+            os.set_blocking(master, False)
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
+            port = _Port(master, slave, os.ttyname(slave), wake_r, wake_w)
+            self._echo = self._quirks.echo
+            self._cmee = 0
+            self._urc_queue.clear()
+            if self._link is not None:
+                tmp = f"{self._link}.{os.getpid()}.tmp"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                os.symlink(port.slave_path, tmp)
+                os.replace(tmp, self._link)
+            port.thread = threading.Thread(target=self._serve, args=(port,), name="modem-emulator", daemon=True)
+            self._port = port
+            port.thread.start()
+            return self._link if self._link is not None else port.slave_path
+
+    def _close_port(self) -> None:
+        with self._lock:
+            port, self._port = self._port, None
+        if port is None:
+            return
+        port.halt.set()
+        self._wake(port)
+        if port.thread is not None:
+            port.thread.join(timeout=5.0)
+        port.close_fds()
+        if self._link is not None and os.path.islink(self._link):
+            with contextlib.suppress(OSError):
+                if os.readlink(self._link) == port.slave_path:
+                    os.unlink(self._link)
+        self._reset_card_channels()
+
+    def _reset_card_channels(self) -> None:
+        """A rebooting modem closes the logical channels it opened; the card must not leak them."""
+        with self._lock:
+            card, channels = self._card, sorted(self._card_channels)
+            self._card_channels.clear()
+            self._sessions.clear()
+        if card is None:
+            return
+        for channel in channels:
+            try:
+                card.process_apdu(bytes([0x00, INS_MANAGE_CHANNEL, 0x80, channel]))
+            except Exception:
+                logger.exception("card failed to close channel %d", channel, extra={"event": "modem.card_error"})
+
+    @staticmethod
+    def _wake(port: _Port) -> None:
+        with contextlib.suppress(OSError):  # a full pipe already wakes the thread
+            os.write(port.wake_w, b"w")
+
+    # --- run-time controls ------------------------------------------------------------------------
+
+    @property
+    def quirks(self) -> Quirks:
+        return self._quirks
+
+    def set_quirks(self, quirks: Quirks | None = None, /, **changes: object) -> Quirks:
+        """Swap the quirks (a whole :class:`Quirks`, or field changes to the current one); the next
+        command sees the new set. Returns the quirks now in force."""
+        with self._lock:
+            new = quirks if quirks is not None else self._quirks
+            if changes:
+                unknown = set(changes) - {f.name for f in dataclasses.fields(Quirks)}
+                if unknown:
+                    raise TypeError(f"unknown quirk(s): {', '.join(sorted(unknown))}")
+                new = dataclasses.replace(new, **changes)  # type: ignore[arg-type]
+            if "echo" in changes or new.echo != self._quirks.echo:
+                self._echo = new.echo
+            self._quirks = new
+            return new
+
+    @property
+    def card(self) -> SimCard | None:
+        return self._card
+
+    def remove_sim(self) -> None:
+        """Take the SIM out: URCs ``+CPIN: NOT READY`` and ``+SIMCARD: NOT AVAILABLE``, then
+        ``+CME ERROR: 10`` for every SIM command; open channels are gone."""
+        with self._lock:
+            self._card = None
+            self._card_channels.clear()
+            self._sessions.clear()
+        self.post_urc("+CPIN: NOT READY")
+        self.post_urc("+SIMCARD: NOT AVAILABLE")
+
+    def insert_sim(self, card: SimCard) -> None:
+        """Insert ``card`` (freshly reset, as a powered-up card is): URC ``+CPIN: READY``."""
+        with self._lock:
+            self._card = card
+            self._card_channels.clear()
+            self._sessions.clear()
+        self.post_urc("+CPIN: READY")
+
+    def post_urc(self, line: str) -> None:
+        """Send an unsolicited result code as soon as the modem is idle (dropped while vanished)."""
+        with self._lock:
+            port = self._port
+            if port is None:
+                return
+            self._urc_queue.append(line)
+        self._wake(port)
+
+    # --- what went over the wire ------------------------------------------------------------------
+
+    @property
+    def log(self) -> list[str]:
+        """Every command line received, in order (a copy, safe to read from any thread)."""
+        with self._lock:
+            return list(self._log)
+
+    def count(self, prefix: str) -> int:
+        """How many received command lines start with ``prefix`` (case-insensitive, like AT)."""
+        p = prefix.upper()
+        with self._lock:
+            return sum(1 for line in self._log if line.upper().startswith(p))
+
+    def apdu_count(self, ins: int) -> int:
+        """How many well-formed APDUs with this INS the host sent (AT+CSIM and AT+CGLA)."""
+        with self._lock:
+            return self._apdu_ins[ins]
+
+    def clear_log(self) -> None:
+        """Forget the command log and APDU counts (e.g. after a client's start-up)."""
+        with self._lock:
+            self._log.clear()
+            self._apdu_ins.clear()
+
+    # --- the serving thread -----------------------------------------------------------------------
+
+    def _serve(self, port: _Port) -> None:
+        buf = bytearray()
+        try:
+            while not port.halt.is_set():
+                ready, _, _ = select.select([port.master, port.wake_r], [], [], 0.5)
+                if port.wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(port.wake_r, 4096)
+                if port.halt.is_set():
+                    return
+                self._flush_urcs(port)
+                if port.master not in ready:
+                    continue
+                try:
+                    data = os.read(port.master, 4096)
+                except BlockingIOError:
+                    continue
+                buf += data
+                self._handle_input(port, buf)
+        except _Halted:
+            return
+        except OSError:
+            if not port.halt.is_set():
+                logger.exception("modem emulator port failed", extra={"event": "modem.port_error"})
+
+    def _handle_input(self, port: _Port, buf: bytearray) -> None:
+        while True:
+            ends = [i for i in (buf.find(b"\r"), buf.find(b"\n")) if i >= 0]
+            if not ends:
+                if len(buf) > _MAX_LINE:
+                    buf.clear()
+                return
+            end = min(ends)
+            raw = bytes(buf[:end])
+            del buf[: end + 1]
+            line = raw.decode("latin-1").strip()
+            if line:
+                self._handle_line(port, line)
+
+    def _flush_urcs(self, port: _Port) -> None:
+        while True:
+            with self._lock:
+                if not self._urc_queue:
+                    return
+                line = self._urc_queue.popleft()
+            self._write(port, f"\r\n{line}\r\n".encode("latin-1"))
+
+    def _next_urc(self, q: Quirks) -> bytes:
+        with self._lock:
+            line = q.urc_lines[self._urc_turn % len(q.urc_lines)]
+            self._urc_turn += 1
+        return f"\r\n{line}\r\n".encode("latin-1")
+
+    def _handle_line(self, port: _Port, line: str) -> None:
+        with self._lock:
+            self._log.append(line)
+            q = self._quirks
+            echo = self._echo
+        if line[:2].upper() != "AT":
+            return  # V.250: a line without the "AT" prefix is not a command; a modem ignores it
+        head = bytearray()
+        if echo:
+            head += line.encode("latin-1") + b"\r"
+        if q.urcs_between:
+            head += self._next_urc(q)
+        if head:
+            self._write(port, bytes(head))
+        info: list[str] = []
+        try:
+            self._dispatch(port, line[2:], q, info)
+            final = "OK"
+        except _CmeError as exc:
+            final = self._cme_text(exc.code)
+        except _BareError:
+            final = "ERROR"
+        self._sleep(port, q.latency)
+        out = bytearray()
+        for text in info:
+            out += f"\r\n{text}\r\n".encode("latin-1")
+        if q.urcs_inside:
+            out += self._next_urc(q)
+        out += f"\r\n{final}\r\n".encode("latin-1")
+        self._write(port, bytes(out))
+
+    def _cme_text(self, code: int) -> str:
+        with self._lock:
+            cmee = self._cmee
+        if cmee == 0:
+            return "ERROR"
+        if cmee == 1:
+            return f"+CME ERROR: {code}"
+        return f"+CME ERROR: {CME_TEXTS.get(code, 'unknown')}"
+
+    def _sleep(self, port: _Port, seconds: float) -> None:
+        if seconds > 0 and port.halt.wait(seconds):
+            raise _Halted
+
+    def _write(self, port: _Port, data: bytes) -> None:
+        q = self._quirks
+        step = q.split_size if q.split_writes else len(data)
+        for start in range(0, len(data), step):
+            if start and q.split_writes:
+                self._sleep(port, q.split_delay)
+            self._write_all(port, data[start : start + step])
+
+    def _write_all(self, port: _Port, data: bytes) -> None:
+        """Write without ever blocking for good: a full pty (nobody reading) waits on halt too."""
+        view = memoryview(data)
+        while view:
+            if port.halt.is_set():
+                raise _Halted
+            try:
+                written = os.write(port.master, view)
+            except BlockingIOError:
+                select.select([port.wake_r], [port.master], [], 0.1)
+                continue
+            view = view[written:]
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    def _info(self, q: Quirks, name: str, value: str) -> str:
+        return f"{name}:{value}" if q.no_space_after_colon else f"{name}: {value}"
+
+    def _dispatch(self, port: _Port, body: str, q: Quirks, info: list[str]) -> None:
+        upper = body.upper()
+        if upper == "":
+            return
+        if upper in ("E", "E0", "E1"):
+            with self._lock:
+                self._echo = upper == "E1"
+            return
+        if upper in ("I", "I0"):
+            info += ["mn_secd AT modem emulator", "Revision: 1"]
+            return
+        if upper in ("Z", "Z0"):
+            with self._lock:
+                self._echo = q.echo
+                self._cmee = 0
+            return
+        if not upper.startswith("+"):
+            raise _BareError
+        name_end = len(body)
+        for i, ch in enumerate(body):
+            if ch in "=?":
+                name_end = i
+                break
+        name, rest = upper[:name_end], body[name_end:]
+        if rest == "=?":
+            if q.no_test_commands or name not in _TEST_ANSWERS:
+                raise _BareError
+            answer = _TEST_ANSWERS[name]
+            if answer:
+                info.append(self._info(q, name, answer))
+            return
+        if name == "+CMEE":
+            self._cmd_cmee(q, rest, info)
+        elif name == "+CIMI" and rest == "":
+            info.append(self._require_card().profile.imsi)
+        elif name == "+CPIN" and rest == "?":
+            self._require_card()
+            info.append(self._info(q, "+CPIN", "READY"))
+        elif name == "+CSIM" and rest.startswith("="):
+            self._cmd_csim(port, q, rest[1:], info)
+        elif name == "+CCHO" and rest.startswith("="):
+            self._cmd_ccho(q, rest[1:], info)
+        elif name == "+CCHC" and rest.startswith("="):
+            self._cmd_cchc(q, rest[1:])
+        elif name == "+CGLA" and rest.startswith("="):
+            self._cmd_cgla(port, q, rest[1:], info)
+        else:
+            raise _BareError
+
+    def _cmd_cmee(self, q: Quirks, rest: str, info: list[str]) -> None:
+        if rest == "?":
+            with self._lock:
+                info.append(self._info(q, "+CMEE", str(self._cmee)))
+            return
+        if rest in ("", "="):
+            value = 0
+        elif rest.startswith("="):
+            params = _split_params(rest[1:])
+            if len(params) != 1 or params[0][1]:
+                raise _CmeError(CME_INCORRECT_PARAMETERS)
+            value = _parse_int(params[0][0])
+        else:
+            raise _BareError
+        if value not in (0, 1, 2):
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        with self._lock:
+            self._cmee = value
+
+    def _require_card(self) -> SimCard:
+        with self._lock:
+            card = self._card
+        if card is None:
+            raise _CmeError(CME_SIM_NOT_INSERTED)
+        return card
+
+    def _hex(self, q: Quirks, value: str) -> bytes:
+        if q.reject_lowercase_hex and any(c in "abcdef" for c in value):
+            raise _BareError
+        if len(value) % 2 or any(c not in "0123456789abcdefABCDEF" for c in value):
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        return bytes.fromhex(value)
+
+    def _length_and_apdu(self, q: Quirks, params: Sequence[tuple[str, bool]]) -> bytes:
+        (length_text, length_quoted), (hex_text, hex_quoted) = params
+        if length_quoted or not hex_quoted:
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        length = _parse_int(length_text)
+        apdu = self._hex(q, hex_text)
+        if length != len(hex_text) or not 4 <= len(apdu) <= MAX_APDU:
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        return apdu
+
+    def _cmd_csim(self, port: _Port, q: Quirks, args: str, info: list[str]) -> None:
+        params = _split_params(args)
+        if len(params) != 2:
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        apdu = self._length_and_apdu(q, params)
+        response = self._exchange(port, q, apdu)
+        text = response.hex().upper()
+        info.append(self._info(q, "+CSIM", f'{len(text)},"{text}"'))
+
+    def _cmd_cgla(self, port: _Port, q: Quirks, args: str, info: list[str]) -> None:
+        params = _split_params(args)
+        if len(params) != 3:
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        apdu = self._length_and_apdu(q, params[1:])
+        channel = self._session_channel(q, params[0][0])
+        apdu = bytes([cla_for_channel(apdu[0], channel)]) + apdu[1:]
+        response = self._exchange(port, q, apdu)
+        text = response.hex().upper()
+        info.append(self._info(q, "+CGLA", f'{len(text)},"{text}"'))
+
+    @staticmethod
+    def _session_key(q: Quirks, token: str) -> int:
+        """AT+CCHO's token as a number: the channel, or the Sierra handle read as hex."""
+        text = token.strip()
+        digits = "0123456789abcdefABCDEF" if q.ccho_style == "session_handle" else "0123456789"
+        if not text or len(text) > 16 or any(c not in digits for c in text):
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        return int(text, 16 if q.ccho_style == "session_handle" else 10)
+
+    def _session_channel(self, q: Quirks, token: str) -> int:
+        """The channel behind an AT+CCHO session token (after checking the SIM and channel support)."""
+        key = self._session_key(q, token)
+        self._require_card()
+        if q.no_logical_channels:
+            raise _CmeError(CME_NOT_SUPPORTED)
+        with self._lock:
+            channel = self._sessions.get(key)
+        if channel is None:
+            raise _CmeError(CME_INVALID_INDEX)
+        return channel
+
+    def _cmd_ccho(self, q: Quirks, args: str, info: list[str]) -> None:
+        params = _split_params(args)
+        if len(params) != 1 or not params[0][1]:
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        aid = self._hex(q, params[0][0])
+        if not 1 <= len(aid) <= 16:
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        card = self._require_card()
+        if q.no_logical_channels:
+            raise _CmeError(CME_NOT_SUPPORTED)
+        opened = self._card_call(card, bytes([0x00, INS_MANAGE_CHANNEL, 0x00, 0x00, 0x01]))
+        opened = self._fetch(card, 0x00, opened)
+        if len(opened) != 3 or opened[-2:] != b"\x90\x00" or not 1 <= opened[0] <= 19:
+            raise _CmeError(CME_MEMORY_FULL)
+        channel = opened[0]
+        with self._lock:
+            self._card_channels.add(channel)
+        select_aid = bytes([cla_for_channel(0x00, channel), INS_SELECT, 0x04, 0x04, len(aid)]) + aid
+        selected = self._fetch(card, select_aid[0], self._card_call(card, select_aid))
+        if selected[-2] not in (0x90, 0x91, 0x92):
+            self._close_on_card(card, channel)
+            raise _CmeError(CME_NOT_FOUND)
+        key = _SIERRA_HANDLE_BASE + channel if q.ccho_style == "session_handle" else channel
+        with self._lock:
+            self._sessions[key] = channel
+        token = f"{key:016X}" if q.ccho_style == "session_handle" else str(key)
+        info.append(token if q.ccho_style == "bare" else self._info(q, "+CCHO", token))
+
+    def _cmd_cchc(self, q: Quirks, args: str) -> None:
+        params = _split_params(args)
+        if len(params) != 1:
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        channel = self._session_channel(q, params[0][0])
+        card = self._require_card()
+        with self._lock:
+            self._sessions = {k: v for k, v in self._sessions.items() if v != channel}
+        self._close_on_card(card, channel)
+
+    def _close_on_card(self, card: SimCard, channel: int) -> None:
+        with self._lock:
+            self._card_channels.discard(channel)
+        self._card_call(card, bytes([0x00, INS_MANAGE_CHANNEL, 0x80, channel]))
+
+    def _card_call(self, card: SimCard, apdu: bytes) -> bytes:
+        """One APDU to the card; a card that crashes or answers without a status word is a SIM failure."""
+        try:
+            response = card.process_apdu(apdu)
+        except Exception:
+            logger.exception("card failed on INS %02X", apdu[1], extra={"event": "modem.card_error"})
+            raise _CmeError(CME_SIM_FAILURE) from None
+        if len(response) < 2:
+            raise _CmeError(CME_SIM_FAILURE)
+        return response
+
+    def _fetch(self, card: SimCard, cla: int, response: bytes) -> bytes:
+        """What a modem that handles ``61xx`` itself does: GET RESPONSE on the same channel."""
+        data = bytearray()
+        for _ in range(_MAX_INTERNAL_FETCHES):
+            if response[-2] != 0x61:
+                break
+            data += response[:-2]
+            get = bytes([cla_for_channel(0x00, channel_of(cla)), INS_GET_RESPONSE, 0x00, 0x00, response[-1]])
+            response = self._card_call(card, get)
+        return bytes(data) + response
+
+    def _exchange(self, port: _Port, q: Quirks, apdu: bytes) -> bytes:
+        """One host APDU (AT+CSIM / AT+CGLA) through the modem to the card, quirks applied."""
+        ins = apdu[1]
+        with self._lock:
+            self._apdu_ins[ins] += 1
+        card = self._require_card()
+        if ins == INS_AUTHENTICATE and q.refuse_authenticate:
+            raise _CmeError(CME_NOT_ALLOWED)
+        if ins == INS_MANAGE_CHANNEL and q.no_logical_channels:
+            raise _CmeError(CME_NOT_SUPPORTED)
+        if ins == INS_GET_RESPONSE and q.get_response_loop:
+            return b"\x61\x00"
+        response = self._card_call(card, apdu)
+        if ins == INS_MANAGE_CHANNEL:
+            self._track_manage_channel(apdu, response)
+        if q.internal_get_response:
+            response = self._fetch(card, apdu[0], response)
+        if ins == INS_AUTHENTICATE:
+            self._sleep(port, q.auth_latency)
+        return response
+
+    def _track_manage_channel(self, apdu: bytes, response: bytes) -> None:
+        """Remember channels opened/closed through AT+CSIM, so a modem reboot closes them too."""
+        if response[-2:] != b"\x90\x00":
+            return
+        p1, p2 = apdu[2], apdu[3]
+        with self._lock:
+            if p1 == 0x00:
+                opened = p2 if p2 else (response[0] if len(response) == 3 else 0)
+                if opened:
+                    self._card_channels.add(opened)
+            elif p1 == 0x80:
+                self._card_channels.discard(p2 if p2 else channel_of(apdu[0]))
+
+
+#: ``AT+<name>=?`` answers (empty: just ``OK``).
+_TEST_ANSWERS: dict[str, str] = {
+    "+CMEE": "(0-2)",
+    "+CIMI": "",
+    "+CPIN": "",
+    "+CSIM": "",
+    "+CCHO": "",
+    "+CCHC": "",
+    "+CGLA": "",
+}
