@@ -10,8 +10,12 @@ import errno
 import os
 import re
 import select
+import signal
+import subprocess
+import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -709,3 +713,141 @@ def _wait(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_quirk_has_a_flag() -> None:
+    from mn_secd.cli import build_parser
+    from mn_secd.commands.sim import quirks_from_args
+
+    parser = build_parser("sim")
+    args = parser.parse_args(["sim", "modem", "--card", "x.toml"])
+    assert quirks_from_args(args) == Quirks()
+    flags = """--echo --urcs-between --urcs-inside --urc-line RING --urc-line +CREG:0 --split-writes
+        --split-size 5 --split-delay 0.1 --reject-lowercase-hex --no-space-after-colon --ccho-style session-handle
+        --no-logical-channels --no-test-commands --get-response-loop --refuse-authenticate --internal-get-response
+        --latency 0.25 --auth-latency 3"""
+    args = parser.parse_args(["sim", "modem", "--card", "x.toml", "--link", "/tmp/x", *flags.split()])
+    assert args.link == "/tmp/x"
+    assert quirks_from_args(args) == Quirks(
+        echo=True,
+        urcs_between=True,
+        urcs_inside=True,
+        urc_lines=("RING", "+CREG:0"),
+        split_writes=True,
+        split_size=5,
+        split_delay=0.1,
+        reject_lowercase_hex=True,
+        no_space_after_colon=True,
+        ccho_style="session_handle",
+        no_logical_channels=True,
+        no_test_commands=True,
+        get_response_loop=True,
+        refuse_authenticate=True,
+        internal_get_response=True,
+        latency=0.25,
+        auth_latency=3.0,
+    )
+
+
+class ModemProcess:
+    """``python -m mn_secd sim modem`` as a subprocess, with its stdout read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mn_secd", "sim", "modem", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def line(self, timeout: float = 10.0) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "no line from the modem process"
+        return self.proc.stdout.readline().strip()
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=5)
+
+
+def test_sim_modem_command(tmp_path: Path) -> None:
+    from mn_secd.sim.milenage import Milenage, generate_autn
+
+    shipped = REPO / "etc" / "sim" / "card-isim.toml"
+    profile = tmp_path / "card.toml"  # a copy: the card writes its SQN state back
+    profile.write_text(shipped.read_text())
+    doc = tomllib.loads(shipped.read_text())
+    link = tmp_path / "ttyMODEM"
+    modem = ModemProcess("--card", str(profile), "--link", str(link), "--no-space-after-colon")
+    try:
+        assert modem.line() == str(link)
+        port = Port(str(link))
+        assert port.command("AT+CMEE=1") == ["OK"]
+        assert port.command("AT+CIMI") == [doc["imsi"], "OK"]
+        assert port.command(_ccho()) == ["+CCHO:1", "OK"]
+
+        # One AUTHENTICATE through the real software USIM: RES as Milenage says, SQN state saved.
+        milenage = Milenage(bytes.fromhex(doc["k"]), bytes.fromhex(doc["opc"]))
+        rand, sqn = bytes(range(16)), (1 << doc["card_state"]["ind_len"]).to_bytes(6, "big")
+        autn = generate_autn(milenage, rand, sqn, bytes.fromhex(doc["amf"]))
+        apdu = (bytes.fromhex("0088008122") + b"\x10" + rand + b"\x10" + autn + b"\x00").hex().upper()
+        answer = port.command(f'AT+CGLA=1,{len(apdu)},"{apdu}"')
+        match = re.fullmatch(r'\+CGLA:4,"61([0-9A-F]{2})"', answer[0])
+        assert match, answer
+        answer = port.command(f'AT+CGLA=1,10,"00C00000{match.group(1)}"')
+        data = bytes.fromhex(answer[0].split('"')[1])
+        res = milenage.f2345(rand)[0]
+        assert data[:2] == bytes([0xDB, len(res)]) and data[2 : 2 + len(res)] == res and data[-2:] == b"\x90\x00"
+        assert tomllib.loads(profile.read_text())["card_state"]["seq_ms"][0] == 1
+
+        modem.signal(signal.SIGUSR1)  # SIM out
+        assert _lines(port.read_until(lambda b: b"NOT AVAILABLE\r\n" in b)) == [
+            "+CPIN: NOT READY",
+            "+SIMCARD: NOT AVAILABLE",
+        ]
+        assert port.command("AT+CIMI") == ["+CME ERROR: 10"]
+        modem.signal(signal.SIGUSR1)  # SIM back in, freshly reset
+        assert _lines(port.read_until(lambda b: b.endswith(b"READY\r\n"))) == ["+CPIN: READY"]
+        assert port.command(_ccho()) == ["+CCHO:1", "OK"]
+
+        modem.signal(signal.SIGUSR2)  # the port vanishes ...
+        _wait_for_hangup(port)
+        port.close()
+        assert _wait(lambda: not os.path.lexists(link))
+        modem.signal(signal.SIGUSR2)  # ... and comes back at the same path
+        assert modem.line() == str(link)
+        port = Port(str(link))
+        assert port.command("AT+CPIN?") == ["+CPIN:READY", "OK"]
+        port.close()
+
+        modem.signal(signal.SIGTERM)
+        assert modem.proc.wait(timeout=5) == 0
+        assert not os.path.lexists(link)
+    finally:
+        modem.close()
+
+
+def test_sim_modem_command_errors(tmp_path: Path) -> None:
+    missing = ModemProcess("--card", str(tmp_path / "nope.toml"))
+    try:
+        assert missing.proc.wait(timeout=10) == 1
+    finally:
+        missing.close()
+    occupied = tmp_path / "ttyUSB0"
+    occupied.write_text("")
+    busy = ModemProcess("--card", str(REPO / "etc" / "sim" / "card-isim.toml"), "--link", str(occupied))
+    try:
+        assert busy.proc.wait(timeout=10) == 2
+    finally:
+        busy.close()
