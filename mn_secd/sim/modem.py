@@ -257,13 +257,15 @@ class ModemEmulator:
         return self._open_port()
 
     def stop(self) -> None:
-        """Stop serving and close the pty (idempotent; prompt: waits at most one select() round)."""
+        """Stop serving and close the pty (idempotent). Prompt: the thread is woken through its pipe
+        and abandons any latency wait or blocked write; only a card call in progress is waited for."""
         self._close_port()
 
     def vanish(self) -> None:
-        """The port disappears (USB reset, unplug): the master closes, so a reader on the slave gets
-        EIO / hang-up, and the symlink (if any) is removed. The modem forgets its channels, as a
-        modem that reboots closes them on the card."""
+        """The port disappears (USB reset, unplug): the master closes, so on the host's open slave
+        fd poll() reports POLLHUP, read() returns EOF (pyserial: "device reports readiness to read
+        but returned no data") and write() fails with EIO; the symlink (if any) is removed. The
+        modem forgets its channels, closing them on the card as a rebooting modem does."""
         if self._port is None:
             raise RuntimeError("the port is not open")
         self._close_port()
