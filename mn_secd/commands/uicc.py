@@ -1,0 +1,109 @@
+"""``mn-secd uicc info|auth``: look at the UICC through the modem's AT port, as the daemon would.
+
+``info`` is the first thing to run on a new gateway: it proves the AT port, the transport, the
+application discovery and the identity in one go, with nothing secret in its output.
+
+``auth`` is a lab tool: it runs exactly one AUTHENTICATE (3G context) with a RAND and AUTN given on
+the command line and prints RES, CK and IK -- key material, printed only because the operator asked
+for it by name. Each run consumes a sequence number on the card; it is never retried.
+
+Exit codes: 0 done (``auth``: success, or sync failure with AUTS printed), 1 error (typed, one line),
+2 usage, 3 ``auth`` MAC failure (the AUTN did not come from the card's home network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from mn_secd.interfaces import CardIdentity
+from mn_secd.uicc.auth import AkaMacFailure, AkaSuccess, AuthContext
+from mn_secd.uicc.card import APPLICATIONS, Card, open_card
+from mn_secd.uicc.transport import TRANSPORTS
+
+EXIT_MAC_FAILURE = 3
+
+
+def _hex16(text: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not hexadecimal") from None
+    if len(value) != 16:
+        raise argparse.ArgumentTypeError(f"must be 16 octets (32 hex digits), got {len(value)}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    info = sub.add_parser("info", help="print ICCID, IMSI, IMPI, applications, GBA_U support, transport")
+    auth = sub.add_parser("auth", help="run ONE AUTHENTICATE (3G context) and print RES/CK/IK or AUTS (lab)")
+    for p in (info, auth):
+        p.add_argument("--port", required=True, help="the modem's AT port, e.g. /dev/ttyUSB2")
+        p.add_argument("--baud", type=int, default=115200, help="speed (default 115200)")
+        p.add_argument("--transport", choices=TRANSPORTS, default="auto", help="APDU transport (default auto)")
+        p.add_argument("--application", choices=APPLICATIONS, default="auto", help="application (default auto)")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds per AT command (default 5)")
+    auth.add_argument("--rand", type=_hex16, required=True, help="RAND, 32 hex digits")
+    auth.add_argument("--autn", type=_hex16, required=True, help="AUTN, 32 hex digits")
+    info.set_defaults(handler=lambda args: asyncio.run(_info(args)))
+    auth.set_defaults(handler=lambda args: asyncio.run(_auth(args)))
+
+
+async def _open(args: argparse.Namespace) -> Card:
+    return await open_card(
+        args.port,
+        baud=args.baud,
+        transport=args.transport,
+        application=args.application,
+        command_timeout=args.timeout,
+    )
+
+
+def _describe(port: str, identity: CardIdentity) -> list[str]:
+    apps = ", ".join(f"{app.value} {aid.hex().upper()}" for app, aid in identity.applications)
+    return [
+        f"port:         {port}",
+        f"transport:    {identity.transport}",
+        f"ICCID:        {identity.iccid}",
+        f"IMSI:         {identity.imsi}",
+        f"MNC length:   {identity.mnc_length}",
+        f"IMPI:         {identity.impi}",
+        f"application:  {identity.application.value} {identity.aid.hex().upper()}",
+        f"applications: {apps}",
+        f"GBA_U:        {'yes' if identity.gba_u else 'no'}",
+    ]
+
+
+async def _info(args: argparse.Namespace) -> int:
+    card = await _open(args)
+    try:
+        identity = await card.identity()
+    finally:
+        await card.close()
+    print("\n".join(_describe(args.port, identity)))
+    return 0
+
+
+async def _auth(args: argparse.Namespace) -> int:
+    card = await _open(args)
+    try:
+        identity = await card.identity()
+        result = await card.authenticate(args.rand, args.autn, AuthContext.UMTS)
+    finally:
+        await card.close()
+    print(f"application: {identity.application.value} over {identity.transport}")
+    if isinstance(result, AkaMacFailure):
+        print("MAC failure: the card rejected the AUTN (SW 9862); it was not made with this card's K")
+        return EXIT_MAC_FAILURE
+    if isinstance(result, AkaSuccess):
+        assert result.ck is not None and result.ik is not None  # the 3G context always returns them
+        print(f"RES: {result.res.hex().upper()}")
+        print(f"CK:  {result.ck.hex().upper()}")
+        print(f"IK:  {result.ik.hex().upper()}")
+        if result.kc is not None:
+            print(f"Kc:  {result.kc.hex().upper()}")
+        return 0
+    print("sync failure: the card found the SQN stale")
+    print(f"AUTS: {result.auts.hex().upper()}")
+    return 0
