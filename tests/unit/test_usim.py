@@ -450,7 +450,7 @@ def test_update_binary_rules() -> None:
     host.select_fid(0x6F07)
     assert host.transmit("00 D6 00 00 01 00") == (b"", 0x6982)  # EF_IMSI is not writable
     host.select_fid(0x6FD6)
-    assert host.transmit("00 D6 00 FF 02 00 00") == (b"", 0x6700)  # past the end of the file
+    assert host.transmit("00 D6 00 C7 02 00 00") == (b"", 0x6700)  # past the end of the file
     assert host.transmit("00 D6 01 00 01 00") == (b"", 0x6B00)  # offset beyond the file
     assert host.transmit("00 D6 00 10 02 AB CD") == (b"", 0x9000)
     assert host.transmit("00 B0 00 10 02") == (h("AB CD"), 0x9000)
@@ -488,13 +488,15 @@ def test_t0_get_response_and_wrong_le() -> None:
     assert card.process_apdu(h("00 B2 01 04 10")) == h("6C 20")
 
 
-def test_answers_announced_exactly() -> None:
-    """256-octet answers are announced as 6100 and fetched with Le 00."""
+def test_whole_gbabp_in_one_read() -> None:
     card = SoftUicc(profile())
     card.process_apdu(h("00 A4 04 0C 10") + USIM_AID)
-    card.process_apdu(h("00 A4 00 0C 02 6F D6"))
-    answer = card.process_apdu(h("00 B0 00 00 00"))
-    assert len(answer) == 258 and answer[-2:] == h("90 00")
+    assert card.process_apdu(h("00 A4 00 04 02 6F D6")) == h("61 13")
+    fcp = tlvs(tlvs(card.process_apdu(h("00 C0 00 00 13"))[:-2])[0x62])
+    assert fcp[0x80] == h("00 C8") and fcp[0x82] == h("41 21")
+    assert card.process_apdu(h("00 B0 00 00 00")) == h("6C C8")
+    answer = card.process_apdu(h("00 B0 00 00 C8"))
+    assert len(answer) == 202 and answer[:3] == h("00 00 00") and answer[-2:] == h("90 00")
 
 
 # --- logical channels -----------------------------------------------------------------------------
