@@ -178,7 +178,7 @@ class Card:
         async with self._lock:
             transport, identity = self._ready()
             if transport.basic_channel:  # the modem may have selected another file on channel 0
-                await self._select_aid(transport, identity.aid)
+                await self._select_aid(transport, identity.aid, fcp=False)
             response = await self._run_once(transport, command, "AUTHENTICATE")
             return parse_authenticate_response(response.data, response.sw, context)
 
@@ -188,7 +188,7 @@ class Card:
         async with self._lock:
             transport, identity = self._ready()
             if transport.basic_channel:
-                await self._select_aid(transport, identity.aid)
+                await self._select_aid(transport, identity.aid, fcp=False)
             response = await self._run_once(transport, command, "AUTHENTICATE (NAF derivation)")
             return parse_naf_derivation_response(response.data, response.sw)
 
@@ -349,8 +349,10 @@ class Card:
                 raise AuthenticateRefused(f"the modem refused {what} ({exc})") from exc
             raise
 
-    async def _select_aid(self, transport: ApduTransport, aid: bytes) -> None:
-        response = await self._exchange(transport, Apdu(0x00, 0xA4, 0x04, 0x04, aid, le=256))
+    async def _select_aid(self, transport: ApduTransport, aid: bytes, *, fcp: bool = True) -> None:
+        """SELECT an application; ``fcp=False`` asks for no data (P2 0C): one AT command, no GET RESPONSE."""
+        command = Apdu(0x00, 0xA4, 0x04, 0x04, aid, le=256) if fcp else Apdu(0x00, 0xA4, 0x04, 0x0C, aid)
+        response = await self._exchange(transport, command)
         if response.sw == SW_FILE_NOT_FOUND:
             raise ApplicationNotFound(f"SELECT of application {aid[:7].hex().upper()}... failed (6A82)")
         if response.sw != 0x9000:

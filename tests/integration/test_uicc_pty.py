@@ -178,9 +178,12 @@ async def test_auto_prefers_cgla_and_falls_back_to_csim_without_logical_channels
     world = make_world(quirks=Quirks(no_logical_channels=True))
     card = await opened(cards, world.path, transport="auto")
     assert card.transport_name == "csim"
+    selects = world.modem.apdu_count(INS_SELECT)
     result = await card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
     assert isinstance(result, AkaSuccess) and result.res == expected_keys(ISIM_CARD)[0]
     assert world.modem.apdu_count(INS_AUTHENTICATE) == 1
+    # On the shared basic channel the application is re-selected (no data) before each AUTHENTICATE.
+    assert world.modem.apdu_count(INS_SELECT) == selects + 1
 
 
 async def test_cgla_only_without_logical_channels_is_a_typed_error(
