@@ -52,7 +52,7 @@ from mn_secd.uicc.auth import (
     parse_naf_derivation_response,
 )
 from mn_secd.uicc.serial import AtPort
-from mn_secd.uicc.transport import ApduTransport, check_absent, exchange, open_transport
+from mn_secd.uicc.transport import TRANSPORTS, ApduTransport, check_absent, exchange, open_transport
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class Card:
     ) -> None:
         if application not in APPLICATIONS:
             raise ValueError(f"application must be one of {', '.join(APPLICATIONS)}, not {application!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
         self._transport_preference = transport
         self._application_preference = application
         self._presence_poll = presence_poll
@@ -274,6 +276,8 @@ class Card:
                         await self._bring_up(emit=True)
             except MnSecdError as exc:
                 logger.debug("card not usable yet: %s", exc, extra={"event": "uicc.card_not_ready"})
+            except Exception:  # a bug must not end the watch over the card; try again at the next poll
+                logger.exception("looking for the card failed", extra={"event": "uicc.supervisor_error"})
 
     async def _bring_up(self, *, emit: bool) -> None:
         """Find the card, open a transport, read the identity (caller holds the lock)."""
