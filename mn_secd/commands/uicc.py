@@ -37,7 +37,13 @@ def _hex16(text: str) -> bytes:
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     info = sub.add_parser("info", help="print ICCID, IMSI, IMPI, applications, GBA_U support, transport")
-    auth = sub.add_parser("auth", help="run ONE AUTHENTICATE (3G context) and print RES/CK/IK or AUTS (lab)")
+    auth = sub.add_parser(
+        "auth",
+        help="run ONE AUTHENTICATE (3G context) and print RES/CK/IK or AUTS (lab)",
+        description="Run exactly one AUTHENTICATE (3G context; never retried: each run consumes an SQN) and "
+        "print RES, CK and IK -- key material -- or the AUTS of a sync failure. "
+        f"Exit status: 0 success or sync failure, 1 error, 2 usage, {EXIT_MAC_FAILURE} MAC failure.",
+    )
     for p in (info, auth):
         p.add_argument("--port", required=True, help="the modem's AT port, e.g. /dev/ttyUSB2")
         p.add_argument("--baud", type=int, default=115200, help="speed (default 115200)")
