@@ -129,8 +129,6 @@ class Card:
         try:
             async with self._lock:
                 await self._bring_up(emit=False)
-        except UiccAbsent:
-            logger.info("no SIM in the modem yet", extra={"event": "uicc.absent"})
         except BaseException:
             await self._port.close()
             raise
@@ -489,9 +487,9 @@ async def open_card(
 ) -> Card:
     """Open the AT port and bring the card up (identity read, application selected on our channel).
 
-    A modem without a SIM is not an error here: :meth:`Card.identity` raises UiccAbsent until one
-    is inserted, and an INSERTED event says when. Everything else that stops start-up raises
-    (PortGoneError, TransportUnavailable, ApplicationNotFound, UiccLocked, ...).
+    Whatever stops start-up raises and leaves nothing open (PortGoneError, UiccAbsent, UiccLocked,
+    TransportUnavailable, ApplicationNotFound, ...): the caller retries with its own back-off. Once
+    open, the Card follows removals, insertions and a vanishing port by itself (card events).
     """
     card = Card(
         port,
