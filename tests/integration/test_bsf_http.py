@@ -29,6 +29,15 @@ from mn_secd.sim.bsf import GARBAGE_CHALLENGE, ZN_PATH, ReferenceBsf
 from mn_secd.sim.milenage import Milenage, build_auts
 from mn_secd.sim.profile import CardProfile, render_profile
 from mn_secd.sim.sqn import SqnAccepted, SqnState, check_sqn, split_sqn
+from mn_secd.sim.usim import USIM_AID, SoftUicc
+from mn_secd.uicc.auth import (
+    AkaSuccess,
+    AuthContext,
+    build_authenticate,
+    build_gba_naf_derivation,
+    parse_authenticate_response,
+    parse_naf_derivation_response,
+)
 
 NAME = "bsf.mnc001.mcc001.pub.3gppnetwork.org"
 K = bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc")
@@ -200,6 +209,39 @@ async def test_gba_u_subscriber_gets_uicc_key_only_when_aware(client: httpx.Asyn
     unaware = (await _zn(client, result.btid, fqdn, ua, aware=False)).json()
     assert unaware["meKeyMaterial"] == aware["meKeyMaterial"]
     assert "uiccKeyMaterial" not in unaware
+
+
+def _transmit(card: SoftUicc, apdu: bytes) -> tuple[bytes, int]:
+    """One command through the software UICC, fetching a T=0 ``61xx`` answer with GET RESPONSE."""
+    answer = card.process_apdu(apdu)
+    if answer[-2] == 0x61:
+        answer = card.process_apdu(bytes([0x00, 0xC0, 0x00, 0x00, answer[-1]]))
+    return answer[:-2], int.from_bytes(answer[-2:], "big")
+
+
+async def test_gba_u_with_the_software_uicc(client: httpx.AsyncClient) -> None:
+    """GBA_U end to end: the card keeps Ks; its Ks_ext_NAF / Ks_int_NAF equal what Zn hands out."""
+    card = SoftUicc(GBA_U)
+    _, sw = _transmit(card, bytes([0x00, 0xA4, 0x04, 0x04, len(USIM_AID)]) + USIM_AID)
+    assert sw == 0x9000
+    impi = GBA_U.effective_impi
+    r = await client.get("/", headers={"Authorization": digest.initial_authorization(impi, NAME)})
+    (challenge,) = digest.parse_challenges(r.headers["www-authenticate"])
+    rand, autn, _ = digest.split_nonce(challenge.nonce)
+    data, sw = _transmit(card, build_authenticate(rand, autn, AuthContext.GBA))
+    outcome = parse_authenticate_response(data, sw, AuthContext.GBA)
+    assert isinstance(outcome, AkaSuccess) and outcome.ck is None  # only RES leaves the card
+    header, state = digest.build_authorization(challenge, impi, outcome.res)
+    r = await client.get("/", headers={"Authorization": header})
+    assert r.status_code == 200 and digest.verify_rspauth(state, r.headers["authentication-info"], r.content)
+    btid = bsfxml.parse_bootstrapping_info(r.content).btid
+    for fqdn, ua in NAFS:
+        nid = naf_id(fqdn, ua)
+        data, sw = _transmit(card, build_gba_naf_derivation(nid, impi))
+        ks_ext_naf = parse_naf_derivation_response(data, sw)
+        answer = (await _zn(client, btid, fqdn, ua, aware=True)).json()
+        assert answer["meKeyMaterial"] == ks_ext_naf.hex()
+        assert answer["uiccKeyMaterial"] == (card.ks_int_naf(nid) or b"").hex()
 
 
 async def test_resync_when_card_is_ahead(bsf: ReferenceBsf, client: httpx.AsyncClient) -> None:
