@@ -269,6 +269,45 @@ class NotAuthorised(MnSecdError):
     kind = "not-authorised"
 
 
+class KeyServiceError(MnSecdError):
+    """A local AE (through :mod:`mn_secd.client`) did not get what it asked the key service for."""
+
+    kind = "key-service"
+
+
+class KeyServiceUnreachable(KeyServiceError):
+    """Nothing answers on the key service's address (the daemon is not running, or another port)."""
+
+    kind = "key-service-unreachable"
+
+
+class KeyServiceRefused(KeyServiceError):
+    """The key service refused the DTLS handshake: it does not know the AE's PSK identity."""
+
+    culprit = Culprit.AE
+    kind = "dtls-refused"
+
+
+class KeyServiceTimeout(OperationTimeout, KeyServiceError):
+    """No answer in time; with DTLS-PSK this most often means a wrong PSK (tinydtls drops it silently)."""
+
+    culprit = Culprit.AE
+    kind = "key-service-timeout"
+
+
+class KeyServiceRejected(KeyServiceError):
+    """The key service answered with an error code; ``kind`` and ``culprit`` are the server's."""
+
+    def __init__(
+        self, code: str, kind: str, message: str, *, culprit: Culprit, retry_after: float | None = None
+    ) -> None:
+        self.code = code
+        self.kind = kind
+        self.culprit = culprit
+        self.retry_after = retry_after
+        super().__init__(f"{code}: {message}" if message else code)
+
+
 class NafError(MnSecdError):
     """The NAF side (Zn lookup, Ua handshake) failed."""
 
