@@ -320,3 +320,50 @@ class BtidUnknown(NafError):
 
     culprit = Culprit.BSF
     kind = "btid-unknown"
+
+
+class ZnRejected(NafError):
+    """The BSF refused a Zn key retrieval for another reason than an unknown B-TID (403, 5xx, ...)."""
+
+    culprit = Culprit.BSF
+    kind = "zn-rejected"
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"BSF answered Zn with {status}: {reason}")
+
+
+class ZnAnswerInvalid(NafError):
+    """The BSF's Zn answer is malformed (not JSON, key material of the wrong length, no expiry)."""
+
+    culprit = Culprit.BSF
+    kind = "zn-answer-invalid"
+
+
+class NafHandshakeFailed(NafError):
+    """The DTLS handshake with the NAF failed: it refused our B-TID or holds another key for it.
+
+    Seen from the MN, this is the NAF's way of saying "bootstrap again" (TS 33.222): the B-TID is
+    unknown or expired at the BSF, or the key was derived for another NAF_Id.
+    """
+
+    kind = "naf-handshake-failed"
+
+
+class NafRejected(NafError):
+    """The NAF (IN-CSE) answered a request with an error response code."""
+
+    kind = "naf-rejected"
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(f"the NAF answered {code}" + (f": {detail}" if detail else ""))
+
+
+class NafTimeout(OperationTimeout, NafError):
+    """The NAF completed the DTLS handshake but did not answer a request in time."""
+
+    culprit = Culprit.NAF
+    kind = "naf-timeout"
