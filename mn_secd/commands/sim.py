@@ -25,7 +25,7 @@ from mn_secd.sim.modem import CCHO_STYLES, ModemEmulator, Quirks
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "modem": ("mn_secd.commands.sim:configure_modem", "AT modem emulator on a pseudo-terminal, with a software UICC"),
     "bsf": ("mn_secd.sim.bsf:configure", "reference BSF: Ub (Digest AKA) and Zn (JSON) over HTTP, for card profiles"),
-    # --- H8 (reference NAF / IN-CSE) adds its entry here, e.g. "naf": ("mn_secd.sim.naf:configure", "...") ---
+    "naf": ("mn_secd.sim.naf:configure", "reference IN-CSE (NAF): CoAP over DTLS-PSK keyed by GBA, keys over Zn"),
 }
 
 
