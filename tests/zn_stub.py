@@ -34,12 +34,17 @@ class StubBsf:
     seen: list[Any] = field(default_factory=list)
     url: str = ""
     released: asyncio.Event = field(default_factory=asyncio.Event)  # ends a delay early (teardown)
+    #: B-TID -> answer fields to use instead of GOOD's (e.g. another IMPI); B-TIDs not listed get ``body``.
+    by_btid: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append(await request.json())
+        doc = await request.json()
+        self.seen.append(doc)
         if self.delay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.released.wait(), self.delay)
+        if doc.get("btId") in self.by_btid:
+            return web.json_response({**GOOD, **self.by_btid[doc["btId"]]})
         return web.Response(status=self.status, body=self.body, content_type=self.content_type)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import aiocoap
 
-from mn_secd.control.dtls_fix import peer_table
+from mn_secd.control.dtls_fix import MAX_IDENTITY_LENGTH, peer_table
 from mn_secd.naf.records import client_key_exchange_identity
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ class PrefetchGate:
                 held.append(data)
             return
         identity = client_key_exchange_identity(data)
-        if identity is None or not self.prefetcher.needs_fetch(identity):
+        if identity is None or len(identity) > MAX_IDENTITY_LENGTH or not self.prefetcher.needs_fetch(identity):
+            # No fetch for an identity tinydtls will refuse whatever the key (it checks the length first).
             deliver(data, sockaddr)
             return
         self.holds += 1
