@@ -1,0 +1,158 @@
+"""One GBA bootstrap: the card's identity, the mode the policy allows, one Ub run, a session.
+
+This is the only place that decides between GBA_ME and GBA_U and that knows what each means for
+key custody:
+
+* GBA_ME runs AUTHENTICATE in the 3G context; Ks = CK ‖ IK lives in this process, in a
+  :class:`SecretBytes` that is overwritten when the session is dropped.
+* GBA_U runs AUTHENTICATE in the GBA context (``DD``); the card keeps Ks and the daemon never sees
+  it. After the BSF's 200 the B-TID and lifetime are written to EF_GBABP, and every NAF key is asked
+  of the card (``DE``), which returns Ks_ext_NAF.
+
+A synchronisation failure is handled inside the Ub exchange (AUTS, a second challenge), so a
+resync costs exactly two AUTHENTICATEs and three HTTP requests, and a bootstrap never sends the same
+challenge to the card twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from mn_secd.errors import ApduParseError, GbaModeUnavailable
+from mn_secd.gba.bsfxml import format_lifetime
+from mn_secd.gba.kdf import ks_naf
+from mn_secd.gba.ub import UbClient, short_hash
+from mn_secd.interfaces import Application, CardAccess, CardIdentity, GbaMode, GbaPolicy
+from mn_secd.uicc.auth import AkaResult, AuthContext
+
+log = logging.getLogger(__name__)
+
+
+class SecretBytes:
+    """Key material in a mutable buffer, so that dropping it can overwrite it.
+
+    Python cannot promise that no copy of a secret survives (``bytes`` handed to ``hmac`` are
+    immutable and garbage-collected at leisure), but the long-lived copy, the one that sits in
+    memory for the whole key lifetime, is this buffer, and :meth:`wipe` zeroes it in place. The
+    repr never shows the value, and the object refuses to be pickled.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        self._buf = bytearray(value)
+
+    def get(self) -> bytes:
+        """A short-lived copy for one computation; raises once wiped (a use-after-wipe bug)."""
+        if not self._buf:
+            raise ValueError("secret was wiped")
+        return bytes(self._buf)
+
+    def wipe(self) -> None:
+        for i in range(len(self._buf)):
+            self._buf[i] = 0
+        self._buf.clear()
+
+    @property
+    def wiped(self) -> bool:
+        return not self._buf
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def __repr__(self) -> str:
+        return "SecretBytes(<wiped>)" if self.wiped else f"SecretBytes(<{len(self._buf)} octets>)"
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("secrets are not picklable")
+
+
+@dataclass(frozen=True, eq=False)
+class BootstrapSession:
+    """What one successful bootstrap leaves behind. Ks only for GBA_ME, never in a repr."""
+
+    iccid: str
+    impi: str
+    btid: str
+    rand: bytes
+    expires: datetime  # timezone-aware UTC, as the BSF set it
+    mode: GbaMode
+    application_aid: bytes
+    ks: SecretBytes | None = field(default=None, repr=False)
+
+    def wipe(self) -> None:
+        if self.ks is not None:
+            self.ks.wipe()
+
+    @property
+    def btid_hash(self) -> str:
+        """The B-TID as a short hash, for log lines that need to correlate sessions."""
+        return short_hash(self.btid)
+
+
+def choose_mode(identity: CardIdentity, policy: GbaPolicy) -> GbaMode:
+    """GBA_U when the card offers the GBA context and the policy allows it (TS 33.220 5.2.1)."""
+    if policy is GbaPolicy.GBA_ME_ONLY:
+        return GbaMode.GBA_ME
+    if identity.gba_u:
+        return GbaMode.GBA_U
+    if policy is GbaPolicy.GBA_U_ONLY:
+        service = "IST service 2" if identity.application is Application.ISIM else "UST service 68"
+        raise GbaModeUnavailable(f"policy is GBA_U only, but the card's {identity.application} lacks {service}")
+    return GbaMode.GBA_ME
+
+
+async def bootstrap(card: CardAccess, ub: UbClient, policy: GbaPolicy) -> BootstrapSession:
+    """Run one complete bootstrap; raises a typed :class:`~mn_secd.errors.MnSecdError` on failure.
+
+    Nothing is left behind on failure: CK and IK of a successful AKA run are only turned into a
+    session once the BSF's answer has been authenticated (``rspauth``) and parsed.
+    """
+    identity = await card.identity()
+    mode = choose_mode(identity, policy)
+    context = AuthContext.GBA if mode is GbaMode.GBA_U else AuthContext.UMTS
+
+    async def aka(rand: bytes, autn: bytes) -> AkaResult:
+        return await card.authenticate(rand, autn, context)
+
+    result = await ub.run(identity, aka, mode=mode)
+    ks: SecretBytes | None = None
+    if mode is GbaMode.GBA_ME:
+        if result.aka.ck is None or result.aka.ik is None:
+            raise ApduParseError("3G-context AUTHENTICATE returned no CK/IK")
+        ks = SecretBytes(result.aka.ck + result.aka.ik)
+    else:
+        await card.write_gba_bootstrap_params(result.btid, format_lifetime(result.lifetime))
+    session = BootstrapSession(
+        iccid=identity.iccid,
+        impi=identity.impi,
+        btid=result.btid,
+        rand=result.rand,
+        expires=result.lifetime,
+        mode=mode,
+        application_aid=identity.aid,
+        ks=ks,
+    )
+    log.info(
+        "bootstrapped",
+        extra={
+            "event": "gba.bootstrapped",
+            "btid_hash": session.btid_hash,
+            "mode": mode.value,
+            "expires": session.expires.isoformat(),
+            "aka_runs": result.aka_runs,
+            "http_requests": result.http_requests,
+        },
+    )
+    return session
+
+
+async def derive_naf_key(card: CardAccess, session: BootstrapSession, naf_id: bytes) -> bytes:
+    """Ks_NAF (GBA_ME, computed here) or Ks_ext_NAF (GBA_U, computed by the card with ``DE``)."""
+    if session.mode is GbaMode.GBA_ME:
+        if session.ks is None:
+            raise ValueError("GBA_ME session without Ks")
+        return ks_naf(session.ks.get(), session.rand, session.impi, naf_id)
+    return await card.gba_naf_derivation(naf_id, session.impi)

@@ -1,0 +1,553 @@
+"""The keystore: one bootstrap session, the NAF keys derived from it, and when to renew them.
+
+It answers :meth:`KeyStore.get_key` from a cache keyed by NAF_Id, or after one bootstrap shared by
+every concurrent caller (single-flight), and keeps the session fresh by itself: a refresh is due a
+configurable margin plus a random jitter before Ks expires, so a fleet of gateways that booted
+together does not hit the BSF in step. Subscribers are told when keys were refreshed or wiped.
+
+Every bootstrap costs an AKA run on the card and a sequence number, so no caller can cause them at
+will: a forced re-bootstrap (a NAF rejected the B-TID) has a minimum interval
+(:class:`~mn_secd.errors.BootstrapRateLimited`), and after a failure further bootstraps wait for an
+exponentially growing back-off, during which callers get the last failure again.
+
+Keys are bound to the card that made them: on card removal or change, and on :meth:`KeyStore.close`,
+Ks is overwritten and every NAF key dropped.
+
+As in aioquic, the decisions live in a clock-free core (:class:`BootstrapPlanner`, time passed in)
+that tests drive with a fake clock; :class:`KeyStore` is the asyncio adapter that sleeps until the
+planner's next deadline.
+
+GBA_U needs one more rule: the card holds a single Ks, which a new bootstrap replaces at its
+AUTHENTICATE, before the BSF has confirmed anything. So once a GBA_U bootstrap starts, the old
+session serves only keys already cached; new derivations wait for the new session (card operations
+are serialised by one lock), and if the bootstrap fails they need another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from mn_secd.errors import BootstrapRateLimited, GbaError, MnSecdError, UiccAbsent
+from mn_secd.gba.bootstrap import BootstrapSession, bootstrap, derive_naf_key
+from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
+from mn_secd.gba.ub import UbClient, backoff_delay
+from mn_secd.interfaces import (
+    CardAccess,
+    CardEvent,
+    CardEventKind,
+    GbaMode,
+    GbaPolicy,
+    KeyEvent,
+    KeyEventKind,
+    KeyServiceStatus,
+    NafKey,
+)
+
+log = logging.getLogger(__name__)
+
+#: The adapter re-reads the clock at least this often, so a wall-clock step (NTP after boot) is noticed.
+MAX_SLEEP = 60.0
+#: NAF keys cached per session; AEs allowed a wildcard NAF pattern cannot grow the cache without bound.
+MAX_CACHED_KEYS = 1024
+#: How often one request re-reads the session when it keeps being replaced under it.
+MAX_SESSION_SWITCHES = 3
+
+
+class Due(enum.Enum):
+    REFRESH = "refresh"  # time to bootstrap again while the current Ks is still valid
+    EXPIRE = "expire"  # Ks has expired: drop it
+
+
+class BootstrapPlanner:
+    """When to refresh, when Ks expires, and whether a bootstrap may start now. No I/O, no clock.
+
+    Times are seconds on the caller's clock (the keystore uses POSIX time, because the BSF states
+    the key lifetime as an absolute UTC time).
+    """
+
+    def __init__(
+        self,
+        *,
+        refresh_margin: float,
+        refresh_jitter: float,
+        min_forced_interval: float,
+        failure_backoff: float,
+        max_failure_backoff: float,
+        rng: random.Random,
+    ) -> None:
+        values = (refresh_margin, refresh_jitter, min_forced_interval, failure_backoff, max_failure_backoff)
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError("keystore timing parameters must be finite and not negative")
+        self.refresh_margin = refresh_margin
+        self.refresh_jitter = refresh_jitter
+        self.min_forced_interval = min_forced_interval
+        self.failure_backoff = failure_backoff
+        self.max_failure_backoff = max_failure_backoff
+        self._rng = rng
+        self.expires_at: float | None = None
+        self.refresh_at: float | None = None
+        self.blocked_until: float | None = None
+        self.failures = 0
+        self.last_start: float | None = None
+
+    # -- inputs --
+
+    def bootstrap_started(self, now: float) -> None:
+        self.last_start = now
+
+    def bootstrap_succeeded(self, now: float, expires_at: float) -> float:
+        """Record a new session; returns when it should be refreshed.
+
+        The refresh comes ``margin + U(0, jitter)`` before expiry, but never earlier than half-way
+        through the lifetime, so a BSF that hands out short lifetimes does not cause a bootstrap loop.
+        """
+        self.failures = 0
+        self.blocked_until = None
+        self.expires_at = expires_at
+        lead = self.refresh_margin + self._rng.uniform(0.0, self.refresh_jitter)
+        lead = min(lead, max(0.0, expires_at - now) / 2)
+        self.refresh_at = expires_at - lead
+        return self.refresh_at
+
+    def bootstrap_failed(self, now: float) -> float:
+        """Record a failure; returns when the next bootstrap may start (exponential back-off, jittered)."""
+        self.failures += 1
+        delay = backoff_delay(self.failures - 1, self.failure_backoff, self.max_failure_backoff, self._rng)
+        self.blocked_until = now + delay
+        return self.blocked_until
+
+    def session_dropped(self) -> None:
+        """Ks is gone (expired or wiped): no refresh is pending any more."""
+        self.expires_at = None
+        self.refresh_at = None
+
+    def card_changed(self) -> None:
+        """A new or re-inserted card deserves a bootstrap now: forget failures and the forced interval."""
+        self.session_dropped()
+        self.failures = 0
+        self.blocked_until = None
+        self.last_start = None
+
+    # -- queries --
+
+    def due(self, now: float) -> Due | None:
+        if self.expires_at is not None and now >= self.expires_at:
+            return Due.EXPIRE
+        if self.refresh_at is not None and now >= self.refresh_at and not self._blocked(now):
+            return Due.REFRESH
+        return None
+
+    def next_deadline(self) -> float | None:
+        """The next time :meth:`due` can change its answer (None: nothing scheduled)."""
+        deadlines: list[float] = []
+        if self.expires_at is not None:
+            deadlines.append(self.expires_at)
+        if self.refresh_at is not None:
+            deadlines.append(max(self.refresh_at, self.blocked_until or self.refresh_at))
+        return min(deadlines) if deadlines else None
+
+    def backoff_remaining(self, now: float) -> float | None:
+        """Seconds until a bootstrap may follow the last failure; None when it may start now."""
+        return self.blocked_until - now if self._blocked(now) and self.blocked_until is not None else None
+
+    def forced_retry_after(self, now: float) -> float | None:
+        """Seconds until a forced re-bootstrap is allowed; None when it is allowed now."""
+        waits = [w for w in (self.backoff_remaining(now), self._forced_wait(now)) if w is not None]
+        return max(waits) if waits else None
+
+    def _forced_wait(self, now: float) -> float | None:
+        if self.last_start is None:
+            return None
+        wait = self.last_start + self.min_forced_interval - now
+        return wait if wait > 0 else None
+
+    def _blocked(self, now: float) -> bool:
+        return self.blocked_until is not None and now < self.blocked_until
+
+
+class KeyStore:
+    """:class:`~mn_secd.interfaces.KeyProvider` over a card and a Ub client.
+
+    The keystore does not own ``card`` or ``ub``: :meth:`close` wipes its keys and stops its timer,
+    the caller closes the card and the Ub client. ``clock`` gives POSIX seconds (injectable for
+    tests); ``rng`` draws the refresh and back-off jitter.
+    """
+
+    def __init__(
+        self,
+        card: CardAccess,
+        ub: UbClient,
+        policy: GbaPolicy = GbaPolicy.AUTO,
+        *,
+        refresh_margin: float = 300.0,
+        refresh_jitter: float = 60.0,
+        min_forced_interval: float = 30.0,
+        failure_backoff: float = 5.0,
+        max_failure_backoff: float = 600.0,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._card = card
+        self._ub = ub
+        self._policy = policy
+        self._clock = clock
+        self.planner = BootstrapPlanner(
+            refresh_margin=refresh_margin,
+            refresh_jitter=refresh_jitter,
+            min_forced_interval=min_forced_interval,
+            failure_backoff=failure_backoff,
+            max_failure_backoff=max_failure_backoff,
+            rng=rng or random.Random(),
+        )
+        self._session: BootstrapSession | None = None
+        self._cache: dict[bytes, NafKey] = {}
+        self._inflight: asyncio.Task[BootstrapSession] | None = None
+        self._derivations: dict[bytes, asyncio.Task[NafKey | None]] = {}
+        self._card_lock = asyncio.Lock()
+        self._card_ks_current = False  # GBA_U: the card's Ks is the current session's
+        self._generation = 0  # bumped on every wipe: work started before it must not store results
+        self._last_failure: MnSecdError | None = None
+        self._card_present = True
+        self._impi: str | None = None
+        self._subscribers: list[Callable[[KeyEvent], None]] = []
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.bootstraps = 0  # completed bootstraps, for status and tests
+        self._unsubscribe_card = card.subscribe(self._on_card_event)
+
+    # --- KeyProvider ---------------------------------------------------------------------------------
+
+    async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
+        self._check_open()
+        fqdn = normalise_fqdn(naf_fqdn)
+        nid = naf_id(fqdn, ua_id)
+        if force:
+            await self.force_bootstrap()
+        for _ in range(MAX_SESSION_SWITCHES):
+            session = await self._usable_session()
+            cached = self._cache.get(nid)
+            if cached is not None and cached.btid == session.btid:
+                return cached
+            if session is not self._session:
+                continue  # wiped or replaced while this caller was waking up
+            if session.mode is GbaMode.GBA_ME:
+                return self._store(session, fqdn, ua_id, nid, await derive_naf_key(self._card, session, nid))
+            if not self._card_ks_current and self._running() is None:
+                # A GBA_U bootstrap failed after the card replaced Ks: new keys need a new session.
+                await self._join_bootstrap()
+                continue
+            key = await self._derive_on_card(session, fqdn, ua_id, nid)
+            if key is not None:
+                return key
+        raise GbaError("the bootstrap session kept changing during the request; try again")
+
+    async def force_bootstrap(self) -> None:
+        """Bootstrap again now (a NAF rejected the B-TID); joins one already running."""
+        self._check_open()
+        task = self._running()
+        if task is None:
+            retry_after = self.planner.forced_retry_after(self._clock())
+            if retry_after is not None:
+                raise BootstrapRateLimited(retry_after)
+            task = self._start_bootstrap()
+        await asyncio.shield(task)
+
+    def status(self) -> KeyServiceStatus:
+        session = self._session
+        live = session is not None and self._clock() < session.expires.timestamp()
+        last = self._last_failure
+        return KeyServiceStatus(
+            card_present=self._card_present,
+            impi=session.impi if session is not None else self._impi,
+            bootstrapped=live,
+            btid=session.btid if session is not None and live else None,
+            expires=session.expires if session is not None and live else None,
+            gba_mode=session.mode if session is not None and live else None,
+            last_error=f"{last.kind}: {last}" if last is not None else None,
+        )
+
+    def subscribe(self, callback: Callable[[KeyEvent], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    # --- life cycle ----------------------------------------------------------------------------------
+
+    async def ensure_bootstrapped(self) -> BootstrapSession:
+        """The current session, bootstrapping first if there is none (daemon start-up warms up with it)."""
+        self._check_open()
+        return await self._usable_session()
+
+    async def close(self) -> None:
+        """Stop the refresh timer and in-flight work, overwrite Ks, drop every NAF key (KeyEvent WIPED)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._unsubscribe_card()
+        tasks: list[asyncio.Task[Any]] = [t for t in (self._refresh_task, self._inflight) if t is not None]
+        tasks += list(self._derivations.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._wipe("shutdown")
+        self._subscribers.clear()
+
+    async def __aenter__(self) -> KeyStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- sessions and bootstraps ---------------------------------------------------------------------
+
+    async def _usable_session(self) -> BootstrapSession:
+        session = self._session
+        if session is not None:
+            if self._clock() < session.expires.timestamp():
+                return session
+            self._expire(session)
+        return await self._join_bootstrap()
+
+    async def _join_bootstrap(self) -> BootstrapSession:
+        """The running bootstrap, or a new one unless the back-off after a failure is still running."""
+        task = self._running()
+        if task is None:
+            if self.planner.backoff_remaining(self._clock()) is not None and self._last_failure is not None:
+                raise self._last_failure.with_traceback(None)
+            task = self._start_bootstrap()
+        # shield: a caller giving up must not cancel an AUTHENTICATE the others are waiting for
+        return await asyncio.shield(task)
+
+    def _running(self) -> asyncio.Task[BootstrapSession] | None:
+        """The bootstrap in flight. A finished task whose done-callback has not run yet is not in
+        flight: awaiting it would not yield, and a loop waiting for it would spin."""
+        task = self._inflight
+        return task if task is not None and not task.done() else None
+
+    def _start_bootstrap(self) -> asyncio.Task[BootstrapSession]:
+        self._check_open()
+        self.planner.bootstrap_started(self._clock())
+        if self._session is not None and self._session.mode is GbaMode.GBA_U:
+            self._card_ks_current = False
+        task = asyncio.create_task(self._run_bootstrap(self._generation), name="mn-secd-bootstrap")
+        task.add_done_callback(self._bootstrap_done)
+        self._inflight = task
+        return task
+
+    async def _run_bootstrap(self, generation: int) -> BootstrapSession:
+        try:
+            async with self._card_lock:
+                session = await bootstrap(self._card, self._ub, self._policy)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, MnSecdError) else GbaError(f"bootstrap failed: {type(exc).__name__}")
+            if generation == self._generation and not self._closed:
+                retry_at = self.planner.bootstrap_failed(self._clock())
+                self._last_failure = error
+                log.warning(
+                    "bootstrap failed",
+                    extra={"event": "gba.bootstrap_failed", "kind": error.kind, "retry_in": retry_at - self._clock()},
+                    exc_info=error is not exc,
+                )
+                self._wake()
+            if error is exc:
+                raise
+            raise error from exc
+        if generation != self._generation or self._closed:
+            session.wipe()
+            raise UiccAbsent("the card was removed or changed during the bootstrap")
+        self._install(session)
+        return session
+
+    def _bootstrap_done(self, task: asyncio.Task[BootstrapSession]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved here so that a failure nobody awaited is not reported as lost
+
+    def _install(self, session: BootstrapSession) -> None:
+        old = self._session
+        self._session = session
+        self._cache.clear()
+        if old is not None:
+            old.wipe()
+        self._card_ks_current = True
+        self._impi = session.impi
+        self._card_present = True
+        self._last_failure = None
+        self.bootstraps += 1
+        refresh_at = self.planner.bootstrap_succeeded(self._clock(), session.expires.timestamp())
+        log.info(
+            "new bootstrap session",
+            extra={
+                "event": "gba.session",
+                "btid_hash": session.btid_hash,
+                "mode": session.mode.value,
+                "refresh_in": round(refresh_at - self._clock(), 1),
+            },
+        )
+        if self._refresh_task is None:
+            self._refresh_task = asyncio.create_task(self._refresh_loop(), name="mn-secd-key-refresh")
+        self._wake()
+        self._emit(KeyEvent(KeyEventKind.REFRESHED, session.btid))
+
+    def _expire(self, session: BootstrapSession) -> None:
+        if self._session is not session:
+            return
+        log.info("Ks expired", extra={"event": "gba.expired", "btid_hash": session.btid_hash})
+        self._drop_session()
+        self._emit(KeyEvent(KeyEventKind.WIPED, session.btid))
+
+    def _drop_session(self) -> BootstrapSession | None:
+        old = self._session
+        self._session = None
+        if old is not None:
+            old.wipe()
+        self._cache.clear()
+        self._card_ks_current = False
+        self.planner.session_dropped()
+        self._wake()
+        return old
+
+    def _wipe(self, reason: str) -> None:
+        """Forget everything the card produced; work already running may finish but cannot store."""
+        self._generation += 1
+        self._inflight = None
+        self._derivations.clear()
+        old = self._drop_session()
+        log.info(
+            "keys wiped",
+            extra={"event": "gba.wiped", "reason": reason, "btid_hash": old.btid_hash if old else None},
+        )
+        self._emit(KeyEvent(KeyEventKind.WIPED, old.btid if old is not None else None))
+
+    # --- NAF keys ------------------------------------------------------------------------------------
+
+    def _store(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes, key: bytes) -> NafKey:
+        answer = NafKey(
+            naf_fqdn=fqdn,
+            ua_id=ua,
+            naf_id=nid,
+            btid=session.btid,
+            key=key,
+            expires=session.expires,
+            gba_mode=session.mode,
+        )
+        if session is self._session:
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                del self._cache[next(iter(self._cache))]
+            self._cache[nid] = answer
+        return answer
+
+    async def _derive_on_card(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes) -> NafKey | None:
+        """GBA_U: one ``DE`` per NAF_Id however many callers ask at once; None if the session moved on."""
+        task = self._derivations.get(nid)
+        if task is None:
+            task = asyncio.create_task(self._card_derivation(session, fqdn, ua, nid), name="mn-secd-naf-derivation")
+            self._derivations[nid] = task
+
+            def done(t: asyncio.Task[NafKey | None]) -> None:
+                if self._derivations.get(nid) is t:
+                    del self._derivations[nid]
+                if not t.cancelled():
+                    t.exception()
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _card_derivation(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes) -> NafKey | None:
+        generation = self._generation
+        async with self._card_lock:
+            if session is not self._session or not self._card_ks_current:
+                return None
+            key = await derive_naf_key(self._card, session, nid)
+        if generation != self._generation or session is not self._session:
+            return None
+        return self._store(session, fqdn, ua, nid, key)
+
+    # --- the timer -----------------------------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        """Sleep until the planner's next deadline, then refresh or expire; woken early on any change."""
+        while not self._closed:
+            self._wakeup.clear()
+            now = self._clock()
+            due = self.planner.due(now)
+            if due is Due.EXPIRE and self._session is not None:
+                self._expire(self._session)
+                continue
+            if due is Due.EXPIRE:
+                self.planner.session_dropped()
+                continue
+            task = self._running()
+            if due is Due.REFRESH or task is not None:
+                if task is None:
+                    log.info("refreshing Ks before it expires", extra={"event": "gba.refresh"})
+                    task = self._start_bootstrap()
+                with contextlib.suppress(MnSecdError):
+                    await asyncio.shield(task)
+                continue
+            deadline = self.planner.next_deadline()
+            timeout = None if deadline is None else min(max(0.0, deadline - now), MAX_SLEEP)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    # --- card events and subscribers -----------------------------------------------------------------
+
+    def _on_card_event(self, event: CardEvent) -> None:
+        identity = event.identity
+        if event.kind is CardEventKind.REMOVED:
+            self._card_present = False
+            self._wipe("card removed")
+            return
+        self._card_present = True
+        session = self._session
+        changed = event.kind is CardEventKind.CHANGED or (
+            session is not None
+            and identity is not None
+            and (identity.iccid, identity.impi) != (session.iccid, session.impi)
+        )
+        if identity is not None:
+            self._impi = identity.impi
+        if changed:
+            self._wipe("card changed")
+        if changed or session is None:
+            # A different card, or one back after a removal: it deserves a bootstrap now, whatever
+            # failed (or was forced) with the card that was there before.
+            self.planner.card_changed()
+            self._last_failure = None
+        self._wake()
+
+    def _emit(self, event: KeyEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("key event subscriber failed", extra={"event": "gba.subscriber_error"})
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GbaError("the keystore is closed")

@@ -1,0 +1,506 @@
+"""The keystore: its clock-free planner driven by a fake clock, and the asyncio adapter over a fake card.
+
+The card and the Ub client are in-memory stand-ins here (the integration tests run the real pty
+modem, software UICC and BSF); they count AUTHENTICATEs and Ub runs so single-flight, the rate limit
+and the back-off can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaModeUnavailable, UiccAbsent
+from mn_secd.gba.bootstrap import BootstrapSession, SecretBytes, choose_mode
+from mn_secd.gba.kdf import ks_naf
+from mn_secd.gba.keystore import BootstrapPlanner, Due, KeyStore
+from mn_secd.gba.ua import UaId, naf_id
+from mn_secd.gba.ub import AkaCallback, UbResult
+from mn_secd.interfaces import (
+    Application,
+    CardEvent,
+    CardEventKind,
+    CardIdentity,
+    GbaMode,
+    GbaPolicy,
+    KeyEvent,
+    KeyEventKind,
+)
+from mn_secd.uicc.auth import AkaResult, AkaSuccess, AuthContext
+
+DTLS = UaId.dtls_psk()
+
+
+def identity(n: int = 1, *, gba_u: bool = False) -> CardIdentity:
+    imsi = f"00101000000000{n}"
+    return CardIdentity(
+        iccid=f"8988211000000000001{n}",
+        imsi=imsi,
+        mnc_length=2,
+        impi=f"{imsi}@ims.mnc001.mcc001.3gppnetwork.org",
+        application=Application.USIM,
+        aid=bytes.fromhex("a0000000871002"),
+        gba_u=gba_u,
+        transport="csim",
+    )
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_900_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeCard:
+    """A card whose AKA always succeeds; CK/IK depend on RAND. GBA_U derivation uses the last DD."""
+
+    def __init__(self, ident: CardIdentity) -> None:
+        self.ident = ident
+        self.authenticates: list[AuthContext] = []
+        self.derivations: list[bytes] = []
+        self.gbabp: list[tuple[str, str]] = []
+        self.subscribers: list[Callable[[CardEvent], None]] = []
+        self._ks: bytes | None = None
+        self._rand: bytes | None = None
+        self.delay = 0.0
+
+    @staticmethod
+    def keys(rand: bytes) -> tuple[bytes, bytes]:
+        return bytes(b ^ 0x11 for b in rand), bytes(b ^ 0x22 for b in rand)
+
+    async def identity(self) -> CardIdentity:
+        return self.ident
+
+    async def authenticate(self, rand: bytes, autn: bytes, context: AuthContext) -> AkaResult:
+        self.authenticates.append(context)
+        await asyncio.sleep(self.delay)
+        ck, ik = self.keys(rand)
+        if context is AuthContext.GBA:
+            self._ks, self._rand = ck + ik, rand
+            return AkaSuccess(b"\x01" * 8)
+        return AkaSuccess(b"\x01" * 8, ck, ik)
+
+    async def gba_naf_derivation(self, naf: bytes, impi: str) -> bytes:
+        self.derivations.append(naf)
+        await asyncio.sleep(0)
+        assert self._ks is not None and self._rand is not None
+        return ks_naf(self._ks, self._rand, impi, naf)
+
+    async def write_gba_bootstrap_params(self, btid: str, lifetime: str) -> None:
+        self.gbabp.append((btid, lifetime))
+
+    def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
+        self.subscribers.append(callback)
+        return lambda: self.subscribers.remove(callback)
+
+    def emit(self, event: CardEvent) -> None:
+        for cb in list(self.subscribers):
+            cb(event)
+
+
+class FakeUb:
+    """Stands in for UbClient.run: one AKA run per bootstrap, a fresh RAND each time."""
+
+    def __init__(self, clock: Callable[[], float], lifetime: float = 3600.0) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.runs: list[str] = []
+        self.fail_with: Exception | None = None
+        self.delay = 0.0
+
+    async def run(self, ident: CardIdentity, aka: AkaCallback, *, mode: GbaMode) -> UbResult:
+        self.runs.append(ident.impi)
+        await asyncio.sleep(self.delay)
+        if self.fail_with is not None:
+            raise self.fail_with
+        rand = len(self.runs).to_bytes(16, "big")
+        outcome = await aka(rand, bytes(16))
+        assert isinstance(outcome, AkaSuccess)
+        expires = datetime.fromtimestamp(self.clock() + self.lifetime, UTC)
+        btid = base64.b64encode(rand).decode() + "@bsf.test"
+        return UbResult(btid, expires, rand, outcome, aka_runs=1, http_requests=2)
+
+
+def make_store(
+    *, gba_u: bool = False, policy: GbaPolicy = GbaPolicy.AUTO, **kw: object
+) -> tuple[KeyStore, FakeCard, FakeUb, FakeClock, list[KeyEvent]]:
+    clock = FakeClock()
+    card = FakeCard(identity(gba_u=gba_u))
+    ub = FakeUb(clock)
+    store = KeyStore(card, ub, policy, clock=clock, rng=random.Random(1), **kw)  # type: ignore[arg-type]
+    events: list[KeyEvent] = []
+    store.subscribe(events.append)
+    return store, card, ub, clock, events
+
+
+# --- the planner (fake clock, no event loop) ---------------------------------------------------------------
+
+
+def planner(**kw: float) -> BootstrapPlanner:
+    args = {
+        "refresh_margin": 300.0,
+        "refresh_jitter": 60.0,
+        "min_forced_interval": 30.0,
+        "failure_backoff": 5.0,
+        "max_failure_backoff": 600.0,
+    }
+    args.update(kw)
+    return BootstrapPlanner(rng=random.Random(3), **args)
+
+
+def test_refresh_time_lies_in_the_jitter_window_and_spreads() -> None:
+    p = planner()
+    times = [p.bootstrap_succeeded(1000.0, 1000.0 + 3600.0) for _ in range(500)]
+    assert all(4600.0 - 300.0 - 60.0 <= t <= 4600.0 - 300.0 for t in times)
+    assert max(times) - min(times) > 50.0  # a fleet does not refresh in step
+
+
+def test_short_lifetime_refreshes_no_earlier_than_half_way() -> None:
+    p = planner()
+    assert p.bootstrap_succeeded(1000.0, 1100.0) == 1050.0
+
+
+def test_due_and_deadlines_follow_the_clock() -> None:
+    p = planner(refresh_jitter=0.0)
+    p.bootstrap_succeeded(0.0, 3600.0)
+    assert p.next_deadline() == 3300.0
+    assert p.due(3299.9) is None
+    assert p.due(3300.0) is Due.REFRESH
+    p.bootstrap_failed(3300.0)  # refresh failed: retry after the back-off, expiry still coming
+    assert p.due(3301.0) is None
+    retry = p.next_deadline()
+    assert retry is not None and 3302.5 <= retry <= 3305.0
+    assert p.due(retry) is Due.REFRESH
+    assert p.due(3600.0) is Due.EXPIRE
+    p.session_dropped()
+    assert p.next_deadline() is None and p.due(4000.0) is None
+
+
+def test_failure_backoff_grows_exponentially_to_a_cap() -> None:
+    p = planner(failure_backoff=5.0, max_failure_backoff=40.0)
+    delays = [p.bootstrap_failed(0.0) for _ in range(6)]
+    for n, delay in enumerate(delays):
+        step = min(40.0, 5.0 * 2**n)
+        assert step / 2 <= delay <= step
+    assert p.backoff_remaining(0.0) == delays[-1]
+    assert p.backoff_remaining(delays[-1]) is None
+    p.bootstrap_succeeded(100.0, 4000.0)
+    assert p.failures == 0 and p.backoff_remaining(100.0) is None
+
+
+def test_forced_interval() -> None:
+    p = planner(min_forced_interval=30.0)
+    assert p.forced_retry_after(0.0) is None
+    p.bootstrap_started(100.0)
+    assert p.forced_retry_after(110.0) == pytest.approx(20.0)
+    assert p.forced_retry_after(130.0) is None
+    p.bootstrap_failed(130.0)  # a failure's back-off applies to forced bootstraps too
+    remaining = p.forced_retry_after(130.0)
+    assert remaining is not None and remaining >= 2.5
+    p.card_changed()
+    assert p.forced_retry_after(130.0) is None
+
+
+def test_planner_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        planner(refresh_margin=-1.0)
+    with pytest.raises(ValueError):
+        planner(refresh_jitter=float("nan"))
+
+
+# --- the keystore ------------------------------------------------------------------------------------------
+
+
+async def test_first_key_bootstraps_then_comes_from_cache() -> None:
+    store, card, ub, _, events = make_store()
+    key = await store.get_key("In-CSE.Example.org.", DTLS)
+    nid = naf_id("in-cse.example.org", DTLS)
+    ck, ik = FakeCard.keys((1).to_bytes(16, "big"))
+    assert key.key == ks_naf(ck + ik, (1).to_bytes(16, "big"), card.ident.impi, nid)
+    assert (key.naf_fqdn, key.naf_id, key.gba_mode) == ("in-cse.example.org", nid, GbaMode.GBA_ME)
+    assert await store.get_key("in-cse.example.org", DTLS) is key
+    other = await store.get_key("in-cse.example.org", UaId.http_digest())
+    assert other.key != key.key and other.btid == key.btid
+    assert len(ub.runs) == 1 and card.authenticates == [AuthContext.UMTS]
+    assert events == [KeyEvent(KeyEventKind.REFRESHED, key.btid)]
+    status = store.status()
+    assert status.bootstrapped and status.btid == key.btid and status.gba_mode is GbaMode.GBA_ME
+    await store.close()
+
+
+async def test_single_flight_at_cold_start() -> None:
+    store, card, ub, _, _ = make_store()
+    card.delay = 0.02
+    keys = await asyncio.gather(*(store.get_key(f"naf{i % 7}.example.org", DTLS) for i in range(100)))
+    assert len(ub.runs) == 1 and len(card.authenticates) == 1
+    assert len({k.btid for k in keys}) == 1
+    await store.close()
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_shared_bootstrap() -> None:
+    store, card, ub, _, _ = make_store()
+    card.delay = 0.05
+    first = asyncio.create_task(store.get_key("a.example.org", DTLS))
+    second = asyncio.create_task(store.get_key("a.example.org", DTLS))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    key = await second
+    assert key.btid and len(ub.runs) == 1
+    await store.close()
+
+
+async def test_forced_bootstrap_is_rate_limited() -> None:
+    store, _, ub, clock, events = make_store(min_forced_interval=30.0)
+    key1 = await store.get_key("a.example.org", DTLS)
+    clock.now += 10
+    with pytest.raises(BootstrapRateLimited) as info:
+        await store.get_key("a.example.org", DTLS, force=True)
+    assert info.value.retry_after == pytest.approx(20.0)
+    assert len(ub.runs) == 1
+    clock.now += 20
+    key2 = await store.get_key("a.example.org", DTLS, force=True)
+    assert key2.btid != key1.btid and key2.key != key1.key and len(ub.runs) == 2
+    assert [e.kind for e in events] == [KeyEventKind.REFRESHED, KeyEventKind.REFRESHED]
+    await store.close()
+
+
+async def test_concurrent_forced_bootstraps_share_one_run() -> None:
+    store, card, ub, _, _ = make_store()
+    card.delay = 0.02
+    await asyncio.gather(*(store.force_bootstrap() for _ in range(10)))
+    assert len(ub.runs) == 1
+    await store.close()
+
+
+async def test_failure_stores_nothing_and_backs_off() -> None:
+    store, _card, ub, clock, events = make_store(failure_backoff=10.0)
+    ub.fail_with = BsfUnreachable("down")
+    with pytest.raises(BsfUnreachable):
+        await store.get_key("a.example.org", DTLS)
+    with pytest.raises(BsfUnreachable):  # inside the back-off: no new AKA run, same error
+        await store.get_key("a.example.org", DTLS)
+    assert len(ub.runs) == 1
+    status = store.status()
+    assert not status.bootstrapped and status.btid is None and status.last_error == "bsf-unreachable: down"
+    assert events == []
+    with pytest.raises(BootstrapRateLimited):
+        await store.force_bootstrap()
+    clock.now += 10.0
+    ub.fail_with = None
+    await store.get_key("a.example.org", DTLS)
+    assert len(ub.runs) == 2 and store.status().last_error is None
+    await store.close()
+
+
+async def test_unexpected_exceptions_become_typed() -> None:
+    store, _, ub, _, _ = make_store()
+    ub.fail_with = KeyError("bug")
+    with pytest.raises(GbaError, match="KeyError"):
+        await store.get_key("a.example.org", DTLS)
+    await store.close()
+
+
+async def test_card_removal_wipes_everything() -> None:
+    store, card, ub, _clock, events = make_store()
+    await store.get_key("a.example.org", DTLS)
+    session = await store.ensure_bootstrapped()
+    assert session.ks is not None and not session.ks.wiped
+    card.emit(CardEvent(CardEventKind.REMOVED))
+    assert session.ks.wiped
+    assert events[-1] == KeyEvent(KeyEventKind.WIPED, session.btid)
+    status = store.status()
+    assert not status.card_present and not status.bootstrapped
+    card.emit(CardEvent(CardEventKind.INSERTED, card.ident))
+    await store.get_key("a.example.org", DTLS)
+    assert len(ub.runs) == 2
+    await store.close()
+
+
+async def test_card_change_wipes_and_bootstraps_with_the_new_impi() -> None:
+    store, card, ub, _, events = make_store()
+    old = await store.get_key("a.example.org", DTLS)
+    card.ident = identity(2)
+    card.emit(CardEvent(CardEventKind.CHANGED, card.ident))
+    assert events[-1].kind is KeyEventKind.WIPED
+    new = await store.get_key("a.example.org", DTLS)
+    assert ub.runs == [identity(1).impi, identity(2).impi]
+    assert new.btid != old.btid
+    assert store.status().impi == identity(2).impi
+    await store.close()
+
+
+async def test_inserted_with_another_identity_counts_as_a_change() -> None:
+    store, card, _ub, _, events = make_store()
+    await store.get_key("a.example.org", DTLS)
+    card.emit(CardEvent(CardEventKind.INSERTED, identity(1)))  # same card: keys stay
+    assert events[-1].kind is KeyEventKind.REFRESHED
+    card.ident = identity(3)
+    card.emit(CardEvent(CardEventKind.INSERTED, card.ident))
+    assert events[-1].kind is KeyEventKind.WIPED
+    await store.close()
+
+
+async def test_change_during_a_bootstrap_discards_its_result() -> None:
+    store, card, ub, _, _ = make_store()
+    ub.delay = 0.05
+    task = asyncio.create_task(store.get_key("a.example.org", DTLS))
+    await asyncio.sleep(0.01)
+    card.ident = identity(2)
+    card.emit(CardEvent(CardEventKind.CHANGED, card.ident))
+    with pytest.raises(UiccAbsent):
+        await task
+    assert not store.status().bootstrapped
+    ub.delay = 0.0
+    key = await store.get_key("a.example.org", DTLS)
+    assert ub.runs[-1] == identity(2).impi and key.btid
+    await store.close()
+
+
+async def test_expired_session_bootstraps_again() -> None:
+    store, _, ub, clock, events = make_store()
+    first = await store.get_key("a.example.org", DTLS)
+    clock.now += 3600.0
+    second = await store.get_key("a.example.org", DTLS)
+    assert second.btid != first.btid and len(ub.runs) == 2
+    assert [e.kind for e in events] == [KeyEventKind.REFRESHED, KeyEventKind.WIPED, KeyEventKind.REFRESHED]
+    await store.close()
+
+
+async def test_close_wipes_and_refuses_further_requests() -> None:
+    store, _, _, _, events = make_store()
+    await store.get_key("a.example.org", DTLS)
+    session = await store.ensure_bootstrapped()
+    await store.close()
+    assert session.ks is not None and session.ks.wiped
+    assert events[-1].kind is KeyEventKind.WIPED
+    with pytest.raises(GbaError, match="closed"):
+        await store.get_key("a.example.org", DTLS)
+    await store.close()  # idempotent
+
+
+async def test_a_failing_subscriber_does_not_break_the_others() -> None:
+    store, _, _, _, events = make_store()
+
+    def bad(_: KeyEvent) -> None:
+        raise RuntimeError("subscriber bug")
+
+    store.subscribe(bad)
+    seen: list[KeyEvent] = []
+    unsubscribe = store.subscribe(seen.append)
+    await store.get_key("a.example.org", DTLS)
+    unsubscribe()
+    await store.close()
+    assert len(seen) == 1 and len(events) == 2
+
+
+async def test_gba_u_derives_on_the_card_once_per_naf_id() -> None:
+    store, card, _ub, _, _ = make_store(gba_u=True)
+    keys = await asyncio.gather(*(store.get_key(f"naf{i % 3}.example.org", DTLS) for i in range(30)))
+    assert card.authenticates == [AuthContext.GBA]
+    assert len(card.derivations) == 3
+    assert card.gbabp and card.gbabp[0][0] == keys[0].btid and card.gbabp[0][1].endswith("Z")
+    session = await store.ensure_bootstrapped()
+    assert session.mode is GbaMode.GBA_U and session.ks is None
+    ck, ik = FakeCard.keys(session.rand)
+    nid = naf_id("naf0.example.org", DTLS)
+    assert next(k for k in keys if k.naf_fqdn == "naf0.example.org").key == ks_naf(
+        ck + ik, session.rand, card.ident.impi, nid
+    )
+    await store.close()
+
+
+async def test_gba_u_refresh_never_labels_a_new_card_key_with_the_old_btid() -> None:
+    store, card, ub, _clock, _ = make_store(gba_u=True, min_forced_interval=0.0)
+    old = await store.get_key("a.example.org", DTLS)
+    ub.delay = 0.05  # the refresh holds the card while it waits for the BSF
+    refresh = asyncio.create_task(store.force_bootstrap())
+    await asyncio.sleep(0.01)
+    during = await store.get_key("b.example.org", DTLS)  # needs a DE: must wait for the new session
+    await refresh
+    assert during.btid != old.btid
+    session = await store.ensure_bootstrapped()
+    assert during.btid == session.btid
+    ck, ik = FakeCard.keys(session.rand)
+    assert during.key == ks_naf(ck + ik, session.rand, card.ident.impi, naf_id("b.example.org", DTLS))
+    await store.close()
+
+
+async def test_gba_policy() -> None:
+    assert choose_mode(identity(gba_u=True), GbaPolicy.AUTO) is GbaMode.GBA_U
+    assert choose_mode(identity(gba_u=True), GbaPolicy.GBA_ME_ONLY) is GbaMode.GBA_ME
+    assert choose_mode(identity(gba_u=False), GbaPolicy.AUTO) is GbaMode.GBA_ME
+    store, card, ub, _, _ = make_store(gba_u=False, policy=GbaPolicy.GBA_U_ONLY)
+    with pytest.raises(GbaModeUnavailable, match="UST service 68"):
+        await store.get_key("a.example.org", DTLS)
+    assert card.authenticates == [] and ub.runs == [] and not store.status().bootstrapped
+    await store.close()
+
+
+async def test_proactive_refresh_runs_on_the_real_timer() -> None:
+    """The asyncio adapter sleeps until the planner's deadline: a 0.6 s lifetime refreshes by itself."""
+    clock = __import__("time").time
+    card = FakeCard(identity())
+    ub = FakeUb(clock, lifetime=0.6)
+    store = KeyStore(card, ub, refresh_margin=0.2, refresh_jitter=0.05, clock=clock)  # type: ignore[arg-type]
+    refreshed = asyncio.Event()
+    events: list[KeyEvent] = []
+
+    def on_event(event: KeyEvent) -> None:
+        events.append(event)
+        if len(events) == 2:
+            refreshed.set()
+
+    store.subscribe(on_event)
+    first = await store.get_key("a.example.org", DTLS)
+    await asyncio.wait_for(refreshed.wait(), timeout=3.0)
+    assert events[1].kind is KeyEventKind.REFRESHED and events[1].btid != first.btid
+    assert len(ub.runs) == 2
+    second = await store.get_key("a.example.org", DTLS)
+    assert second.btid == events[1].btid
+    await store.close()
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    secret = SecretBytes(b"\xaa" * 32)
+    session = BootstrapSession(
+        iccid="1",
+        impi="i",
+        btid="b@x",
+        rand=bytes(16),
+        expires=datetime.now(UTC) + timedelta(hours=1),
+        mode=GbaMode.GBA_ME,
+        application_aid=b"",
+        ks=secret,
+    )
+    assert "aa" not in repr(session).lower() and "aa" not in repr(secret).lower()
+    session.wipe()
+    assert secret.wiped and repr(secret) == "SecretBytes(<wiped>)"
+    with pytest.raises(ValueError):
+        secret.get()
+    with pytest.raises(TypeError):
+        __import__("pickle").dumps(SecretBytes(b"k"))
+
+
+async def test_gba_u_failed_refresh_keeps_cached_keys_but_derives_nothing_new() -> None:
+    """After a failed GBA_U bootstrap the card's Ks may belong to no B-TID the BSF knows."""
+    store, card, ub, clock, _ = make_store(gba_u=True, min_forced_interval=0.0, failure_backoff=10.0)
+    cached = await store.get_key("a.example.org", DTLS)
+    ub.fail_with = BsfUnreachable("down")
+    with pytest.raises(BsfUnreachable):
+        await store.force_bootstrap()
+    assert await store.get_key("a.example.org", DTLS) is cached
+    with pytest.raises(BsfUnreachable):  # a new NAF key needs a new bootstrap, which is backing off
+        await store.get_key("b.example.org", DTLS)
+    assert len(card.derivations) == 1 and len(ub.runs) == 2
+    clock.now += 10.0
+    ub.fail_with = None
+    fresh = await store.get_key("b.example.org", DTLS)
+    assert fresh.btid != cached.btid and len(ub.runs) == 3
+    await store.close()
