@@ -110,10 +110,21 @@ class DtlsFixMismatch(MnSecdError):
     kind = "dtls-fix-mismatch"
 
 
-class BindError(MnSecdError):
-    """A DTLS server address could not be bound (in use, not local, ...)."""
+class BindError(MnSecdError, OSError):
+    """A DTLS server address could not be bound (in use, not local, ...).
+
+    Also an OSError (``errno``, ``strerror`` from the system), for callers that treat it as one.
+    """
 
     kind = "bind"
+
+    def __init__(self, address: str, port: int, errno: int | None, strerror: str) -> None:
+        super().__init__(errno, strerror)
+        self.address = address
+        self.port = port
+
+    def __str__(self) -> str:
+        return f"cannot listen on coaps://{hostportjoin(self.address, self.port)}: {self.strerror}"
 
 
 class SessionEnded(coap_error.LibraryShutdown):  # type: ignore[misc]
@@ -459,6 +470,22 @@ def evict_sessions(contexts: Iterable[aiocoap.Context], predicate: Callable[[obj
     return sum(_table_of(ctx).evict_where(predicate) for ctx in contexts)
 
 
+def client_session_state(ctx: aiocoap.Context, host: str, port: int, identity: bytes) -> bool | None:
+    """For an aiocoap client context: is its DTLS session to (host, port, identity) established?
+
+    True once the handshake completed, False while it is in progress, None when there is no such
+    connection (not started yet, or ended). Upstream exposes no handshake state; a client needs it
+    to tell a silently dropped handshake (a wrong PSK) from a slow answer.
+    """
+    for tman in ctx.request_interfaces:
+        transport = getattr(tman.token_interface, "message_interface", None)
+        if isinstance(transport, tinydtls.MessageInterfaceTinyDTLS):
+            connection = transport._pool.get((host, port, identity))
+            if connection is not None:
+                return connection._queue is None  # upstream drops the send queue once connected
+    return None
+
+
 async def create_dtls_server_contexts(
     site: Any,
     credentials: Any,
@@ -492,9 +519,10 @@ async def create_dtls_server_contexts(
                     transports=["tinydtls_server"],
                     loggername="coap-server",
                 )
-            except (OSError, ValueError) as exc:
-                where = hostportjoin(address, port)
-                raise BindError(f"cannot listen on coaps://{where}: {exc}") from exc
+            except OSError as exc:
+                raise BindError(address, port, exc.errno, exc.strerror or str(exc)) from exc
+            except ValueError as exc:
+                raise BindError(address, port, None, str(exc)) from exc
             contexts.append(ctx)
             table = _table_of(ctx)
             ctx.server_credentials = table._server_credentials = credentials  # fix 7

@@ -1,0 +1,331 @@
+"""The key service: CoAP over DTLS-PSK for local AEs (plain CoAP is never served).
+
+Resources (all behind DTLS; an AE is whoever completed the handshake with its PSK identity):
+
+``key``        GET ``?naf=FQDN&ua=ID&force=1``, or FETCH/POST with a key request payload
+               (:mod:`mn_secd.control.payloads`): the NAF key, B-TID, expiry and GBA mode, for a NAF
+               and Ua id the AE's ACL allows. GET and FETCH can be observed: a notification follows
+               every refresh (the new key) and every wipe (the key after re-bootstrapping, or the
+               error that ends the observation, e.g. 5.03 when the card is gone).
+``status``     GET: card present, masked IMPI, bootstrap state, B-TID, expiry, GBA mode, last error.
+``bootstrap``  POST: force a re-bootstrap now (AEs with ``may_force_bootstrap`` only; rate-limited
+               by the keystore, 4.29 with Max-Age when too soon); answers with the new status.
+``/.well-known/core`` lists them.
+
+Failures are answered as CoAP errors with a diagnostic payload (:func:`payloads.error_answer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiocoap
+import aiocoap.resource as resource
+from aiocoap.numbers.codes import Code
+
+from mn_secd.control import dtls_fix
+from mn_secd.control.payloads import (
+    CBOR,
+    JSON,
+    KeyRequest,
+    answer_format,
+    decode_key_request,
+    encode_key_answer,
+    encode_status,
+    error_answer,
+    key_request_from_query,
+)
+from mn_secd.control.registry import AeRegistry, RegistryCredentials
+from mn_secd.errors import MnSecdError, NotAuthorised, OperationTimeout
+from mn_secd.interfaces import KeyEvent, KeyProvider
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESSES = ("127.0.0.1", "::1")
+DEFAULT_PORT = 5684
+#: Upper bound on one key request (the keystore has its own, shorter, timeouts per step).
+REQUEST_TIMEOUT = 60.0
+
+_CT = f"{CBOR} {JSON}"
+
+
+class _Service:
+    """What the resources share: the key provider, the live registry and the request guard."""
+
+    def __init__(self, keys: KeyProvider, registry: AeRegistry, request_timeout: float) -> None:
+        self.keys = keys
+        self.registry = registry
+        self.request_timeout = request_timeout
+
+    def identity(self, request: aiocoap.Message) -> str:
+        """The AE behind a request: only the DTLS-authenticated claim counts, never the request."""
+        return self.registry.authenticate(dtls_fix.authenticated_claim(request.remote)).identity
+
+    async def answer(self, request: aiocoap.Message, key_request: KeyRequest) -> aiocoap.Message:
+        identity = self.identity(request)
+        entry = self.registry.authorise_key(identity, key_request.naf_fqdn, key_request.ua)
+        if key_request.force and not entry.may_force_bootstrap:
+            raise NotAuthorised(f"AE {identity!r} may not force a re-bootstrap")
+        fmt = answer_format(request.opt.accept)
+        key = await self.guarded(self.keys.get_key(key_request.naf_fqdn, key_request.ua, key_request.force))
+        log.info(
+            "key for %s handed to AE %s",
+            key.naf_fqdn,
+            identity,
+            extra={"event": "control.key", "ae": identity, "naf_fqdn": key.naf_fqdn, "force": key_request.force},
+        )
+        seconds_left = (key.expires - datetime.now(UTC)).total_seconds()
+        return aiocoap.Message(
+            code=Code.CHANGED if request.code == Code.POST else Code.CONTENT,
+            payload=encode_key_answer(key, fmt),
+            content_format=fmt,
+            max_age=max(0, math.floor(seconds_left)),
+        )
+
+    async def guarded(self, work: Any) -> Any:
+        try:
+            return await asyncio.wait_for(work, self.request_timeout)
+        except TimeoutError:
+            raise OperationTimeout(f"no key within {self.request_timeout:.0f} s") from None
+
+
+def _error_message(exc: BaseException) -> aiocoap.Message:
+    if not isinstance(exc, MnSecdError):
+        log.exception("unexpected failure in the key service", exc_info=exc, extra={"event": "control.internal"})
+        return aiocoap.Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal: unexpected failure")
+    answer = error_answer(exc)
+    log.info("request refused: %s", answer.diagnostic.decode(), extra={"event": "control.error", "kind": exc.kind})
+    message = aiocoap.Message(code=answer.code, payload=answer.diagnostic)
+    if answer.max_age is not None:
+        message.opt.max_age = answer.max_age
+    return message
+
+
+async def _answering(work: Callable[[], Any]) -> aiocoap.Message:
+    try:
+        result: aiocoap.Message = await work()
+    except Exception as exc:  # every failure becomes a CoAP answer; unexpected ones are logged
+        return _error_message(exc)
+    return result
+
+
+class KeyResource(resource.ObservableResource):  # type: ignore[misc]
+    """``key``: NAF keys, with Observe notifications on refresh and wipe."""
+
+    ct = _CT
+    rt = "mn-secd.key"
+
+    def __init__(self, service: _Service) -> None:
+        super().__init__()
+        self._service = service
+        self._observers: dict[Any, aiocoap.Message] = {}
+        self._notifications: set[asyncio.Task[None]] = set()
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await _answering(lambda: self._service.answer(request, key_request_from_query(request.opt.uri_query)))
+
+    async def render_fetch(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._from_payload(request)
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._from_payload(request)
+
+    async def _from_payload(self, request: aiocoap.Message) -> aiocoap.Message:
+        def parse() -> KeyRequest:
+            return decode_key_request(request.payload, request.opt.content_format)
+
+        return await _answering(lambda: self._service.answer(request, parse()))
+
+    async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
+        if request.code not in (Code.GET, Code.FETCH):
+            return  # a POST is not observable; it is answered once
+        self._observers[serverobservation] = request
+        serverobservation.accept(lambda: self._observers.pop(serverobservation, None))
+
+    def key_event(self, event: KeyEvent) -> None:
+        """A refresh or wipe: re-answer every observer (never forcing a bootstrap again)."""
+        for observation, request in list(self._observers.items()):
+            task = asyncio.get_running_loop().create_task(self._notify(observation, request))
+            self._notifications.add(task)
+            task.add_done_callback(self._notifications.discard)
+        log.debug("key event %s: %d observers", event.kind, len(self._observers), extra={"event": "control.notify"})
+
+    def revalidate(self) -> None:
+        """After a registry reload: end observations whose AE may no longer see that key."""
+        for observation, request in list(self._observers.items()):
+            try:
+                key_request = self._parse(request)
+                self._service.registry.authorise_key(
+                    self._service.identity(request), key_request.naf_fqdn, key_request.ua
+                )
+            except MnSecdError as exc:
+                observation.trigger(_error_message(exc))
+
+    async def _notify(self, observation: Any, request: aiocoap.Message) -> None:
+        async def work() -> aiocoap.Message:
+            key_request = self._parse(request)
+            unforced = KeyRequest(key_request.naf_fqdn, key_request.ua, force=False)
+            return await self._service.answer(request, unforced)
+
+        response = await _answering(work)
+        if observation in self._observers:
+            observation.trigger(response)
+
+    @staticmethod
+    def _parse(request: aiocoap.Message) -> KeyRequest:
+        if request.code == Code.GET:
+            return key_request_from_query(request.opt.uri_query)
+        return decode_key_request(request.payload, request.opt.content_format)
+
+    async def close(self) -> None:
+        for task in list(self._notifications):
+            task.cancel()
+        await asyncio.gather(*self._notifications, return_exceptions=True)
+
+
+class StatusResource(resource.Resource):  # type: ignore[misc]
+    """``status``: what the daemon knows, without secrets (the IMPI masked)."""
+
+    ct = _CT
+    rt = "mn-secd.status"
+
+    def __init__(self, service: _Service) -> None:
+        super().__init__()
+        self._service = service
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        async def work() -> aiocoap.Message:
+            self._service.identity(request)
+            fmt = answer_format(request.opt.accept)
+            return aiocoap.Message(payload=encode_status(self._service.keys.status(), fmt), content_format=fmt)
+
+        return await _answering(work)
+
+
+class BootstrapResource(resource.Resource):  # type: ignore[misc]
+    """``bootstrap``: POST forces a re-bootstrap, for AEs allowed to; answers with the new status."""
+
+    ct = _CT
+    rt = "mn-secd.bootstrap"
+
+    def __init__(self, service: _Service) -> None:
+        super().__init__()
+        self._service = service
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        async def work() -> aiocoap.Message:
+            entry = self._service.registry.authorise_bootstrap(self._service.identity(request))
+            fmt = answer_format(request.opt.accept)
+            await self._service.guarded(self._service.keys.force_bootstrap())
+            log.info(
+                "re-bootstrap forced by AE %s",
+                entry.identity,
+                extra={"event": "control.bootstrap", "ae": entry.identity},
+            )
+            status = encode_status(self._service.keys.status(), fmt)
+            return aiocoap.Message(code=Code.CHANGED, payload=status, content_format=fmt)
+
+        return await _answering(work)
+
+
+class ControlServer:
+    """The running key service: one DTLS server context per address, one site, one registry."""
+
+    def __init__(
+        self,
+        service: _Service,
+        credentials: RegistryCredentials,
+        key_resource: KeyResource,
+        contexts: list[aiocoap.Context],
+        unsubscribe: Callable[[], None],
+    ) -> None:
+        self._service = service
+        self._credentials = credentials
+        self._key_resource = key_resource
+        self._contexts = contexts
+        self._unsubscribe = unsubscribe
+        self._closed = False
+
+    @property
+    def registry(self) -> AeRegistry:
+        return self._service.registry
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where the server really listens, as (address, port) pairs."""
+        return [dtls_fix.bound_address(ctx) for ctx in self._contexts]
+
+    @property
+    def peer_count(self) -> int:
+        """DTLS peers currently held (bounded by ``max_peers`` per address)."""
+        return sum(len(dtls_fix.peer_table(ctx)) for ctx in self._contexts)
+
+    def reload_registry(self, registry: AeRegistry) -> None:
+        """Swap the AE registry (SIGHUP): new handshakes and requests see it at once.
+
+        Sessions of AEs that were removed or whose entry changed (PSK or ACL) end now, so a revoked
+        or re-keyed AE cannot keep using a session it set up before; observations that lost their
+        authorisation end with 4.03.
+        """
+        stale = self._service.registry.stale_identities(registry)
+        self._service.registry = registry
+        self._credentials.registry = registry
+        ended = dtls_fix.evict_sessions(self._contexts, lambda claim: claim in stale)
+        self._key_resource.revalidate()
+        log.info(
+            "AE registry reloaded: %d AEs, %d sessions ended",
+            len(registry),
+            ended,
+            extra={"event": "control.reload", "aes": len(registry), "sessions_ended": ended},
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._unsubscribe()
+        await self._key_resource.close()
+        for ctx in self._contexts:
+            await ctx.shutdown()
+
+
+def build_site(service: _Service) -> tuple[resource.Site, KeyResource]:
+    site = resource.Site()
+    key_resource = KeyResource(service)
+    site.add_resource(["key"], key_resource)
+    site.add_resource(["status"], StatusResource(service))
+    site.add_resource(["bootstrap"], BootstrapResource(service))
+    site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
+    return site, key_resource
+
+
+async def start_control_server(
+    keys: KeyProvider,
+    registry: AeRegistry,
+    addresses: Sequence[str] = DEFAULT_ADDRESSES,
+    port: int = DEFAULT_PORT,
+    *,
+    max_peers: int = 256,
+    idle_timeout: float = 300.0,
+    request_timeout: float = REQUEST_TIMEOUT,
+) -> ControlServer:
+    """Serve the key service over DTLS-PSK on each address (port 0: ephemeral, see ``addresses``).
+
+    Raises :class:`mn_secd.control.dtls_fix.BindError` (also an ``OSError``) if an address cannot
+    be bound; nothing is left listening then.
+    """
+    service = _Service(keys, registry, request_timeout)
+    credentials = RegistryCredentials(registry)
+    site, key_resource = build_site(service)
+    contexts = await dtls_fix.create_dtls_server_contexts(
+        site, credentials, addresses, port, max_peers=max_peers, idle_timeout=idle_timeout
+    )
+    unsubscribe = keys.subscribe(key_resource.key_event)
+    server = ControlServer(service, credentials, key_resource, contexts, unsubscribe)
+    log.debug("key service listening on %s", server.addresses, extra={"event": "control.listening"})
+    return server

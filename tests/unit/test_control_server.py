@@ -1,0 +1,335 @@
+"""The key service over real DTLS on loopback, against a small in-test KeyProvider.
+
+The provider here is the seam between the control layer and the keystore, not the layer under test:
+every exchange goes through aiocoap, tinydtls, the registry and the client library for real. The
+whole chain with the real keystore, card and BSF is in tests/integration/test_control.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiocoap
+import cbor2
+import pytest
+from aiocoap.numbers.codes import Code
+
+from mn_secd.client import KeyServiceClient
+from mn_secd.control.registry import AeEntry, AeRegistry
+from mn_secd.control.server import ControlServer, start_control_server
+from mn_secd.errors import (
+    BootstrapRateLimited,
+    Culprit,
+    KeyServiceRefused,
+    KeyServiceRejected,
+    KeyServiceTimeout,
+    KeyServiceUnreachable,
+    MnSecdError,
+    UiccAbsent,
+)
+from mn_secd.gba.ua import UaId, naf_id
+from mn_secd.interfaces import GbaMode, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
+
+NAF = "in-cse.example.net"
+PSK_A = b"psk-of-ae-a-1234"
+PSK_B = b"psk-of-ae-b"
+
+
+class FakeKeys:
+    """A KeyProvider with a single-flight 'bootstrap' that makes a new B-TID."""
+
+    def __init__(self) -> None:
+        self.bootstraps = 0
+        self.btid: str | None = None
+        self.fail: MnSecdError | None = None
+        self.rate_limited = False
+        self.delay = 0.0
+        self._lock = asyncio.Lock()
+        self._subscribers: list[Callable[[KeyEvent], None]] = []
+
+    async def _bootstrap(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.bootstraps += 1
+        self.btid = f"btid-{self.bootstraps}@bsf.example"
+
+    async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
+        if self.fail is not None:
+            raise self.fail
+        async with self._lock:
+            if force or self.btid is None:
+                await self._bootstrap()
+        assert self.btid is not None
+        nid = naf_id(naf_fqdn, ua_id)
+        return NafKey(
+            naf_fqdn=naf_fqdn,
+            ua_id=ua_id,
+            naf_id=nid,
+            btid=self.btid,
+            key=hashlib.sha256(self.btid.encode() + nid).digest(),
+            expires=datetime.now(UTC) + timedelta(hours=1),
+            gba_mode=GbaMode.GBA_ME,
+        )
+
+    async def force_bootstrap(self) -> None:
+        if self.rate_limited:
+            raise BootstrapRateLimited(12.5)
+        async with self._lock:
+            await self._bootstrap()
+
+    def status(self) -> KeyServiceStatus:
+        return KeyServiceStatus(
+            card_present=self.fail is None,
+            impi="001010000000001@ims.mnc001.mcc001.3gppnetwork.org",
+            bootstrapped=self.btid is not None,
+            btid=self.btid,
+            expires=None,
+            gba_mode=GbaMode.GBA_ME if self.btid else None,
+            last_error=None if self.fail is None else f"{self.fail.kind}: {self.fail}",
+        )
+
+    def subscribe(self, callback: Callable[[KeyEvent], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def emit(self, event: KeyEvent) -> None:
+        for callback in list(self._subscribers):
+            callback(event)
+
+
+def registry(psk_a: bytes = PSK_A, **a: object) -> AeRegistry:
+    fields: dict[str, object] = {
+        "identity": "ae-a",
+        "psk": psk_a,
+        "naf_patterns": (NAF, "*.iot.example.org"),
+        "ua_ids": (UaId.dtls_psk(),),
+        "may_force_bootstrap": True,
+    }
+    fields.update(a)
+    return AeRegistry(
+        [
+            AeEntry(**fields),  # type: ignore[arg-type]
+            AeEntry("ae-b", PSK_B, ("other-naf.example.net",), (UaId.dtls_psk(),), False),
+        ]
+    )
+
+
+@pytest.fixture
+def keys() -> FakeKeys:
+    return FakeKeys()
+
+
+@pytest.fixture
+async def server(keys: FakeKeys) -> AsyncIterator[ControlServer]:
+    srv = await start_control_server(keys, registry(), ["127.0.0.1"], 0, max_peers=32, idle_timeout=30)
+    yield srv
+    await srv.close()
+
+
+def client(server: ControlServer, identity: str = "ae-a", psk: bytes = PSK_A, **kw: float) -> KeyServiceClient:
+    host, port = server.addresses[0]
+    return KeyServiceClient(identity, psk, host, port, **kw)
+
+
+async def raw(server: ControlServer, message: aiocoap.Message, path: str = "key") -> aiocoap.Message:
+    """One request with full control over the message (as AE A)."""
+    host, port = server.addresses[0]
+    ctx = await aiocoap.Context.create_client_context(transports=["tinydtls"])
+    try:
+        ctx.client_credentials.load_from_dict(
+            {f"coaps://{host}:{port}/*": {"dtls": {"psk": PSK_A, "client-identity": b"ae-a"}}}
+        )
+        query = message.opt.uri_query
+        message.set_request_uri(f"coaps://{host}:{port}/{path}")
+        message.opt.uri_query = message.opt.uri_query or query
+        response: aiocoap.Message = await asyncio.wait_for(ctx.request(message).response, 5)
+        return response
+    finally:
+        await ctx.shutdown()
+
+
+async def test_an_ae_gets_keys_for_its_naf(server: ControlServer, keys: FakeKeys) -> None:
+    async with client(server) as ae:
+        first = await ae.get_key("IN-CSE.example.net")
+        again = await ae.get_key(NAF, "010001c0a8")
+        wildcard = await ae.get_key("meter.iot.example.org")
+    assert first.naf_fqdn == NAF and first.ua_id == UaId.dtls_psk()
+    assert first.naf_id == naf_id(NAF, UaId.dtls_psk())
+    assert first.btid == again.btid == wildcard.btid == "btid-1@bsf.example"
+    assert first.key == again.key != wildcard.key and len(first.key) == 32
+    assert first.expires > datetime.now(UTC) and first.gba_mode is GbaMode.GBA_ME
+    assert keys.bootstraps == 1
+
+
+async def test_another_naf_is_forbidden(server: ControlServer) -> None:
+    async with client(server) as ae:
+        with pytest.raises(KeyServiceRejected) as info:
+            await ae.get_key("other-naf.example.net")
+        refused = info.value
+        assert (refused.code, refused.kind, refused.culprit) == ("4.03 Forbidden", "not-authorised", Culprit.AE)
+        with pytest.raises(KeyServiceRejected, match="Ua protocol 0100000002"):
+            await ae.get_key(NAF, "http-digest")
+    async with client(server, "ae-b", PSK_B) as ae_b:
+        assert (await ae_b.get_key("other-naf.example.net")).naf_fqdn == "other-naf.example.net"
+        with pytest.raises(KeyServiceRejected, match="not authorised for NAF in-cse"):
+            await ae_b.get_key(NAF)
+
+
+async def test_force_needs_the_right(server: ControlServer, keys: FakeKeys) -> None:
+    async with client(server) as ae:
+        await ae.get_key(NAF)
+        assert (await ae.get_key(NAF, force=True)).btid == "btid-2@bsf.example"
+    async with client(server, "ae-b", PSK_B) as ae_b:
+        with pytest.raises(KeyServiceRejected, match="may not force"):
+            await ae_b.get_key("other-naf.example.net", force=True)
+        with pytest.raises(KeyServiceRejected, match="may not force"):
+            await ae_b.force_bootstrap()
+    assert keys.bootstraps == 2
+
+
+async def test_bootstrap_resource(server: ControlServer, keys: FakeKeys) -> None:
+    async with client(server) as ae:
+        status = await ae.force_bootstrap()
+        assert status.btid == "btid-1@bsf.example" and status.bootstrapped
+        keys.rate_limited = True
+        with pytest.raises(KeyServiceRejected) as info:
+            await ae.force_bootstrap()
+    assert info.value.code == "4.29 Too Many Requests"
+    assert info.value.retry_after == 13.0 and info.value.kind == "bootstrap-rate-limited"
+
+
+async def test_status_masks_the_impi(server: ControlServer, keys: FakeKeys) -> None:
+    async with client(server, "ae-b", PSK_B) as ae:
+        status = await ae.status()
+    assert status.card_present and not status.bootstrapped
+    assert status.impi == "001010*********@ims.mnc001.mcc001.3gppnetwork.org"
+
+
+async def test_unavailable_card_is_503_with_a_retry_hint(server: ControlServer, keys: FakeKeys) -> None:
+    keys.fail = UiccAbsent("no SIM in the modem")
+    async with client(server) as ae:
+        with pytest.raises(KeyServiceRejected) as info:
+            await ae.get_key(NAF)
+        assert (info.value.code, info.value.kind, info.value.culprit) == (
+            "5.03 Service Unavailable",
+            "uicc-absent",
+            Culprit.CARD,
+        )
+        assert info.value.retry_after == 30.0
+        assert (await ae.status()).last_error == "uicc-absent: no SIM in the modem"
+
+
+async def test_wrong_psk_gives_up_naming_the_cause(server: ControlServer) -> None:
+    started = time.monotonic()
+    async with client(server, psk=b"not-the-right-psk"[:16], handshake_timeout=1.0) as ae:
+        with pytest.raises(KeyServiceTimeout, match="most likely a wrong PSK for identity 'ae-a'"):
+            await ae.get_key(NAF)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_unknown_identity_is_refused_at_once(server: ControlServer) -> None:
+    started = time.monotonic()
+    async with client(server, "mallory", PSK_A) as ae:
+        with pytest.raises(KeyServiceRefused, match="does not know the PSK identity 'mallory'"):
+            await ae.get_key(NAF)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_nothing_listening_is_unreachable(server: ControlServer) -> None:
+    host, port = server.addresses[0]
+    await server.close()
+    async with KeyServiceClient("ae-a", PSK_A, host, port) as ae:
+        with pytest.raises(KeyServiceUnreachable, match="is the mn-secd daemon running"):
+            await ae.get_key(NAF)
+
+
+async def test_json_on_accept_and_get_with_query(server: ControlServer) -> None:
+    answer = await raw(server, aiocoap.Message(code=Code.GET, accept=50), f"key?naf={NAF}&ua=dtls-psk")
+    assert answer.code == Code.CONTENT and answer.opt.content_format == 50
+    body = json.loads(answer.payload)
+    assert body["naf_fqdn"] == NAF and len(bytes.fromhex(body["key"])) == 32 and body["expires"].endswith("Z")
+    assert 3500 < answer.opt.max_age <= 3600
+    posted = await raw(server, aiocoap.Message(code=Code.POST, payload=cbor2.dumps({"naf": NAF}), content_format=60))
+    assert posted.code == Code.CHANGED and cbor2.loads(posted.payload)["btid"] == body["btid"]
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (aiocoap.Message(code=Code.FETCH, payload=b'{"naf": "x"}', content_format=0), Code.UNSUPPORTED_CONTENT_FORMAT),
+        (aiocoap.Message(code=Code.FETCH, payload=b"\xff\xff"), Code.BAD_REQUEST),
+        (aiocoap.Message(code=Code.FETCH, payload=cbor2.dumps({"naf": NAF}), accept=0), Code.NOT_ACCEPTABLE),
+        (aiocoap.Message(code=Code.GET, uri_query=["naf=not a host"]), Code.BAD_REQUEST),  # query kept: see raw()
+        (aiocoap.Message(code=Code.GET), Code.BAD_REQUEST),
+        (aiocoap.Message(code=Code.DELETE), Code.METHOD_NOT_ALLOWED),
+    ],
+    ids=["content-format", "cbor", "accept", "naf", "no-naf", "method"],
+)
+async def test_bad_requests_get_4xx(server: ControlServer, message: aiocoap.Message, code: Code) -> None:
+    answer = await raw(server, message)
+    assert answer.code == code
+
+
+async def test_well_known_core_lists_the_resources(server: ControlServer) -> None:
+    answer = await raw(server, aiocoap.Message(code=Code.GET), ".well-known/core")
+    links = answer.payload.decode()
+    for path in ("</key>", "</status>", "</bootstrap>"):
+        assert path in links
+    key_link = next(link for link in links.split(",") if link.startswith("</key>"))
+    assert "obs" in key_link and 'rt="mn-secd.key"' in key_link
+    assert "aiocoap" not in links  # no implementation/version link
+
+
+async def test_observers_hear_of_refresh_and_wipe(server: ControlServer, keys: FakeKeys) -> None:
+    async with client(server) as ae:
+        seen: list[str] = []
+        observation = ae.observe_key(NAF)
+        with pytest.raises(KeyServiceRejected, match="card removed") as info:
+            async for answer in observation:
+                seen.append(answer.btid)
+                if len(seen) == 1:
+                    await keys.force_bootstrap()
+                    keys.emit(KeyEvent(KeyEventKind.REFRESHED, keys.btid))
+                elif len(seen) == 2:
+                    keys.fail = UiccAbsent("card removed")
+                    keys.emit(KeyEvent(KeyEventKind.WIPED))
+        assert info.value.code.startswith("5.03") and info.value.kind == "uicc-absent"
+    assert seen == ["btid-1@bsf.example", "btid-2@bsf.example"]
+    assert keys.bootstraps == 2  # notifications never force
+
+
+async def test_reload_ends_revoked_and_rekeyed_sessions(server: ControlServer) -> None:
+    async with client(server) as ae, client(server, "ae-b", PSK_B) as ae_b:
+        await ae.get_key(NAF)
+        await ae_b.status()
+        assert server.peer_count == 2
+        server.reload_registry(registry(psk_a=b"new-psk-of-ae-a"))
+        await asyncio.sleep(0.1)
+        assert server.peer_count == 1  # A's session ended (re-keyed), B's entry did not change
+        await ae_b.status()
+        with pytest.raises((KeyServiceTimeout, KeyServiceUnreachable)):
+            await KeyServiceClient("ae-a", PSK_A, *server.addresses[0], handshake_timeout=0.5).get_key(NAF)
+    async with client(server, psk=b"new-psk-of-ae-a") as rekeyed:
+        assert (await rekeyed.get_key(NAF)).naf_fqdn == NAF
+    server.reload_registry(AeRegistry([]))
+    async with client(server, psk=b"new-psk-of-ae-a") as gone:
+        with pytest.raises(KeyServiceRefused):
+            await gone.get_key(NAF)
+
+
+async def test_credentials_file(tmp_path: Path, server: ControlServer) -> None:
+    from mn_secd.client import load_credentials
+
+    (tmp_path / "a.psk").write_bytes(PSK_A)
+    (tmp_path / "a.psk").chmod(0o600)
+    host, port = server.addresses[0]
+    (tmp_path / "client.toml").write_text(f'identity = "ae-a"\npsk_file = "a.psk"\nserver = "{host}:{port}"\n')
+    creds = load_credentials(tmp_path / "client.toml")
+    assert creds.server == (host, port) and PSK_A.decode() not in repr(creds)
+    async with KeyServiceClient(creds.identity, creds.psk, *creds.server) as ae:
+        assert (await ae.get_key(NAF)).naf_fqdn == NAF
