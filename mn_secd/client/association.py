@@ -16,9 +16,9 @@ one bootstrap per request at most, and the daemon rate-limits those.
 Failures are fast and typed. The NAF answers an unknown identity with a fatal alert at once, but
 tinydtls drops a handshake with a wrong key silently, and aiocoap would only give up after its
 CoAP retransmissions (about 90 s); every exchange here is bounded by ``timeout`` instead. No answer
-on a DTLS session that never carried one means the handshake failed
-(:class:`~mn_secd.errors.NafHandshakeFailed`); no answer on one that did is
-:class:`~mn_secd.errors.NafTimeout`.
+while the DTLS handshake is still unfinished means the handshake failed
+(:class:`~mn_secd.errors.NafHandshakeFailed`); no answer on an established session is
+:class:`~mn_secd.errors.NafTimeout` (the session is dropped, so the next request handshakes anew).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class _Session:
 
     context: aiocoap.Context
     btid: str
+    identity: bytes
 
 
 class NafAssociation:
@@ -99,7 +100,6 @@ class NafAssociation:
         self.ua = ua
         self.timeout = timeout
         self._session: _Session | None = None
-        self._answered = False  # has the current DTLS session carried an answer yet?
         #: Forced re-bootstraps this association asked the daemon for.
         self.forced_bootstraps = 0
         #: Handshakes the NAF refused (each followed by at most one re-key).
@@ -169,7 +169,6 @@ class NafAssociation:
             self.forced_bootstraps += 1
             answer = await self.keys.get_key(self.naf_fqdn, self.ua, force=True)
         self._session = await self._open(answer)
-        self._answered = False
         return self._session
 
     async def _open(self, answer: NafKeyAnswer) -> _Session:
@@ -182,7 +181,7 @@ class NafAssociation:
         context.client_credentials.load_from_dict(
             {self.base_uri + "/*": {"dtls": {"psk": psk, "client-identity": identity}}}
         )
-        return _Session(context, answer.btid)
+        return _Session(context, answer.btid, identity)
 
     async def _drop_session(self) -> None:
         session, self._session = self._session, None
@@ -205,8 +204,9 @@ class NafAssociation:
             async with asyncio.timeout(self.timeout):
                 response: aiocoap.Message = await session.context.request(message).response
         except TimeoutError:
+            established = dtls_fix.client_session_state(session.context, self.host, self.port, session.identity)
             await self._drop_session()  # whatever went wrong, the next attempt starts a fresh session
-            if self._answered:
+            if established:
                 raise NafTimeout(f"no answer from the NAF within {self.timeout:g} s") from None
             raise NafHandshakeFailed(
                 f"no DTLS handshake with the NAF within {self.timeout:g} s: it holds another key for"
@@ -217,7 +217,6 @@ class NafAssociation:
             if isinstance(exc.__cause__, FatalDTLSError):
                 raise NafHandshakeFailed(f"the NAF refused the DTLS handshake (alert {exc.__cause__})") from exc
             raise NafError(f"cannot reach the NAF at {self.base_uri}: {exc}") from exc
-        self._answered = True
         return response
 
 
