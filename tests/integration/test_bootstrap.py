@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from mn_secd.sim.modem import Quirks
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.sqn import SqnState
 from mn_secd.sim.usim import FID_ISIM_GBABP, FID_USIM_GBABP, AppKind, SoftUicc
-from mn_secd.sim.world import SimulatedWorld, lab_cards
+from mn_secd.sim.world import SimulatedWorld, free_udp_port, lab_cards
 from mn_secd.uicc.card import Card, open_card
 
 FAST_CARD = {"command_timeout": 5.0, "presence_poll": 0.2, "reopen_max": 0.4}
@@ -324,3 +325,49 @@ async def test_uicc_swap_wipes_keys_and_bootstraps_with_the_new_impi(make_rig: C
     assert answer["impi"] == new_profile.effective_impi != first_identity.impi
     assert answer["meKeyMaterial"] == new.key.hex()
     assert rig.store.status().impi == new_profile.effective_impi
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """``mn-secd bootstrap`` in its own process (the world keeps serving in this one)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mn_secd",
+        "bootstrap",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_bootstrap_command(tmp_path: Path) -> None:
+    async with SimulatedWorld(tmp_path) as world:
+        assert world.bsf is not None
+        config = world.write_daemon_config([], control_port=free_udp_port())
+        code, out, err = await run_cli("--config", str(config))
+        assert code == 0, err
+        btid = world.bsf.last_btid
+        assert btid is not None
+        record = world.bsf.bootstraps[btid]
+        lines = out.splitlines()
+        assert lines[0] == f"B-TID:   {btid}"
+        assert lines[1].startswith(f"expires: {format_lifetime(record.expires)} (in ")
+        assert lines[2] == "mode:    gba-u"
+        assert record.ks.hex() not in out.lower() and record.ks[:16].hex() not in out.lower()
+
+        code, out, err = await run_cli("--port", str(world.modem_link), "--bsf", world.bsf_url, "--mode", "gba-me")
+        assert code == 0, err
+        assert out.splitlines()[2] == "mode:    gba-me" and world.bsf.last_btid != btid
+
+        code, out, err = await run_cli("--port", str(world.modem_link), "--bsf", closed_port_url())
+        assert code == 1 and out == ""
+        assert err.startswith("mn-secd bootstrap: bsf-unreachable: ") and len(err.splitlines()) == 1
+
+        code, _, err = await run_cli("--bsf", world.bsf_url)
+        assert code == 1 and "--port" in err
