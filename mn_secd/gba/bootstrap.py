@@ -23,8 +23,9 @@ from datetime import datetime
 from mn_secd.errors import ApduParseError, GbaModeUnavailable
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.kdf import ks_naf
-from mn_secd.gba.ub import UbClient, short_hash
+from mn_secd.gba.ub import UbClient
 from mn_secd.interfaces import Application, CardAccess, CardIdentity, GbaMode, GbaPolicy
+from mn_secd.logs import btid_hash
 from mn_secd.uicc.auth import AkaResult, AuthContext
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class BootstrapSession:
     @property
     def btid_hash(self) -> str:
         """The B-TID as a short hash, for log lines that need to correlate sessions."""
-        return short_hash(self.btid)
+        return btid_hash(self.btid)
 
 
 def choose_mode(identity: CardIdentity, policy: GbaPolicy) -> GbaMode:

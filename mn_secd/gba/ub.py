@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import logging
 import math
 import random
@@ -50,6 +49,7 @@ from mn_secd.gba import digest
 from mn_secd.gba.bsfxml import MAX_BODY, parse_bootstrapping_info
 from mn_secd.gba.identity import bsf_url
 from mn_secd.interfaces import CardIdentity, GbaMode
+from mn_secd.logs import btid_hash
 from mn_secd.uicc.auth import AkaMacFailure, AkaResult, AkaSuccess, AkaSyncFailure
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,6 @@ AkaCallback = Callable[[bytes, bytes], Awaitable[AkaResult]]
 
 def user_agent(mode: GbaMode) -> str:
     return f"{USER_AGENT_BASE}; {TOKEN_GBA_UICC if mode is GbaMode.GBA_U else TOKEN_GBA}"
-
-
-def short_hash(text: str) -> str:
-    """A 12-hex-digit SHA-256 prefix: lets log lines correlate a B-TID without disclosing it."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -356,7 +351,7 @@ class UbClient:
                     "Ub bootstrap accepted",
                     extra={
                         "event": "ub.done",
-                        "btid_hash": short_hash(step.btid),
+                        "btid_hash": btid_hash(step.btid),
                         "aka_runs": step.aka_runs,
                         "http_requests": step.http_requests,
                     },
