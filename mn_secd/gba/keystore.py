@@ -32,9 +32,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from mn_secd.errors import BootstrapRateLimited, GbaError, MnSecdError, UiccAbsent
 from mn_secd.gba.bootstrap import BootstrapSession, bootstrap, derive_naf_key
@@ -53,6 +53,7 @@ from mn_secd.interfaces import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: The adapter re-reads the clock at least this often, so a wall-clock step (NTP after boot) is noticed.
 MAX_SLEEP = 60.0
@@ -220,6 +221,8 @@ class KeyStore:
         self._impi: str | None = None
         self._subscribers: list[Callable[[KeyEvent], None]] = []
         self._refresh_task: asyncio.Task[None] | None = None
+        #: Every task this keystore started (also those a wipe detached), for close() to stop.
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._wakeup = asyncio.Event()
         self._closed = False
         self.bootstraps = 0  # completed bootstraps, for status and tests
@@ -260,7 +263,7 @@ class KeyStore:
             if retry_after is not None:
                 raise BootstrapRateLimited(retry_after)
             task = self._start_bootstrap()
-        await asyncio.shield(task)
+        await self._await_shared(task)
 
     def status(self) -> KeyServiceStatus:
         session = self._session
@@ -298,13 +301,11 @@ class KeyStore:
             return
         self._closed = True
         self._unsubscribe_card()
-        tasks: list[asyncio.Task[Any]] = [t for t in (self._refresh_task, self._inflight) if t is not None]
-        tasks += list(self._derivations.values())
+        tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # Their outcomes are of no interest any more; the caller's own cancellation still propagates.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._wipe("shutdown")
         self._subscribers.clear()
 
@@ -333,8 +334,22 @@ class KeyStore:
             if self.planner.backoff_remaining(self._clock()) is not None and self._last_failure is not None:
                 raise self._last_failure.with_traceback(None)
             task = self._start_bootstrap()
-        # shield: a caller giving up must not cancel an AUTHENTICATE the others are waiting for
-        return await asyncio.shield(task)
+        return await self._await_shared(task)
+
+    async def _await_shared(self, task: asyncio.Task[_T]) -> _T:
+        """Wait for work shared by several callers.
+
+        Shielded: a caller giving up must not cancel an AUTHENTICATE the others are waiting for. If
+        the work itself was cancelled (the keystore is closing), the caller gets a typed error rather
+        than a CancelledError it would mistake for its own.
+        """
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                raise GbaError("the keystore was closed during the request") from None
+            raise
 
     def _running(self) -> asyncio.Task[BootstrapSession] | None:
         """The bootstrap in flight. A finished task whose done-callback has not run yet is not in
@@ -347,7 +362,7 @@ class KeyStore:
         self.planner.bootstrap_started(self._clock())
         if self._session is not None and self._session.mode is GbaMode.GBA_U:
             self._card_ks_current = False
-        task = asyncio.create_task(self._run_bootstrap(self._generation), name="mn-secd-bootstrap")
+        task = self._spawn(self._run_bootstrap(self._generation), "mn-secd-bootstrap")
         task.add_done_callback(self._bootstrap_done)
         self._inflight = task
         return task
@@ -406,7 +421,7 @@ class KeyStore:
             },
         )
         if self._refresh_task is None:
-            self._refresh_task = asyncio.create_task(self._refresh_loop(), name="mn-secd-key-refresh")
+            self._refresh_task = self._spawn(self._refresh_loop(), "mn-secd-key-refresh")
         self._wake()
         self._emit(KeyEvent(KeyEventKind.REFRESHED, session.btid))
 
@@ -462,7 +477,7 @@ class KeyStore:
         """GBA_U: one ``DE`` per NAF_Id however many callers ask at once; None if the session moved on."""
         task = self._derivations.get(nid)
         if task is None:
-            task = asyncio.create_task(self._card_derivation(session, fqdn, ua, nid), name="mn-secd-naf-derivation")
+            task = self._spawn(self._card_derivation(session, fqdn, ua, nid), "mn-secd-naf-derivation")
             self._derivations[nid] = task
 
             def done(t: asyncio.Task[NafKey | None]) -> None:
@@ -472,7 +487,7 @@ class KeyStore:
                     t.exception()
 
             task.add_done_callback(done)
-        return await asyncio.shield(task)
+        return await self._await_shared(task)
 
     async def _card_derivation(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes) -> NafKey | None:
         generation = self._generation
@@ -511,6 +526,12 @@ class KeyStore:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
+
+    def _spawn(self, coro: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _wake(self) -> None:
         self._wakeup.set()

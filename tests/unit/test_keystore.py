@@ -504,3 +504,14 @@ async def test_gba_u_failed_refresh_keeps_cached_keys_but_derives_nothing_new() 
     fresh = await store.get_key("b.example.org", DTLS)
     assert fresh.btid != cached.btid and len(ub.runs) == 3
     await store.close()
+
+
+async def test_close_during_a_bootstrap_fails_the_waiters_with_a_typed_error() -> None:
+    store, card, ub, _, events = make_store()
+    ub.delay = 10.0
+    waiters = [asyncio.create_task(store.get_key("a.example.org", DTLS)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(store.close(), 1.0)
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, GbaError) and "closed" in str(r) for r in results), results
+    assert card.authenticates == [] and events[-1].kind is KeyEventKind.WIPED
