@@ -233,7 +233,8 @@ class Case:
 MATRIX: dict[str, Case] = {
     "unknown-impi": Case(BsfRejected, 0, "403"),
     "wrong-res": Case(BsfRejected, 1, "403"),
-    "stale-nonce": Case(BsfRejected, 1, "stale", quirks=Quirks(auth_latency=0.6)),
+    # the card answers after 1.3 s, the nonce is stale after 1.0 s and forgotten after 2.0 s
+    "stale-nonce": Case(BsfRejected, 1, "stale", quirks=Quirks(auth_latency=1.3)),
     "tampered-rspauth": Case(BsfAnswerInvalid, 1, "rspauth"),
     "malformed-xml": Case(BsfAnswerInvalid, 1, "XML"),
     "lifetime-in-past": Case(BsfAnswerInvalid, 1, "past"),
@@ -252,7 +253,7 @@ def network_side(name: str) -> ReferenceBsf | None:
     if name == "wrong-res":
         return WrongXresBsf([first, second])
     if name == "stale-nonce":  # the card takes longer than the nonce may live
-        return ReferenceBsf([first, second], nonce_ttl=0.4)
+        return ReferenceBsf([first, second], nonce_ttl=1.0)
     if name == "wrong-network-key":  # an impostor BSF: the card refuses its AUTN
         return ReferenceBsf([replace(first, k=bytes(16)), second])
     return None
