@@ -18,8 +18,9 @@ Fixes to the server (``aiocoap/transports/tinydtls_server.py``):
    are evicted by a periodic purge.
 3. **Bounded peer table.** Upstream's ``_maybe_purge_sockets`` (64 entries) is never called, so any
    datagram from a new source port adds an entry without bound. Here only a ClientHello can create
-   an entry, and a new peer first makes room: the oldest peer without a completed handshake goes
-   first, then the least recently active one.
+   an entry, and a new peer first makes room: a handshake stalled for ``HANDSHAKE_STALL`` goes
+   first, then the least recently active peer (a handshake in progress is recent, so a burst of
+   new clients displaces peers that went quiet, not each other).
 4. **A new identity on a reused source port.** Upstream keeps one ``SecurityStore`` per source
    address that raises "DTLS stack tried accessing different keys" when a second handshake from the
    same address and port presents another identity, so that client is locked out. Worse for an
@@ -43,12 +44,24 @@ Fixes to the server (``aiocoap/transports/tinydtls_server.py``):
    CoAPS one) and cannot be given an ephemeral port; :func:`create_dtls_server_contexts` takes the
    real CoAPS port (0 for an ephemeral one).
 
-Fix to the client (``aiocoap/transports/tinydtls.py``), applied with the others because a server
-that evicts peers relies on it:
+9. **Receive buffer.** Upstream keeps the default socket receive buffer (about 200 KiB): a burst of
+   handshakes (200 AEs at a cold start) overflows it, and every dropped flight then waits for a
+   retransmission. Here a server socket asks for :data:`RECEIVE_BUFFER` (capped by the kernel).
 
-9. **close_notify at warning level, client side.** ``DTLSClientConnection._event`` ignores it too,
-   so a client whose session the server ended keeps sending into the void until its request times
-   out. Here it ends the connection, and the next request handshakes afresh.
+Fixes to the client (``aiocoap/transports/tinydtls.py``), applied with the others because a server
+that evicts peers relies on the first, and both sides on the second:
+
+10. **close_notify at warning level, client side.** ``DTLSClientConnection._event`` ignores it too,
+    so a client whose session the server ended keeps sending into the void until its request times
+    out. Here it ends the connection, and the next request handshakes afresh.
+11. **tinydtls's clock.** DTLSSocket calls ``dtls_init()`` for every new context, which resets
+    tinydtls's (process-wide) clock origin to the current whole second, while aiocoap converts the
+    retransmission deadlines that ``checkRetransmit()`` returns with an origin fixed at import time.
+    Once the two disagree, every handshake waiting for a retransmission makes aiocoap's timer loop
+    spin (measured: about 60 % of a core for a single client that vanished mid-handshake). Here
+    every context is created through a subclass that records the origin tinydtls just set, and
+    aiocoap's origin follows it. (Pending tinydtls timers in *other* contexts still shift when the
+    origin moves; that is in C, and only delays a retransmission.)
 
 :func:`apply` refuses to patch anything but the exact upstream sources these fixes were written
 against (aiocoap 0.4.17, DTLSSocket 0.2.3): a different version fails loudly at start-up instead of
@@ -62,6 +75,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import logging
+import math
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -73,6 +88,7 @@ from aiocoap import interfaces
 from aiocoap.numbers import COAPS_PORT, constants
 from aiocoap.transports import tinydtls, tinydtls_server
 from aiocoap.util import hostportjoin
+from DTLSSocket import dtls
 
 from mn_secd.errors import MnSecdError
 
@@ -95,12 +111,16 @@ MAX_IDENTITY_LENGTH = 32
 #: A peer that has not completed its handshake after this long is purged (if idle_timeout is shorter,
 #: that applies instead).
 HANDSHAKE_TIMEOUT = 30.0
+#: When the table is full, a handshake silent for this long is the first to go (a wrong PSK, say).
+HANDSHAKE_STALL = 2.0
+#: Receive buffer of a server socket (the kernel caps it at net.core.rmem_max).
+RECEIVE_BUFFER = 1 << 20
 
 _LEVEL_WARNING = 1
 _CONNECTED = (tinydtls.LEVEL_NOALERT, tinydtls.DTLS_EVENT_CONNECTED)
 
 _applied = False
-#: The upstream client event handler, kept for the tests that check upstream still needs fix 9.
+#: The upstream client event handler, kept for the tests that check upstream still needs fix 10.
 UPSTREAM_CLIENT_EVENT: Callable[..., None] = tinydtls.DTLSClientConnection._event
 
 
@@ -170,14 +190,27 @@ def apply() -> None:
     tinydtls_server.MessageInterfaceTinyDTLSServer._serversocket = PeerTable
 
     def _client_event(self: Any, level: int, code: int) -> None:
-        # Fix 9: a close_notify at warning level ends the connection like a fatal one.
+        # Fix 10: a close_notify at warning level ends the connection like a fatal one.
         if (level, code) == (_LEVEL_WARNING, tinydtls.CODE_CLOSE_NOTIFY):
             self._inject_error(tinydtls.CloseNotifyReceived())
             return
         UPSTREAM_CLIENT_EVENT(self, level, code)
 
     tinydtls.DTLSClientConnection._event = _client_event
+    dtls.DTLS = ClockTrackingDTLS
     _applied = True
+
+
+class ClockTrackingDTLS(dtls.DTLS):  # type: ignore[misc]
+    """DTLSSocket's context, telling aiocoap where tinydtls's clock now starts (fix 11)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ClockTrackingDTLS:
+        context: ClockTrackingDTLS = super().__new__(cls, *args, **kwargs)  # dtls_init(): origin = time(NULL)
+        # time(NULL) ran microseconds ago: off by one second only if a second began in between.
+        origin = float(math.floor(time.time()))
+        tinydtls.DTLS_CLOCK_OFFSET = origin
+        tinydtls_server.DTLS_CLOCK_OFFSET = origin
+        return context
 
 
 class _HandshakeStore(tinydtls_server.SecurityStore):  # type: ignore[misc]
@@ -362,6 +395,8 @@ class PeerTable(tinydtls_server._DatagramServerSocketSimpleDTLS):  # type: ignor
         await loop.create_datagram_endpoint(lambda: cls(ready.set_result, wrapped, log), local_addr=bind)
         self = await ready
         self._loop = loop
+        sock = self._transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)  # fix 9
         host, port = self._transport.get_extra_info("sockname")[:2]
         self.hostinfo_local = hostportjoin(host, port if port != COAPS_PORT else None)
         return self
@@ -393,7 +428,11 @@ class PeerTable(tinydtls_server._DatagramServerSocketSimpleDTLS):  # type: ignor
     def _make_room(self, now: float) -> None:
         self.purge_idle(now)
         while len(self._connections) >= self.max_peers:
-            victim = next((p for p in self._connections.values() if p.session is None), None)
+            # The table is kept in order of last activity (datagram_received moves a peer to the end).
+            victim = next(
+                (p for p in self._connections.values() if p.session is None and now - p.last_seen >= HANDSHAKE_STALL),
+                None,
+            )
             if victim is None:
                 victim = next(iter(self._connections.values()))
             self._evict(victim, "peer table full")

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +43,7 @@ from mn_secd.control.payloads import (
 )
 from mn_secd.control.registry import AeRegistry, RegistryCredentials
 from mn_secd.errors import MnSecdError, NotAuthorised, OperationTimeout
-from mn_secd.interfaces import KeyEvent, KeyProvider
+from mn_secd.interfaces import KeyEvent, KeyEventKind, KeyProvider, NafKey
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,18 @@ class _Service:
         """The AE behind a request: only the DTLS-authenticated claim counts, never the request."""
         return self.registry.authenticate(dtls_fix.authenticated_claim(request.remote)).identity
 
-    async def answer(self, request: aiocoap.Message, key_request: KeyRequest) -> aiocoap.Message:
+    async def answer(
+        self, request: aiocoap.Message, key_request: KeyRequest, seen: Callable[[NafKey], None] | None = None
+    ) -> aiocoap.Message:
+        """Authorise, fetch and encode one key; ``seen`` is told which key went out."""
         identity = self.identity(request)
         entry = self.registry.authorise_key(identity, key_request.naf_fqdn, key_request.ua)
         if key_request.force and not entry.may_force_bootstrap:
             raise NotAuthorised(f"AE {identity!r} may not force a re-bootstrap")
         fmt = answer_format(request.opt.accept)
         key = await self.guarded(self.keys.get_key(key_request.naf_fqdn, key_request.ua, key_request.force))
+        if seen is not None:
+            seen(key)
         log.info(
             "key for %s handed to AE %s",
             key.naf_fqdn,
@@ -114,6 +120,15 @@ async def _answering(work: Callable[[], Any]) -> aiocoap.Message:
     return result
 
 
+@dataclass
+class _Observation:
+    request: aiocoap.Message
+    btid: str | None = None  # of the key the observer holds
+    #: Set once the first answer went out: notifications are computed after it, so they compare
+    #: against the key the observer really holds.
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class KeyResource(resource.ObservableResource):  # type: ignore[misc]
     """``key``: NAF keys, with Observe notifications on refresh and wipe."""
 
@@ -123,11 +138,14 @@ class KeyResource(resource.ObservableResource):  # type: ignore[misc]
     def __init__(self, service: _Service) -> None:
         super().__init__()
         self._service = service
-        self._observers: dict[Any, aiocoap.Message] = {}
+        self._observers: dict[Any, _Observation] = {}
         self._notifications: set[asyncio.Task[None]] = set()
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return await _answering(lambda: self._service.answer(request, key_request_from_query(request.opt.uri_query)))
+        return await self._first_answer(
+            request,
+            lambda: self._service.answer(request, key_request_from_query(request.opt.uri_query), self._seen(request)),
+        )
 
     async def render_fetch(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._from_payload(request)
@@ -139,42 +157,78 @@ class KeyResource(resource.ObservableResource):  # type: ignore[misc]
         def parse() -> KeyRequest:
             return decode_key_request(request.payload, request.opt.content_format)
 
-        return await _answering(lambda: self._service.answer(request, parse()))
+        return await self._first_answer(request, lambda: self._service.answer(request, parse(), self._seen(request)))
+
+    async def _first_answer(self, request: aiocoap.Message, work: Callable[[], Any]) -> aiocoap.Message:
+        try:
+            return await _answering(work)
+        finally:
+            for observation in self._observations_of(request):
+                observation.answered.set()
+
+    def _observations_of(self, request: aiocoap.Message) -> list[_Observation]:
+        return [o for o in self._observers.values() if o.request is request]
+
+    def _seen(self, request: aiocoap.Message) -> Callable[[NafKey], None]:
+        def record(key: NafKey) -> None:
+            for observation in self._observations_of(request):
+                observation.btid = key.btid
+
+        return record
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
         if request.code not in (Code.GET, Code.FETCH):
-            return  # a POST is not observable; it is answered once
-        self._observers[serverobservation] = request
+            # A POST is answered once. aiocoap calls the cancellation callback in any case, so the
+            # observation is accepted and withdrawn before the answer goes out.
+            serverobservation.accept(lambda: None)
+            serverobservation.deregister()
+            return
+        self._observers[serverobservation] = _Observation(request)
         serverobservation.accept(lambda: self._observers.pop(serverobservation, None))
 
     def key_event(self, event: KeyEvent) -> None:
-        """A refresh or wipe: re-answer every observer (never forcing a bootstrap again)."""
-        for observation, request in list(self._observers.items()):
-            task = asyncio.get_running_loop().create_task(self._notify(observation, request))
+        """A refresh or wipe: re-answer every observer (never forcing a bootstrap again).
+
+        A refresh an observer already holds the key of (the bootstrap its own request caused) is
+        not news, and is skipped.
+        """
+        for servobs, observation in list(self._observers.items()):
+            if event.kind is KeyEventKind.REFRESHED and event.btid is not None and event.btid == observation.btid:
+                continue
+            task = asyncio.get_running_loop().create_task(self._notify(servobs, observation, event))
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
         log.debug("key event %s: %d observers", event.kind, len(self._observers), extra={"event": "control.notify"})
 
     def revalidate(self) -> None:
         """After a registry reload: end observations whose AE may no longer see that key."""
-        for observation, request in list(self._observers.items()):
+        for servobs, observation in list(self._observers.items()):
             try:
-                key_request = self._parse(request)
+                key_request = self._parse(observation.request)
                 self._service.registry.authorise_key(
-                    self._service.identity(request), key_request.naf_fqdn, key_request.ua
+                    self._service.identity(observation.request), key_request.naf_fqdn, key_request.ua
                 )
             except MnSecdError as exc:
-                observation.trigger(_error_message(exc))
+                servobs.trigger(_error_message(exc))
 
-    async def _notify(self, observation: Any, request: aiocoap.Message) -> None:
+    async def _notify(self, servobs: Any, observation: _Observation, event: KeyEvent) -> None:
+        await observation.answered.wait()
+        held = observation.btid
+        delivered: list[NafKey] = []
+
         async def work() -> aiocoap.Message:
-            key_request = self._parse(request)
+            key_request = self._parse(observation.request)
             unforced = KeyRequest(key_request.naf_fqdn, key_request.ua, force=False)
-            return await self._service.answer(request, unforced)
+            return await self._service.answer(observation.request, unforced, delivered.append)
 
         response = await _answering(work)
-        if observation in self._observers:
-            observation.trigger(response)
+        if servobs not in self._observers:
+            return
+        if event.kind is KeyEventKind.REFRESHED and delivered and delivered[0].btid == held:
+            return  # the observer already holds this key
+        if delivered:
+            observation.btid = delivered[0].btid
+        servobs.trigger(response)
 
     @staticmethod
     def _parse(request: aiocoap.Message) -> KeyRequest:

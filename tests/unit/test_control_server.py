@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -273,6 +274,13 @@ async def test_json_on_accept_and_get_with_query(server: ControlServer) -> None:
 async def test_bad_requests_get_4xx(server: ControlServer, message: aiocoap.Message, code: Code) -> None:
     answer = await raw(server, message)
     assert answer.code == code
+
+
+async def test_a_post_with_observe_is_answered_once(server: ControlServer, caplog: pytest.LogCaptureFixture) -> None:
+    message = aiocoap.Message(code=Code.POST, payload=cbor2.dumps({"naf": NAF}), content_format=60, observe=0)
+    answer = await raw(server, message)
+    assert answer.code == Code.CHANGED and answer.opt.observe is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 async def test_well_known_core_lists_the_resources(server: ControlServer) -> None:

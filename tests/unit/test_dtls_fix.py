@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from resource import RUSAGE_SELF, getrusage
 from typing import Any
 
 import aiocoap
@@ -19,6 +21,7 @@ from aiocoap.credentials import CredentialsMap
 from aiocoap.numbers.codes import Code
 from aiocoap.transports import tinydtls, tinydtls_server
 from dtls_peer import DtlsPeer, coap_request
+from DTLSSocket import dtls
 
 from mn_secd.control import dtls_fix
 
@@ -139,6 +142,7 @@ def test_apply_is_idempotent() -> None:
     assert tinydtls.DTLSClientConnection._event is patched
     assert patched is not dtls_fix.UPSTREAM_CLIENT_EVENT
     assert tinydtls_server.MessageInterfaceTinyDTLSServer._serversocket is dtls_fix.PeerTable
+    assert dtls.DTLS is dtls_fix.ClockTrackingDTLS
 
 
 # --- upstream still has the defects (these fail when upstream fixes them) -----------------------------
@@ -199,6 +203,23 @@ async def test_upstream_server_locks_out_a_new_identity_on_a_reused_port(upstrea
     second.close(notify=False)
 
 
+def test_upstream_dtlssocket_resets_the_tinydtls_clock_with_every_context() -> None:
+    """Fix 11: a context's retransmission deadline moves back when another context is created."""
+
+    def pending_deadline() -> int:
+        context = dtls.DTLS(read=lambda *_: 0, write=lambda _, data: len(data), event=lambda *_: None,
+                            pskId=b"id", pskStore={b"id": b"psk"})  # fmt: skip
+        context.connect("::1", 1234)  # a ClientHello "sent": a retransmission is now pending
+        deadline: int = context.checkRetransmit()
+        return deadline
+
+    first = pending_deadline()
+    time.sleep(1.2)
+    second = pending_deadline()
+    # Without the reset the second deadline would be 1200 ticks later; the origin moved by 1-2 s.
+    assert second - first < 700
+
+
 # --- the fixes --------------------------------------------------------------------------------------
 
 
@@ -230,21 +251,42 @@ async def test_idle_peers_are_purged(make_server: ServerFactory) -> None:
     wrong_psk.close(notify=False)
 
 
-async def test_table_is_bounded_and_evicts_half_open_peers_first(make_server: ServerFactory) -> None:
+async def test_table_is_bounded_stalled_handshakes_go_first_then_the_least_recent(
+    make_server: ServerFactory,
+) -> None:
     _, address, table = await make_server(max_peers=4)
+    now = [1000.0]
+    table.clock = lambda: now[0]
     keeper = await connect(address)
     half_open = []
-    for _ in range(10):  # each sends its whole flight; the server drops the Finished it cannot verify
+    for _ in range(3):  # each sends its whole flight; the server drops the Finished it cannot verify
         peer = await DtlsPeer.create(b"ae1", b"wrong-psk", address)
         assert not await peer.handshake(timeout=0.05)
         half_open.append(peer)
-        assert len(table) <= 4
-    assert await whoami(keeper, 1) == "'ae1'"  # never evicted while half-open peers could go
-    full = [await connect(address) for _ in range(6)]
     assert len(table) == 4
-    assert keeper.got_close_notify  # the least recently active session went
-    assert await whoami(full[-1], 2) == "'ae1'"
-    for p in [keeper, *half_open, *full]:
+    now[0] += dtls_fix.HANDSHAKE_STALL  # the half-open ones have stalled; the keeper merely went quiet
+    full = [await connect(address) for _ in range(3)]
+    assert len(table) == 4
+    assert not keeper.got_close_notify  # the stalled handshakes made room, not the idle session
+    assert await whoami(keeper, 1) == "'ae1'"
+    now[0] += 1
+    assert await whoami(full[0], 2) == "'ae1'"
+    newest = await connect(address)  # full: the least recently active peer goes (full[1], not the keeper)
+    assert len(table) == 4
+    await eventually(lambda: full[1].got_close_notify)
+    assert await whoami(keeper, 3) == "'ae1'" and await whoami(newest, 4) == "'ae1'"
+    for p in [keeper, *half_open, *full, newest]:
+        p.close(notify=False)
+
+
+async def test_a_burst_of_new_clients_displaces_quiet_peers_not_each_other(make_server: ServerFactory) -> None:
+    _, address, table = await make_server(max_peers=8)
+    quiet = [await connect(address) for _ in range(8)]
+    burst = await asyncio.gather(*(DtlsPeer.create(b"ae1", PSKS[b"ae1"], address) for _ in range(8)))
+    assert all(await asyncio.gather(*(p.handshake() for p in burst)))
+    assert len(table) == 8
+    assert all(p.got_close_notify for p in quiet)
+    for p in [*quiet, *burst]:
         p.close(notify=False)
 
 
@@ -315,6 +357,38 @@ async def test_aiocoap_client_recovers_from_an_evicted_session(make_server: Serv
         assert len(table) == 1
     finally:
         await client.shutdown()
+
+
+class _Mute(DtlsPeer):
+    """A client that vanishes mid-handshake: it hears the HelloVerifyRequest, then nothing more."""
+
+    heard = 0
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.heard += 1
+        if self.heard == 1:
+            super().datagram_received(data, addr)
+
+
+async def test_a_stalled_handshake_does_not_make_the_server_spin(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fix 11: with aiocoap's clock origin where a long-running daemon has it, no busy loop."""
+    for module in (tinydtls, tinydtls_server):
+        monkeypatch.setattr(module, "DTLS_CLOCK_OFFSET", time.time() - 3600)  # imported an hour ago
+    _, address, _ = await make_server()
+    mute = await _Mute.create(b"ae1", PSKS[b"ae1"], address)
+    assert not await mute.handshake(timeout=0.2)
+    before = resource_usage()
+    await asyncio.sleep(1.5)  # the server retransmits its flight to the silent client meanwhile
+    assert resource_usage() - before < 0.3
+    assert mute.heard >= 2
+    mute.close(notify=False)
+
+
+def resource_usage() -> float:
+    usage = getrusage(RUSAGE_SELF)
+    return float(usage.ru_utime + usage.ru_stime)
 
 
 def test_authenticated_claim_is_none_for_anything_but_a_dtls_session() -> None:
