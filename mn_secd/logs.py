@@ -40,6 +40,10 @@ _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__di
 }
 _FIELD_NAME = re.compile(r"^[A-Z0-9][A-Z0-9_]*$")
 
+#: Libraries that log every HTTP request at INFO (and every socket operation at DEBUG): only their
+#: warnings are worth a gateway's journal; our own Ub client logs each exchange that matters.
+QUIET_LOGGERS = ("httpx", "httpcore")
+
 #: ``systemd.journal.send``'s shape: the message, then journal fields as keyword arguments.
 JournalSender = Callable[..., None]
 
@@ -190,4 +194,6 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     return handler

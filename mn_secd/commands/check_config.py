@@ -1,8 +1,8 @@
 """``mn-secd check-config``: validate a configuration file without starting anything.
 
-Meant for ``ExecStartPre=``, package post-install scripts and operators before a reload: it runs
-exactly the checks ``mn-secd run`` runs at start (including that the modem's port exists) and
-answers in one line either way.
+Meant for package post-install scripts and operators before a reload: it runs exactly the checks
+``mn-secd run`` runs at start (the file, the modem's port exists, every AE's PSK file loads into
+the registry) and answers in one line either way.
 """
 
 from __future__ import annotations
@@ -35,5 +35,9 @@ def check_config(args: argparse.Namespace) -> int:
     """ConfigError propagates: the CLI prints it as the one line naming the file and key."""
     config = load_config(args.config)
     check_modem_port(config)
+    # What the key service itself refuses (identity and PSK sizes tinydtls can hold, PSK contents).
+    from mn_secd.control.registry import load_registry
+
+    load_registry(config.aes, source=str(config.path))
     print(summary(config))
     return 0

@@ -137,3 +137,14 @@ def test_redaction_guard_also_protects_the_journal() -> None:
     assert "withheld" in message
     assert fields["EVENT"] == "log.redacted"
     assert "\x05" not in message + "".join(map(str, fields.values()))
+
+
+def test_http_library_chatter_is_kept_out() -> None:
+    out = io.StringIO()
+    setup_logging("debug", stream=out, environ={})
+    logging.getLogger("httpx").info("HTTP Request: GET http://bsf/ 401")
+    logging.getLogger("httpcore.http11").debug("send_request_headers.started")
+    logging.getLogger("httpx").warning("something odd")
+    logging.getLogger("mn_secd.gba.ub").debug("Ub challenge")
+    assert out.getvalue().count("\n") == 2
+    assert "something odd" in out.getvalue() and "Ub challenge" in out.getvalue()

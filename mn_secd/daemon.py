@@ -1,0 +1,409 @@
+"""The composition root: build the daemon from its configuration, run it, stop it cleanly.
+
+Start-up, in order:
+
+1. the AE registry and the control socket (CoAP over DTLS-PSK), so AEs get *answers* from the first
+   second on: 5.03 with a reason while there is no card yet, never a silent timeout;
+2. the card: the modem's AT port is opened and the card's identity read, retrying with a capped
+   exponential back-off; while the modem may still be booting the daemon asks systemd for more
+   start-up time (EXTEND_TIMEOUT_USEC);
+3. READY=1 as soon as the control socket is up and the card has answered. The first GBA bootstrap
+   is *not* awaited: it starts right away in the background, and the first key request joins it.
+
+**A modem that does not answer is not fatal.** A port that does not exist at all is a configuration
+error and the daemon exits (``modem.port``), but a modem that exists and does not answer (still
+booting, firmware hung, SIM missing) is waited for, with back-off, for as long as it takes: a
+gateway's modem often comes up after the services that need it, and exiting would only trade our
+back-off for systemd's restart limit, which eventually gives up for good. After ``modem_wait``
+seconds without a card the daemon reports READY=1 anyway with ``STATUS=degraded: ...`` (so that
+start-up finishes and dependent units run), keeps serving 5.03 on the control socket and keeps
+retrying. Once the card is open, :mod:`mn_secd.uicc.card` itself follows removals, swaps and a
+vanishing port; this module only reflects them in STATUS= and the log.
+
+Signals: SIGHUP re-reads the configuration file and swaps the AE registry in (keys are kept; other
+sections need a restart and a warning says so); SIGTERM and SIGINT send STOPPING=1, close the
+control socket, wipe every key (:meth:`KeyStore.close`), close the card and exit 0.
+
+This module imports nothing from :mod:`mn_secd.sim` (nor aiohttp, which only the simulated world
+uses), so the daemon process stays small; a test checks ``sys.modules`` of a running daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC
+from typing import Any
+
+from mn_secd.config import Config, load_config
+from mn_secd.control.payloads import mask_impi
+from mn_secd.control.registry import AeRegistry, load_registry
+from mn_secd.control.server import ControlServer, start_control_server
+from mn_secd.errors import ConfigError, MnSecdError, UiccAbsent
+from mn_secd.gba.keystore import KeyStore
+from mn_secd.gba.ua import UaId
+from mn_secd.gba.ub import UbClient
+from mn_secd.interfaces import (
+    CardEvent,
+    CardEventKind,
+    CardIdentity,
+    KeyEvent,
+    KeyEventKind,
+    KeyServiceStatus,
+    NafKey,
+)
+from mn_secd.logs import btid_hash
+from mn_secd.notify import Notifier
+from mn_secd.uicc.card import Card, open_card
+
+log = logging.getLogger(__name__)
+
+#: Default for how long start-up waits for the card before reporting READY=1 in degraded mode.
+MODEM_WAIT = 120.0
+#: Back-off between attempts to open the modem: doubles from FIRST to MAX.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+#: Extra start-up time asked of systemd beyond the wait itself (one more attempt may be running).
+EXTEND_MARGIN = 15.0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, MnSecdError):
+        return f"{exc.kind}: {exc}"
+    if isinstance(exc, TimeoutError):
+        return "timeout: no answer in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class KeyService:
+    """The :class:`~mn_secd.interfaces.KeyProvider` the control server talks to, for the daemon's lifetime.
+
+    The control socket is up before the card is, and the card may come and go, so the server holds
+    this stable object: it forwards to the :class:`KeyStore` once there is one and, until then,
+    answers every request with the reason there is none (mapped to 5.03 by the control layer).
+    Subscribers stay subscribed across the switch.
+    """
+
+    def __init__(self, unavailable: MnSecdError) -> None:
+        self._store: KeyStore | None = None
+        self._unavailable = unavailable
+        self._subscribers: list[Callable[[KeyEvent], None]] = []
+        self._unsubscribe_store: Callable[[], None] | None = None
+
+    @property
+    def store(self) -> KeyStore | None:
+        return self._store
+
+    def set_unavailable(self, reason: MnSecdError) -> None:
+        self._unavailable = reason
+
+    def attach(self, store: KeyStore) -> None:
+        self._store = store
+        self._unsubscribe_store = store.subscribe(self._emit)
+
+    async def close(self) -> None:
+        """Wipe every key and stop the keystore's timer; later requests get the unavailable answer."""
+        store, self._store = self._store, None
+        if self._unsubscribe_store is not None:
+            self._unsubscribe_store()
+        if store is not None:
+            await store.close()
+        self._emit(KeyEvent(KeyEventKind.WIPED))
+
+    async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
+        if self._store is None:
+            raise self._unavailable
+        return await self._store.get_key(naf_fqdn, ua_id, force)
+
+    async def force_bootstrap(self) -> None:
+        if self._store is None:
+            raise self._unavailable
+        await self._store.force_bootstrap()
+
+    def status(self) -> KeyServiceStatus:
+        if self._store is not None:
+            return self._store.status()
+        return KeyServiceStatus(
+            card_present=False,
+            impi=None,
+            bootstrapped=False,
+            btid=None,
+            expires=None,
+            gba_mode=None,
+            last_error=_describe(self._unavailable),
+        )
+
+    def subscribe(self, callback: Callable[[KeyEvent], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _emit(self, event: KeyEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("key event subscriber failed", extra={"event": "daemon.subscriber_error"})
+
+
+class Daemon:
+    """One run of the daemon; :func:`run_daemon` is the entry point."""
+
+    def __init__(self, config: Config, notifier: Notifier, *, modem_wait: float = MODEM_WAIT) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.modem_wait = modem_wait
+        self.keys = KeyService(UiccAbsent(f"waiting for the modem on {config.modem.port}"))
+        self.server: ControlServer | None = None
+        self.card: Card | None = None
+        self.ub: UbClient | None = None
+        self.ready = False
+        self._stop = asyncio.Event()
+        self._card_up = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe_card: Callable[[], None] | None = None
+        self.failed: BaseException | None = None  # an internal error that stopped the daemon
+
+    # --- life cycle ----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        # Everything that can be wrong with the configuration fails here, before anything starts.
+        registry = load_registry(self.config.aes, source=str(self.config.path))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            self._spawn(self.notifier.run_watchdog(), "watchdog")
+            await self._start_control(registry)
+            self._spawn(self._connect_card(), "connect-card")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.modem_wait):
+                    await self._wait_first(self._card_up, self._stop)
+            if not self._stop.is_set():
+                self.ready = True
+                self.notifier.ready(self.notifier.last_status)
+                log.info(
+                    "ready after %.3f s",
+                    time.monotonic() - started,
+                    extra={"event": "daemon.ready", "card": self._card_up.is_set()},
+                )
+                await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._shutdown()
+        return 0
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stopping", extra={"event": "daemon.stopping"})
+            self.notifier.stopping("stopping: wiping keys")
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        """Control socket first (no new requests), then keys (wiped), then the card and the BSF client."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self.server is not None:
+            await self.server.close()
+        await self.keys.close()
+        if self._unsubscribe_card is not None:
+            self._unsubscribe_card()
+        if self.card is not None:
+            await self.card.close()
+        if self.ub is not None:
+            await self.ub.aclose()
+        if self.server is not None:
+            log.info("stopped; keys wiped", extra={"event": "daemon.stopped"})
+
+    async def _start_control(self, registry: AeRegistry) -> None:
+        control = self.config.control
+        try:
+            self.server = await start_control_server(
+                self.keys,
+                registry,
+                control.addresses,
+                control.port,
+                max_peers=control.max_peers,
+                idle_timeout=control.idle_timeout,
+            )
+        except OSError as exc:
+            where = f"{', '.join(control.addresses)} port {control.port}"
+            raise ConfigError(
+                str(self.config.path), "control.port", f"cannot listen on {where}: {exc.strerror}"
+            ) from None
+        log.info(
+            "control socket up on %s port %d (%d AEs)",
+            ", ".join(control.addresses),
+            control.port,
+            len(self.config.aes),
+            extra={"event": "control.up"},
+        )
+
+    # --- the card ------------------------------------------------------------------------------------
+
+    async def _connect_card(self) -> None:
+        modem = self.config.modem
+        deadline = time.monotonic() + self.modem_wait
+        delay = RETRY_FIRST
+        self.notifier.status(f"waiting for the modem on {modem.port}")
+        self.notifier.extend_timeout(self.modem_wait + EXTEND_MARGIN)
+        while True:
+            try:
+                card = await open_card(
+                    modem.port,
+                    baud=modem.baud,
+                    transport=modem.transport,
+                    application=modem.application,
+                    command_timeout=modem.command_timeout,
+                )
+            except (MnSecdError, OSError) as exc:
+                reason = exc if isinstance(exc, MnSecdError) else UiccAbsent(f"modem unavailable: {exc}")
+                self.keys.set_unavailable(reason)
+                self._degraded(f"no card yet ({_describe(exc)}); retrying in {delay:.0f} s", "modem.unavailable")
+                if not self.ready:
+                    self.notifier.extend_timeout(max(0.0, deadline - time.monotonic()) + EXTEND_MARGIN)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            break
+        self.card = card
+        identity = await card.identity()
+        self._card_found(identity)
+        self.ub = UbClient(
+            self.config.gba.bsf_url, timeout=self.config.gba.http_timeout, retries=self.config.gba.retries
+        )
+        gba = self.config.gba
+        store = KeyStore(
+            card,
+            self.ub,
+            gba.mode,
+            refresh_margin=gba.refresh_margin,
+            refresh_jitter=gba.refresh_jitter,
+            min_forced_interval=gba.min_forced_interval,
+        )
+        self.keys.attach(store)
+        store.subscribe(self._on_key_event)
+        self._unsubscribe_card = card.subscribe(self._on_card_event)
+        self._card_up.set()
+        self._bootstrap_in_background()
+
+    def _card_found(self, identity: CardIdentity) -> None:
+        log.info(
+            "card found: %s via %s (%s, GBA_U %s)",
+            mask_impi(identity.impi),
+            identity.transport,
+            identity.application.value,
+            "yes" if identity.gba_u else "no",
+            extra={"event": "card.found", "impi": mask_impi(identity.impi)},
+        )
+        self.notifier.status(f"card found: {mask_impi(identity.impi)} ({identity.application.value})")
+
+    def _on_card_event(self, event: CardEvent) -> None:
+        if event.kind is CardEventKind.REMOVED:
+            self._degraded("card removed or modem gone; keys wiped", "card.removed")
+            return
+        if event.identity is not None:
+            self._card_found(event.identity)
+        self._bootstrap_in_background()
+
+    # --- GBA -----------------------------------------------------------------------------------------
+
+    def _bootstrap_in_background(self) -> None:
+        """The first key request would bootstrap anyway; doing it now makes that request fast."""
+        self._spawn(self._bootstrap(), "bootstrap")
+
+    async def _bootstrap(self) -> None:
+        store = self.keys.store
+        if store is None:
+            return
+        self.notifier.status("bootstrapping with the BSF")
+        try:
+            await store.ensure_bootstrapped()
+        except MnSecdError as exc:
+            self._degraded(f"bootstrap failed ({_describe(exc)}); retried on the next key request", "gba.failed")
+
+    def _on_key_event(self, event: KeyEvent) -> None:
+        store = self.keys.store
+        if event.kind is KeyEventKind.REFRESHED and store is not None:
+            status = store.status()
+            if status.expires is not None and status.btid is not None:
+                until = status.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+                mode = status.gba_mode.value if status.gba_mode is not None else "?"
+                self.notifier.status(f"bootstrapped until {until} ({mode}, B-TID #{btid_hash(status.btid)})")
+
+    # --- reload --------------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: a new AE registry from the file; a bad file changes nothing (and says why)."""
+        try:
+            config = load_config(self.config.path)
+            registry = load_registry(config.aes, source=str(config.path))
+        except MnSecdError as exc:
+            log.error(
+                "reload refused, keeping the running configuration: %s", exc, extra={"event": "config.reload_failed"}
+            )
+            return
+        if self.server is not None:
+            self.server.reload_registry(registry)
+        stale = [
+            name for name in ("modem", "gba", "control", "log") if getattr(config, name) != getattr(self.config, name)
+        ]
+        if stale:
+            log.warning(
+                "changes to [%s] take effect after a restart",
+                "], [".join(stale),
+                extra={"event": "config.restart_needed"},
+            )
+        self.config = config
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _degraded(self, why: str, event: str) -> None:
+        log.warning("degraded: %s", why, extra={"event": event})
+        self.notifier.status(f"degraded: {why}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"mn-secd-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A bug, not an operating condition: stop (systemd's Restart=on-failure brings us back).
+            log.critical("internal error in %s", task.get_name(), exc_info=exc, extra={"event": "daemon.crash"})
+            self.failed = exc
+            self.stop()
+
+    @staticmethod
+    async def _wait_first(*events: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+
+async def run_daemon(config: Config, *, notifier: Notifier | None = None, modem_wait: float = MODEM_WAIT) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean stop, 1 after an internal error."""
+    daemon = Daemon(config, notifier or Notifier(), modem_wait=modem_wait)
+    code = await daemon.run()
+    return 1 if daemon.failed is not None else code
