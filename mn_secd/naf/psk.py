@@ -3,7 +3,7 @@
 tinydtls asks for the PSK *synchronously*, in the middle of processing the ClientKeyExchange, on the
 event loop's thread. A Zn round trip cannot happen there without stalling every other peer, and it
 cannot happen at all when the BSF is served by the same event loop (in-process tests, the demo):
-the loop would wait for itself. Measured on loopback (aiocoap 0.4.17, one core): a blocking Zn
+the loop would wait for itself. Measured on loopback (aiocoap 0.4.17, a shared 2-core box): a blocking Zn
 request from inside the lookup took 70-100 ms per new B-TID and timed out every time with an
 in-process BSF, while fetching *before* tinydtls sees the identity costs about 4 ms and works with
 any BSF. So the lookup here answers from the cache only (:meth:`GbaPskCredentials.find_dtls_psk`),
