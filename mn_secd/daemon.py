@@ -21,8 +21,8 @@ retrying. Once the card is open, :mod:`mn_secd.uicc.card` itself follows removal
 vanishing port; this module only reflects them in STATUS= and the log.
 
 Signals: SIGHUP re-reads the configuration file and swaps the AE registry in (keys are kept; other
-sections need a restart and a warning says so); SIGTERM and SIGINT send STOPPING=1, close the
-control socket, wipe every key (:meth:`KeyStore.close`), close the card and exit 0.
+sections need a restart and a warning says so); SIGTERM and SIGINT send STOPPING=1, wipe every
+key (:meth:`KeyStore.close`), close the control socket and the card, and exit 0.
 
 This module imports nothing from :mod:`mn_secd.sim` (nor aiohttp, which only the simulated world
 uses), so the daemon process stays small; a test checks ``sys.modules`` of a running daemon.
@@ -35,7 +35,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC
 from typing import Any
 
@@ -67,6 +67,8 @@ MODEM_WAIT = 120.0
 #: Back-off between attempts to open the modem: doubles from FIRST to MAX.
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
+#: Seconds each shutdown step may take (the unit's TimeoutStopSec=15 covers all of them).
+SHUTDOWN_STEP = 3.0
 #: Extra start-up time asked of systemd beyond the wait itself (one more attempt may be running).
 EXTEND_MARGIN = 15.0
 
@@ -206,26 +208,37 @@ class Daemon:
 
     def stop(self) -> None:
         if not self._stop.is_set():
+            self._stop.set()
             log.info("stopping", extra={"event": "daemon.stopping"})
             self.notifier.stopping("stopping: wiping keys")
-            self._stop.set()
 
     async def _shutdown(self) -> None:
-        """Control socket first (no new requests), then keys (wiped), then the card and the BSF client."""
+        """Keys first (wiped; observers are told), then the control socket, the card, the BSF client.
+
+        Each step is bounded, and one failing does not skip the others: a modem that stopped
+        answering must not keep the daemon from exiting before systemd's stop timeout kills it.
+        """
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-        if self.server is not None:
-            await self.server.close()
-        await self.keys.close()
         if self._unsubscribe_card is not None:
             self._unsubscribe_card()
-        if self.card is not None:
-            await self.card.close()
-        if self.ub is not None:
-            await self.ub.aclose()
+        steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
+            ("the keystore", self.keys.close),
+            ("the control socket", self.server.close if self.server is not None else None),
+            ("the card", self.card.close if self.card is not None else None),
+            ("the BSF client", self.ub.aclose if self.ub is not None else None),
+        ]
+        for what, close in steps:
+            if close is None:
+                continue
+            try:
+                async with asyncio.timeout(SHUTDOWN_STEP):
+                    await close()
+            except Exception as exc:
+                log.warning("closing %s failed: %s", what, _describe(exc), extra={"event": "daemon.close_failed"})
         if self.server is not None:
             log.info("stopped; keys wiped", extra={"event": "daemon.stopped"})
 

@@ -13,10 +13,13 @@ deadlock) stops the pings and systemd restarts the service: that is the point of
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Mapping
 
 import systemd.daemon as _sd_daemon
+
+log = logging.getLogger(__name__)
 
 #: Sends one notification datagram; returns whether it was sent (systemd-python's signature).
 Sender = Callable[[str], bool]
@@ -57,10 +60,26 @@ class Notifier:
         self.watchdog_period = watchdog_interval(env, os.getpid())
         self._send: Sender = send if send is not None else _sd_daemon.notify
         self.last_status: str | None = None
+        self._send_failed = False
 
     def _notify(self, message: str) -> None:
-        if self.enabled:
+        """Send, never raise: losing a notification must not take the daemon down with it.
+
+        systemd-python raises when the socket is gone (the service manager re-executing, a test
+        that stopped listening); the daemon keeps serving and says so once in the log.
+        """
+        if not self.enabled:
+            return
+        try:
             self._send(message)
+        except OSError as exc:
+            if not self._send_failed:
+                self._send_failed = True
+                log.warning(
+                    "cannot notify the service manager: %s", exc.strerror or exc, extra={"event": "notify.failed"}
+                )
+            return
+        self._send_failed = False
 
     def ready(self, status: str | None = None) -> None:
         self._notify("READY=1" if status is None else f"READY=1\nSTATUS={_status_text(status)}")

@@ -95,3 +95,34 @@ def test_systemd_python_reaches_a_bound_socket(notify_socket: tuple[str, socket.
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=30)
     assert sock.recv(4096) == b"READY=1\nSTATUS=up"
     assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_a_vanished_socket_never_raises_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+
+    def refuse(message: str) -> bool:
+        calls.append(message)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    n = Notifier({"NOTIFY_SOCKET": "@gone"}, send=refuse)
+    with caplog.at_level("WARNING", logger="mn_secd.notify"):
+        n.watchdog()
+        n.status("still serving")
+        n.stopping()
+    assert calls == ["WATCHDOG=1", "STATUS=still serving", "STOPPING=1"]
+    assert [r.message for r in caplog.records] == ["cannot notify the service manager: Connection refused"]
+
+
+def test_the_real_sender_survives_a_socket_nobody_listens_on(tmp_path: Path) -> None:
+    path = Path("/tmp") / f"mn-secd-{uuid.uuid4().hex[:12]}.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.close()  # the file stays, nobody listens: sendmsg gets ECONNREFUSED
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=str(path))
+        code = "from mn_secd.notify import Notifier; n = Notifier(); n.ready(); n.watchdog(); print('alive')"
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        path.unlink()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "alive\n"
