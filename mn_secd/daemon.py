@@ -276,13 +276,7 @@ class Daemon:
         self.notifier.extend_timeout(self.modem_wait + EXTEND_MARGIN)
         while True:
             try:
-                card = await open_card(
-                    modem.port,
-                    baud=modem.baud,
-                    transport=modem.transport,
-                    application=modem.application,
-                    command_timeout=modem.command_timeout,
-                )
+                card, identity = await self._open_card()
             except (MnSecdError, OSError) as exc:
                 reason = exc if isinstance(exc, MnSecdError) else UiccAbsent(f"modem unavailable: {exc}")
                 self.keys.set_unavailable(reason)
@@ -294,7 +288,6 @@ class Daemon:
                 continue
             break
         self.card = card
-        identity = await card.identity()
         self._card_found(identity)
         self.ub = UbClient(
             self.config.gba.bsf_url, timeout=self.config.gba.http_timeout, retries=self.config.gba.retries
@@ -313,6 +306,22 @@ class Daemon:
         self._unsubscribe_card = card.subscribe(self._on_card_event)
         self._card_up.set()
         self._bootstrap_in_background()
+
+    async def _open_card(self) -> tuple[Card, CardIdentity]:
+        """One attempt: the port opened, the card up and its identity read, or nothing left open."""
+        modem = self.config.modem
+        card = await open_card(
+            modem.port,
+            baud=modem.baud,
+            transport=modem.transport,
+            application=modem.application,
+            command_timeout=modem.command_timeout,
+        )
+        try:
+            return card, await card.identity()
+        except BaseException:
+            await card.close()
+            raise
 
     def _card_found(self, identity: CardIdentity) -> None:
         log.info(
