@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +21,11 @@ from mn_secd.client.keys import KeyServiceClient
 from mn_secd.errors import KeyServiceRejected
 from mn_secd.interfaces import NafKey
 from mn_secd.sim.bsf import ReferenceBsf
+from mn_secd.sim.launcher import DaemonProcess as Daemon
 from mn_secd.sim.modem import ModemEmulator
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
+from mn_secd.sim.world import free_udp_port
 
 MN_SECD = str(Path(sys.executable).parent / "mn-secd")
 NAF = "in-cse.example.net"
@@ -53,13 +53,6 @@ def lab_profile(iccid: str = "89882110000000000018", imsi: str = "00101000000000
         isim=True,
         gba_u=True,
     )
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -108,90 +101,6 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     finally:
         await bsf.stop()
         modem.stop()
-
-
-class Notifications:
-    """The test's NOTIFY_SOCKET: every datagram the daemon sends, in order."""
-
-    def __init__(self) -> None:
-        self.address = f"@mn-secd-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.address[1:])
-        self.sock.setblocking(False)
-        self.messages: list[str] = []
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._receive())
-
-    async def _receive(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            data = await loop.sock_recv(self.sock, 4096)
-            self.messages.append(data.decode())
-            self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[str], bool], *, after: int = -1, timeout: float = 15.0) -> int:
-        """Index of the first message after index ``after`` that matches ``predicate``."""
-        async with asyncio.timeout(timeout):
-            while True:
-                for i in range(after + 1, len(self.messages)):
-                    if predicate(self.messages[i]):
-                        return i
-                self._changed.clear()
-                await self._changed.wait()
-
-    def statuses(self) -> list[str]:
-        return [line[7:] for m in self.messages for line in m.split("\n") if line.startswith("STATUS=")]
-
-    def close(self) -> None:
-        self._task.cancel()
-        self.sock.close()
-
-
-class Daemon:
-    """``mn-secd run`` in a subprocess with a NOTIFY_SOCKET and a watchdog period."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, notify: Notifications) -> None:
-        self.proc = proc
-        self.notify = notify
-        self.stderr: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, config: Path, *extra: str, argv: list[str] | None = None) -> Daemon:
-        notify = Notifications()
-        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "CREDENTIALS_DIRECTORY")}
-        env.update(NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="400000")  # a ping every 0.2 s
-        command = argv or [MN_SECD]
-        proc = await asyncio.create_subprocess_exec(
-            *command, "run", "--config", str(config), *extra, env=env, stderr=asyncio.subprocess.PIPE
-        )
-        return cls(proc, notify)
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.stderr.append(line.decode(errors="replace").rstrip("\n"))
-
-    async def wait_log(self, text: str, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not any(text in line for line in self.stderr):
-                await asyncio.sleep(0.05)
-
-    async def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(timeout):
-            code = await self.proc.wait()
-            await self._reader
-        self.notify.close()
-        return code
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-        self.notify.close()
 
 
 async def test_lifecycle_ready_status_watchdog_reload_and_stop(world: World) -> None:
