@@ -53,6 +53,15 @@ def _configure_part(parser: argparse.ArgumentParser, name: str) -> None:
     configure(parser, name)
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` for a part's ``--listen`` option (port 0 = any free port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="part", required=True, metavar="PART", action=_LazySubParsers)
     for part, (_, help_text) in SUBCOMMANDS.items():

@@ -52,6 +52,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mn_secd.commands.sim import listen_address
 from mn_secd.errors import ConfigError, DigestParseError, InvalidNafId, UnsupportedUaProtocol
 from mn_secd.gba import bsfxml, digest, identity, kdf
 from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
@@ -485,14 +486,6 @@ def load_subscribers(paths: Iterable[str | Path]) -> list[CardProfile]:
     return profiles
 
 
-def _listen_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -515,7 +508,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument(
         "--listen",
-        type=_listen_address,
+        type=listen_address,
         default=("127.0.0.1", 8080),
         metavar="HOST:PORT",
         help="default 127.0.0.1:8080",

@@ -37,6 +37,7 @@ import aiocoap.error
 import aiocoap.resource
 from aiocoap.numbers.contentformat import ContentFormat
 
+from mn_secd.commands.sim import listen_address
 from mn_secd.errors import UnsupportedUaProtocol
 from mn_secd.gba.ua import UaId
 from mn_secd.naf.cache import NafKeyCache
@@ -288,14 +289,6 @@ class ReferenceInCse:
 # --- command line ----------------------------------------------------------------------------------
 
 
-def _listen_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 def _ua(text: str) -> UaId:
     try:
         return UaId.parse(text)
@@ -313,7 +306,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--bsf", required=True, metavar="URL", help="the BSF's base URL for Zn")
     parser.add_argument(
         "--listen",
-        type=_listen_address,
+        type=listen_address,
         default=("127.0.0.1", 5684),
         metavar="HOST:PORT",
         help="DTLS address (default 127.0.0.1:5684)",
