@@ -30,6 +30,7 @@ class DtlsPeer(asyncio.DatagramProtocol):
         self._handshake: asyncio.Future[bool] | None = None
         self.transport: asyncio.DatagramTransport | None = None
         self.session: Any = None
+        self.dtls: Any = None
 
     @classmethod
     async def create(cls, identity: bytes, psk: bytes, server: tuple[str, int], port: int = 0) -> DtlsPeer:
@@ -72,7 +73,8 @@ class DtlsPeer(asyncio.DatagramProtocol):
                 self._handshake.set_result(False)
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        self.dtls.handleMessage(self.session, data)
+        if self.dtls is not None:
+            self.dtls.handleMessage(self.session, data)
 
     def error_received(self, exc: Exception) -> None:
         if self._handshake is not None and not self._handshake.done():
@@ -103,11 +105,27 @@ class DtlsPeer(asyncio.DatagramProtocol):
         return None if raw is None else Message.decode(raw)
 
     def close(self, notify: bool = True) -> None:
-        """Close the socket, with a close_notify first unless the test wants a peer that just vanishes."""
-        if notify and self.session is not None:
-            self.dtls.resetPeer(self.session)
+        """Close the socket, with a close_notify first unless the test wants a peer that just vanishes.
+
+        Then tinydtls's peer is freed and every DTLSSocket object released here, in this order:
+        left to the garbage collector, a ``Connection`` can be freed after its context and then
+        resets a peer in freed memory (a segfault), and a context freed while it holds a peer calls
+        back into itself while dying.
+        """
         assert self.transport is not None
+        if not notify:
+            self.transport.close()  # whatever resetPeer sends now is dropped by _write
+        self._release()
         self.transport.close()
+
+    def _release(self) -> None:
+        if self.session is not None and self.dtls is not None:
+            self.dtls.resetPeer(self.session)
+        self.session = None
+        self.dtls = None
+
+    def __del__(self) -> None:
+        self._release()  # a peer never closed: finalizers run before the collector breaks cycles
 
 
 def coap_request(code: Code, path: list[str], *, mid: int, token: bytes = b"t1", **options: Any) -> Message:

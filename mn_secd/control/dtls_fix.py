@@ -269,6 +269,7 @@ class Session(interfaces.EndpointAddress):  # type: ignore[misc]
     def __init__(self, peer: Peer, claim: object) -> None:
         self._peer: Peer | None = peer
         self._address = peer._underlying_address
+        self._repr = f"<dtls_fix.Session {self._address.hostinfo}>"  # aiocoap names a task after it per request
         #: What the credentials map returned for the identity that completed the handshake.
         self.claim = claim
 
@@ -308,7 +309,7 @@ class Session(interfaces.EndpointAddress):  # type: ignore[misc]
         peer._dtls_socket.write(peer._dtls_session, message)
 
     def __repr__(self) -> str:
-        return f"<dtls_fix.Session {self.hostinfo} {'active' if self.active else 'ended'}>"
+        return self._repr
 
 
 class Peer(tinydtls_server._AddressDTLS):  # type: ignore[misc]
@@ -321,6 +322,15 @@ class Peer(tinydtls_server._AddressDTLS):  # type: ignore[misc]
         self.sockaddr = sockaddr
         self.last_seen = table.clock()
         self.session: Session | None = None
+
+    def __del__(self) -> None:
+        # Safety net: if a context is freed while tinydtls still holds a peer in it, DTLSSocket's
+        # destructor sends that peer a close_notify through a callback that resurrects the dying
+        # context (a double free, seen as a segfault in the garbage collector). Every way out of the
+        # table frees tinydtls's peer already; this runs before the collector breaks the cycle.
+        context, session = getattr(self, "_dtls_socket", None), getattr(self, "_dtls_session", None)
+        if context is not None and session is not None:
+            context.resetPeer(session)
 
     # --- tinydtls callbacks ------------------------------------------------------------------------
 
@@ -423,6 +433,11 @@ class PeerTable(tinydtls_server._DatagramServerSocketSimpleDTLS):  # type: ignor
         else:
             self._connections.move_to_end(sockaddr)
         peer.last_seen = now
+        if peer.session is not None and not _is_client_hello(data):
+            # Application data on an established session: upstream's wrapper would also cancel and
+            # re-create a retransmission task per datagram, which only handshake flights need.
+            peer._dtls_socket.handleMessage(peer._dtls_session, data)
+            return
         self._message_interface._received_datagram(peer, data)
 
     def _make_room(self, now: float) -> None:

@@ -25,6 +25,7 @@ here and nowhere else, with the diagnostic payload ``"<kind>: <message>"`` (UTF-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -75,6 +76,12 @@ class KeyRequest:
 # --- key requests --------------------------------------------------------------------------------------
 
 
+# AEs ask for the same few NAFs over and over: parsing a host name (IDNA) and a Ua id is most of the
+# cost of decoding a request, so the results are kept (bounded; failures are not cached).
+_normalise_fqdn = functools.lru_cache(maxsize=256)(normalise_fqdn)
+_parse_ua = functools.lru_cache(maxsize=64)(UaId.parse)
+
+
 def decode_key_request(payload: bytes, content_format: int | None) -> KeyRequest:
     """Parse a FETCH/POST body; raises :class:`RequestError` (or a subclass) on anything malformed."""
     fields = _decode_map(payload, content_format)
@@ -87,7 +94,7 @@ def decode_key_request(payload: bytes, content_format: int | None) -> KeyRequest
     force = fields.get("force", False)
     if not isinstance(force, bool):
         raise RequestError('"force" must be true or false')
-    return KeyRequest(normalise_fqdn(naf), _ua(fields.get("ua", "dtls-psk")), force)
+    return KeyRequest(_normalise_fqdn(naf), _ua(fields.get("ua", "dtls-psk")), force)
 
 
 def key_request_from_query(query: Sequence[str]) -> KeyRequest:
@@ -105,7 +112,7 @@ def key_request_from_query(query: Sequence[str]) -> KeyRequest:
     force_text = values.get("force", "0").lower()
     if force_text not in ("0", "1", "true", "false"):
         raise RequestError("force must be 0, 1, true or false")
-    return KeyRequest(normalise_fqdn(values["naf"]), _ua(values.get("ua", "dtls-psk")), force_text in ("1", "true"))
+    return KeyRequest(_normalise_fqdn(values["naf"]), _ua(values.get("ua", "dtls-psk")), force_text in ("1", "true"))
 
 
 def encode_key_request(request: KeyRequest, content_format: int = CBOR) -> bytes:
@@ -332,7 +339,7 @@ def _ua(value: Any) -> UaId:
     if isinstance(value, bytes):
         return UaId.from_bytes(value)
     if isinstance(value, str):
-        return UaId.parse(value)
+        return _parse_ua(value)
     raise RequestError('"ua" must be a Ua id: 10 hex digits, a named form, or 5 octets')
 
 
