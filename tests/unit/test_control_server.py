@@ -341,3 +341,14 @@ async def test_credentials_file(tmp_path: Path, server: ControlServer) -> None:
     assert creds.server == (host, port) and PSK_A.decode() not in repr(creds)
     async with KeyServiceClient(creds.identity, creds.psk, *creds.server) as ae:
         assert (await ae.get_key(NAF)).naf_fqdn == NAF
+
+
+async def test_default_addresses_serve_ipv4_and_ipv6(keys: FakeKeys) -> None:
+    srv = await start_control_server(keys, registry(), port=0)
+    try:
+        assert [host for host, _ in srv.addresses] == ["127.0.0.1", "::1"]
+        for host, port in srv.addresses:
+            async with KeyServiceClient("ae-a", PSK_A, host, port) as ae:
+                assert (await ae.get_key(NAF)).naf_fqdn == NAF
+    finally:
+        await srv.close()
