@@ -66,6 +66,25 @@ class NotAcceptable(RequestError):
     kind = "not-acceptable"
 
 
+class UnsupportedOption(RequestError):
+    """A critical option this server does not process (RFC 7252 5.4.1: 4.02)."""
+
+    kind = "bad-option"
+
+
+#: Critical options the key service processes: Uri-Host, Uri-Port, Uri-Path, Uri-Query, Accept,
+#: Block2, and Block1 (refused with a reason). Anything else critical (If-Match, OSCORE, Proxy-Uri,
+#: unknown numbers) makes a request one the server must not act on.
+UNDERSTOOD_CRITICAL = frozenset({3, 7, 11, 15, 17, 23, 27})
+
+
+def check_critical_options(numbers: Sequence[int]) -> None:
+    """Raise :class:`UnsupportedOption` for a critical option not in :data:`UNDERSTOOD_CRITICAL`."""
+    for number in numbers:
+        if number & 1 and number not in UNDERSTOOD_CRITICAL:
+            raise UnsupportedOption(f"critical option {number} is not supported here")
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRequest:
     naf_fqdn: str  # normalised
@@ -223,6 +242,7 @@ ERROR_CODES: dict[type[MnSecdError], tuple[Code, int | None]] = {
     RequestError: (Code.BAD_REQUEST, None),
     UnsupportedContentFormat: (Code.UNSUPPORTED_CONTENT_FORMAT, None),
     NotAcceptable: (Code.NOT_ACCEPTABLE, None),
+    UnsupportedOption: (Code.BAD_OPTION, None),
     errors.NotAuthorised: (Code.FORBIDDEN, None),
     errors.InvalidNafId: (Code.BAD_REQUEST, None),
     errors.UnsupportedUaProtocol: (Code.BAD_REQUEST, None),

@@ -36,6 +36,7 @@ from mn_secd.control.payloads import (
     KeyRequest,
     RequestError,
     answer_format,
+    check_critical_options,
     decode_key_request,
     encode_key_answer,
     encode_status,
@@ -116,6 +117,7 @@ def _error_message(exc: BaseException) -> aiocoap.Message:
 
 async def _answering(request: aiocoap.Message, work: Callable[[], Any]) -> aiocoap.Message:
     try:
+        check_critical_options([int(option.number) for option in request.opt.option_list()])
         if request.opt.block1 is not None:
             raise RequestError("block-wise requests are not supported: every request here fits one datagram")
         result: aiocoap.Message = await work()
@@ -371,13 +373,21 @@ class _Site(resource.Site):  # type: ignore[misc]
         return self._resources[request.opt.uri_path], request
 
 
+class _WellKnownCore(_Leaf, resource.WKCResource):  # type: ignore[misc]
+    """aiocoap's ``/.well-known/core``, refusing critical options it would otherwise ignore."""
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        parent = super().render_get
+        return await _answering(request, lambda: parent(request))
+
+
 def build_site(service: _Service) -> tuple[resource.Site, KeyResource]:
     site = _Site()
     key_resource = KeyResource(service)
     site.add_resource(["key"], key_resource)
     site.add_resource(["status"], StatusResource(service))
     site.add_resource(["bootstrap"], BootstrapResource(service))
-    site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
+    site.add_resource([".well-known", "core"], _WellKnownCore(site.get_resources_as_linkheader, impl_info=None))
     return site, key_resource
 
 

@@ -26,6 +26,7 @@ import cbor2
 import httpx
 import pytest
 from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import OpaqueOption
 from dtls_peer import DtlsPeer, coap_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -265,6 +266,10 @@ _payloads = st.one_of(
     st.builds(cbor2.dumps, _cbor_maps),
     st.builds(lambda d: json.dumps(d).encode(), _json_maps),
 )
+#: Options aiocoap does not know: odd numbers are critical (answered 4.02), even ones are ignored.
+_unknown_options = st.lists(
+    st.tuples(st.sampled_from([9, 25, 2049, 65001, 2048, 65000]), st.binary(max_size=12)), max_size=2
+)
 _queries = st.lists(
     st.one_of(st.text(max_size=20), st.sampled_from([f"naf={OTHER_NAF}", "ua=xyz", "force=2"])), max_size=3
 )
@@ -279,6 +284,7 @@ _queries = st.lists(
     payload=_payloads,
     query=_queries,
     observe=st.sampled_from([None, 0, 1]),
+    unknown=_unknown_options,
 )
 async def test_fuzzed_requests_get_4xx_and_the_server_keeps_serving(
     fuzz_session: tuple[Chain, aiocoap.Context, str],
@@ -289,6 +295,7 @@ async def test_fuzzed_requests_get_4xx_and_the_server_keeps_serving(
     payload: bytes,
     query: list[str],
     observe: int | None,
+    unknown: list[tuple[int, bytes]],
 ) -> None:
     _, client, base = fuzz_session
     message = aiocoap.Message(code=method, uri=base + "/".join(path), payload=payload)
@@ -299,6 +306,8 @@ async def test_fuzzed_requests_get_4xx_and_the_server_keeps_serving(
         message.opt.accept = accept
     if observe is not None:
         message.opt.observe = observe
+    for number, value in unknown:
+        message.opt.add_option(OpaqueOption(number, value))
     request = client.request(message)
     answer = await asyncio.wait_for(request.response, 10)
     if request.observation is not None and not request.observation.cancelled:
@@ -306,6 +315,8 @@ async def test_fuzzed_requests_get_4xx_and_the_server_keeps_serving(
     assert answer.code.class_ in (2, 4), (answer.code, answer.payload)
     if answer.code.class_ == 2:  # only what the ACL allows can succeed: AE A's key, status, bootstrap
         assert path in (["key"], ["status"], ["bootstrap"], [".well-known", "core"])
+    if any(number % 2 for number, _ in unknown):  # never acted upon: 4.02, or refused before that
+        assert answer.code in (Code.BAD_OPTION, Code.METHOD_NOT_ALLOWED, Code.NOT_FOUND), answer.code
 
 
 @pytest.fixture

@@ -210,6 +210,14 @@ def test_error_answers(exc: MnSecdError, code: Code, max_age: int | None) -> Non
     assert answer.diagnostic.decode().startswith(f"{exc.kind}: ")
 
 
+def test_unknown_critical_options_are_refused() -> None:
+    payloads.check_critical_options([3, 11, 15, 17, 12, 6, 2048, 60])  # understood, or elective
+    for number in (1, 5, 9, 35, 2049):
+        with pytest.raises(payloads.UnsupportedOption, match=f"critical option {number} ") as info:
+            payloads.check_critical_options([11, number])
+        assert error_answer(info.value).code == Code.BAD_OPTION
+
+
 def test_diagnostic_is_bounded() -> None:
     answer = error_answer(errors.NotAuthorised("x" * 1000))
     assert len(answer.diagnostic) <= payloads.MAX_DIAGNOSTIC
