@@ -43,18 +43,24 @@ Fixes to the server (``aiocoap/transports/tinydtls_server.py``):
 8. **Port semantics.** Upstream's server adds 1 to the port it is given (a CoAP port becomes the
    CoAPS one) and cannot be given an ephemeral port; :func:`create_dtls_server_contexts` takes the
    real CoAPS port (0 for an ephemeral one).
-
 9. **Receive buffer.** Upstream keeps the default socket receive buffer (about 200 KiB): a burst of
    handshakes (200 AEs at a cold start) overflows it, and every dropped flight then waits for a
    retransmission. Here a server socket asks for :data:`RECEIVE_BUFFER` (capped by the kernel).
+10. **A retransmission task per datagram.** Upstream cancels and re-creates an asyncio task for
+    every datagram of every peer; only handshake flights are ever retransmitted, so application
+    data on an established session goes straight to tinydtls here.
+11. **Freeing a context that still holds a peer.** DTLSSocket's destructor then sends that peer a
+    close_notify through a callback that resurrects the dying context: a double free, seen as a
+    segfault in the garbage collector. Every way out of the peer table frees tinydtls's peer first
+    (``resetPeer``), and :meth:`Peer.__del__` makes sure.
 
 Fixes to the client (``aiocoap/transports/tinydtls.py``), applied with the others because a server
 that evicts peers relies on the first, and both sides on the second:
 
-10. **close_notify at warning level, client side.** ``DTLSClientConnection._event`` ignores it too,
+12. **close_notify at warning level, client side.** ``DTLSClientConnection._event`` ignores it too,
     so a client whose session the server ended keeps sending into the void until its request times
     out. Here it ends the connection, and the next request handshakes afresh.
-11. **tinydtls's clock.** DTLSSocket calls ``dtls_init()`` for every new context, which resets
+13. **tinydtls's clock.** DTLSSocket calls ``dtls_init()`` for every new context, which resets
     tinydtls's (process-wide) clock origin to the current whole second, while aiocoap converts the
     retransmission deadlines that ``checkRetransmit()`` returns with an origin fixed at import time.
     Once the two disagree, every handshake waiting for a retransmission makes aiocoap's timer loop
@@ -120,7 +126,7 @@ _LEVEL_WARNING = 1
 _CONNECTED = (tinydtls.LEVEL_NOALERT, tinydtls.DTLS_EVENT_CONNECTED)
 
 _applied = False
-#: The upstream client event handler, kept for the tests that check upstream still needs fix 10.
+#: The upstream client event handler, kept for the tests that check upstream still needs fix 12.
 UPSTREAM_CLIENT_EVENT: Callable[..., None] = tinydtls.DTLSClientConnection._event
 
 
@@ -190,7 +196,7 @@ def apply() -> None:
     tinydtls_server.MessageInterfaceTinyDTLSServer._serversocket = PeerTable
 
     def _client_event(self: Any, level: int, code: int) -> None:
-        # Fix 10: a close_notify at warning level ends the connection like a fatal one.
+        # Fix 12: a close_notify at warning level ends the connection like a fatal one.
         if (level, code) == (_LEVEL_WARNING, tinydtls.CODE_CLOSE_NOTIFY):
             self._inject_error(tinydtls.CloseNotifyReceived())
             return
@@ -202,7 +208,7 @@ def apply() -> None:
 
 
 class ClockTrackingDTLS(dtls.DTLS):  # type: ignore[misc]
-    """DTLSSocket's context, telling aiocoap where tinydtls's clock now starts (fix 11)."""
+    """DTLSSocket's context, telling aiocoap where tinydtls's clock now starts (fix 13)."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ClockTrackingDTLS:
         context: ClockTrackingDTLS = super().__new__(cls, *args, **kwargs)  # dtls_init(): origin = time(NULL)
@@ -383,7 +389,7 @@ class Peer(tinydtls_server._AddressDTLS):  # type: ignore[misc]
 
 
 class PeerTable(tinydtls_server._DatagramServerSocketSimpleDTLS):  # type: ignore[misc]
-    """The server socket and its table of peers, bounded and purged (fixes 2, 3, 6, 8)."""
+    """The server socket and its table of peers, bounded and purged (fixes 2, 3, 6, 8, 9, 10)."""
 
     _Address = Peer
     max_peers = 256
@@ -434,8 +440,7 @@ class PeerTable(tinydtls_server._DatagramServerSocketSimpleDTLS):  # type: ignor
             self._connections.move_to_end(sockaddr)
         peer.last_seen = now
         if peer.session is not None and not _is_client_hello(data):
-            # Application data on an established session: upstream's wrapper would also cancel and
-            # re-create a retransmission task per datagram, which only handshake flights need.
+            # Fix 10: application data on an established session goes straight to tinydtls.
             peer._dtls_socket.handleMessage(peer._dtls_session, data)
             return
         self._message_interface._received_datagram(peer, data)

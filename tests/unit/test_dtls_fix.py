@@ -206,7 +206,7 @@ async def test_upstream_server_locks_out_a_new_identity_on_a_reused_port(upstrea
 
 
 def test_upstream_dtlssocket_resets_the_tinydtls_clock_with_every_context() -> None:
-    """Fix 11: a context's retransmission deadline moves back when another context is created."""
+    """Fix 13: a context's retransmission deadline moves back when another context is created."""
 
     def pending_deadline() -> int:
         context = dtls.DTLS(read=lambda *_: 0, write=lambda _, data: len(data), event=lambda *_: None,
@@ -376,7 +376,7 @@ class _Mute(DtlsPeer):
 async def test_a_stalled_handshake_does_not_make_the_server_spin(
     make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Fix 11: with aiocoap's clock origin where a long-running daemon has it, no busy loop."""
+    """Fix 13: with aiocoap's clock origin where a long-running daemon has it, no busy loop."""
     for module in (tinydtls, tinydtls_server):
         monkeypatch.setattr(module, "DTLS_CLOCK_OFFSET", time.time() - 3600)  # imported an hour ago
     _, address, _ = await make_server()
