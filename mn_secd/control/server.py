@@ -381,7 +381,7 @@ class _WellKnownCore(_Leaf, resource.WKCResource):  # type: ignore[misc]
         return await _answering(request, lambda: parent(request))
 
 
-def build_site(service: _Service) -> tuple[resource.Site, KeyResource]:
+def _build_site(service: _Service) -> tuple[resource.Site, KeyResource]:
     site = _Site()
     key_resource = KeyResource(service)
     site.add_resource(["key"], key_resource)
@@ -408,7 +408,7 @@ async def start_control_server(
     """
     service = _Service(keys, registry, request_timeout)
     credentials = RegistryCredentials(registry)
-    site, key_resource = build_site(service)
+    site, key_resource = _build_site(service)
     contexts = await dtls_fix.create_dtls_server_contexts(
         site, credentials, addresses, port, max_peers=max_peers, idle_timeout=idle_timeout
     )
