@@ -30,31 +30,12 @@ from pathlib import Path
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.sim.bsf import ReferenceBsf
 from mn_secd.sim.modem import ModemEmulator
-from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
+from mn_secd.sim.world import free_udp_port, lab_cards
 
 MN_SECD = str(Path(sys.executable).parent / "mn-secd")
 NAF = "in-cse.example.net"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def lab_profile() -> CardProfile:
-    return CardProfile(
-        iccid="89882110000000000018",
-        imsi="001010000000001",
-        mnc_length=2,
-        k=bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc"),
-        opc=bytes.fromhex("cd63cb71954a9f4e48a5994e37a02baf"),
-        isim=True,
-        gba_u=True,
-    )
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rss_mb(pid: int) -> float:
@@ -89,7 +70,7 @@ def context_switches(pid: int) -> tuple[int, int, int]:
 class Bench:
     def __init__(self, workdir: Path, n_aes: int) -> None:
         self.dir = workdir
-        self.profile = lab_profile()
+        self.profile = lab_cards()[0]
         self.modem = ModemEmulator(SoftUicc(self.profile))
         self.bsf = ReferenceBsf([self.profile])
         self.n_aes = n_aes

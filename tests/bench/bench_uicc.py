@@ -16,21 +16,13 @@ from collections.abc import Sequence
 
 from mn_secd.sim.milenage import Milenage, generate_autn
 from mn_secd.sim.modem import ModemEmulator, Quirks
-from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
+from mn_secd.sim.world import lab_cards
 from mn_secd.uicc import at
 from mn_secd.uicc.auth import AkaSuccess, AuthContext
 from mn_secd.uicc.card import open_card
 
-PROFILE = CardProfile(
-    iccid="89882110000000000018",
-    imsi="001010000000001",
-    mnc_length=2,
-    k=bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc"),
-    opc=bytes.fromhex("cd63cb71954a9f4e48a5994e37a02baf"),
-    isim=True,
-    gba_u=True,
-)
+PROFILE = lab_cards()[0]
 CASES: list[tuple[str, str, Quirks]] = [
     ("cgla", "modem returns the answer", Quirks(internal_get_response=True)),
     ("cgla", "host GET RESPONSE (61xx)", Quirks()),

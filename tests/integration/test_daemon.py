@@ -8,6 +8,7 @@ AEs talk to the daemon over DTLS-PSK with :class:`mn_secd.client.KeyServiceClien
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from mn_secd.sim.launcher import DaemonProcess as Daemon
 from mn_secd.sim.modem import ModemEmulator
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
-from mn_secd.sim.world import free_udp_port
+from mn_secd.sim.world import free_udp_port, lab_cards
 
 MN_SECD = str(Path(sys.executable).parent / "mn-secd")
 NAF = "in-cse.example.net"
@@ -43,16 +44,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def lab_profile(iccid: str = "89882110000000000018", imsi: str = "001010000000001") -> CardProfile:
-    """TS 35.208 test set 1 keys: a lab card, never a real subscriber."""
-    return CardProfile(
-        iccid=iccid,
-        imsi=imsi,
-        mnc_length=2,
-        k=bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc"),
-        opc=bytes.fromhex("cd63cb71954a9f4e48a5994e37a02baf"),
-        isim=True,
-        gba_u=True,
-    )
+    """The world's first lab card (TS 35.208 test set 1 keys), under another ICCID/IMSI if asked."""
+    return dataclasses.replace(lab_cards()[0], iccid=iccid, imsi=imsi, impi=None, impu=(), domain=None)
 
 
 @dataclass
