@@ -1,10 +1,8 @@
 """MN side of the MN-IN security association: CoAP over DTLS-PSK to a NAF with a GBA key.
 
 An AE on the Middle Node asks the daemon for the key of a NAF (B-TID, Ks_(ext)_NAF), then talks
-``coaps://`` to the NAF with psk_identity = the B-TID and PSK = the key, in the compact form that
-the tinydtls stack under aiocoap can carry (see :mod:`mn_secd.naf.identity`: base64(RAND) and the
-leftmost 16 octets of the key; a NAF built on :mod:`mn_secd.naf` accepts it next to the standard
-forms).
+``coaps://`` to the NAF with psk_identity = the bare B-TID and PSK = the whole 32-octet key, as
+oneM2M TS-0003 has it (our patched tinydtls carries both, see :mod:`mn_secd.naf.identity`).
 
 When the NAF refuses the handshake, the usual reason is that it no longer accepts the B-TID (the
 BSF forgot it or it expired), which TS 33.222 resolves by bootstrapping again. The association does
@@ -44,8 +42,8 @@ from mn_secd.naf.identity import IdentityForm, dtls_psk, encode_psk_identity
 
 log = logging.getLogger(__name__)
 
-#: The form this client presents: the only one tinydtls can carry (32-octet identities, 16-octet PSKs).
-IDENTITY_FORM = IdentityForm.COMPACT
+#: The form this client presents: the bare B-TID (KpsaID = B-TID in TS-0003).
+IDENTITY_FORM = IdentityForm.BTID
 
 
 class NafKeyAnswer(Protocol):
@@ -173,9 +171,9 @@ class NafAssociation:
 
     async def _open(self, answer: NafKeyAnswer) -> _Session:
         identity = encode_psk_identity(answer.btid, IDENTITY_FORM)
-        psk = dtls_fix.check_psk(dtls_psk(answer.key, IDENTITY_FORM))
+        psk = dtls_fix.check_psk(dtls_psk(answer.key))
         if len(identity) > dtls_fix.MAX_IDENTITY_LENGTH:
-            raise NafError(f"this B-TID's compact form is {len(identity)} octets, more than tinydtls carries")
+            raise NafError(f"this B-TID is {len(identity)} octets, more than our tinydtls carries")
         dtls_fix.apply()  # the client side fix: a close_notify from the NAF ends the session
         context = await aiocoap.Context.create_client_context(transports=["tinydtls"])
         context.client_credentials.load_from_dict(

@@ -29,10 +29,12 @@ Fixes to the server (``aiocoap/transports/tinydtls_server.py``):
    the claim is taken per handshake and committed when the handshake completes, and aiocoap sees a
    fresh remote (:class:`Session`) per completed handshake; a late response for an ended session is
    dropped instead of being sent to whoever now holds that address.
-5. **PSK length.** DTLSSocket 0.2.3 copies the PSK into tinydtls's 16-byte stack buffer
-   (``DTLS_PSK_MAX_KEY_LEN``) without a length check: a longer PSK overruns the stack, and beyond 18
-   octets the handshake fails with internal_error. Here a credential with a PSK longer than
-   :data:`MAX_PSK_LENGTH` is refused (logged, handshake fails cleanly) and never reaches C.
+5. **PSK length.** Upstream DTLSSocket 0.2.3 copies the PSK into tinydtls's 16-byte stack buffer
+   (``DTLS_PSK_MAX_KEY_LEN``) without a length check. We run a patched build
+   (``patches/dtlssocket-0.2.3-gba-psk.patch``, built by ``./dev``) whose limits are
+   :data:`MAX_PSK_LENGTH` and :data:`MAX_IDENTITY_LENGTH` and which checks the length itself;
+   here, in addition, a credential with a longer PSK is refused with a log line before it reaches
+   C, and :func:`check_upstream` refuses the unpatched build.
 6. **SO_REUSEPORT.** Upstream binds with ``SO_REUSEPORT``, so a second daemon (or any process of
    the same user) can bind the same port and silently receive a share of the handshakes. Here the
    bind is exclusive: a port in use is an error at start-up.
@@ -70,8 +72,9 @@ that evicts peers relies on the first, and both sides on the second:
     origin moves; that is in C, and only delays a retransmission.)
 
 :func:`apply` refuses to patch anything but the exact upstream sources these fixes were written
-against (aiocoap 0.4.17, DTLSSocket 0.2.3): a different version fails loudly at start-up instead of
-half-working.
+against (aiocoap 0.4.17, DTLSSocket 0.2.3 with our patch, :data:`PATCHED_DTLSSOCKET`): a different
+version, or the unpatched DTLSSocket whose buffers our PSKs would overrun, fails loudly at start-up
+instead of half-working.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_AIOCOAP = "0.4.17"
 UPSTREAM_DTLSSOCKET = "0.2.3"
+#: The version our patched build of DTLSSocket 0.2.3 carries (a local version: it satisfies ==0.2.3).
+PATCHED_DTLSSOCKET = UPSTREAM_DTLSSOCKET + "+mnsecd.gbapsk"
 #: sha256 of the upstream modules whose internals are patched or relied upon here.
 UPSTREAM_SOURCES: dict[str, str] = {
     "aiocoap.transports.tinydtls_server": "f630801dc8987f5f9e38d451c0d29cd74dc20ac1615c6be26ad6696d5cc9da49",
@@ -110,10 +115,10 @@ UPSTREAM_SOURCES: dict[str, str] = {
     "aiocoap.transports.generic_udp": "122174962990f2cc9a0800f68c7a11ab1660780bea7d5a15ea7a83c98bbd9670",
 }
 
-#: tinydtls's DTLS_PSK_MAX_KEY_LEN (= DTLS_KEY_LENGTH, AES-128) in DTLSSocket 0.2.3.
-MAX_PSK_LENGTH = 16
-#: tinydtls's DTLS_PSK_MAX_CLIENT_IDENTITY_LEN.
-MAX_IDENTITY_LENGTH = 32
+#: tinydtls's DTLS_PSK_MAX_KEY_LEN in our patched build (upstream: 16): room for the 32-octet Ks_NAF.
+MAX_PSK_LENGTH = 64
+#: tinydtls's DTLS_PSK_MAX_CLIENT_IDENTITY_LEN in our patched build (upstream: 32): room for a B-TID.
+MAX_IDENTITY_LENGTH = 128
 #: A peer that has not completed its handshake after this long is purged (if idle_timeout is shorter,
 #: that applies instead).
 HANDSHAKE_TIMEOUT = 30.0
@@ -161,7 +166,7 @@ def check_psk(psk: bytes) -> bytes:
     """Return ``psk`` if tinydtls can use it; raise ValueError otherwise (see fix 5)."""
     if not isinstance(psk, bytes) or not 1 <= len(psk) <= MAX_PSK_LENGTH:
         length = len(psk) if isinstance(psk, bytes) else "?"
-        raise ValueError(f"a DTLS PSK must be 1 to {MAX_PSK_LENGTH} octets with tinydtls, got {length}")
+        raise ValueError(f"a DTLS PSK must be 1 to {MAX_PSK_LENGTH} octets with our tinydtls, got {length}")
     return psk
 
 
@@ -169,9 +174,14 @@ def check_upstream() -> None:
     """Raise :class:`DtlsFixMismatch` unless the upstream code is exactly what the fixes expect."""
     versions = {
         "aiocoap": (aiocoap.meta.version, UPSTREAM_AIOCOAP),
-        "DTLSSocket": (importlib.metadata.version("DTLSSocket"), UPSTREAM_DTLSSOCKET),
+        "DTLSSocket": (importlib.metadata.version("DTLSSocket"), PATCHED_DTLSSOCKET),
     }
     for name, (found, expected) in versions.items():
+        if found == UPSTREAM_DTLSSOCKET and name == "DTLSSocket":
+            raise DtlsFixMismatch(
+                f"the unpatched DTLSSocket {found} is installed: its buffers are too small for GBA keys;"
+                " install the patched build (./dev setup builds it with patches/dtlssocket-0.2.3-gba-psk.patch)"
+            )
         if found != expected:
             raise DtlsFixMismatch(
                 f"mn_secd.control.dtls_fix was written for {name} {expected}, found {found}: "
@@ -224,7 +234,7 @@ class _HandshakeStore(tinydtls_server.SecurityStore):  # type: ignore[misc]
 
     Upstream records the claim once per source address and raises when another identity shows up;
     here each lookup records a *pending* claim that :meth:`take_claim` commits when the handshake
-    completes, and PSKs tinydtls cannot hold are refused before they reach C.
+    completes, and PSKs tinydtls cannot hold are refused (and logged) before they reach C.
     """
 
     def __init__(self, server_credentials: Any) -> None:

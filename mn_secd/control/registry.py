@@ -9,9 +9,9 @@ Authorisation is decided from the identity that completed the DTLS handshake and
 request can name a NAF, never who is asking. The registry is swapped whole on SIGHUP; the DTLS
 server looks PSKs up through :class:`RegistryCredentials`, which always reads the current one.
 
-PSK files hold the key verbatim (binary-safe, no trailing newline is stripped), 1 to 16 octets:
-16 is what tinydtls can hold (see :mod:`mn_secd.control.dtls_fix`). A file that group or others
-may access is refused, as is anything but a regular file.
+PSK files hold the key verbatim (binary-safe, no trailing newline is stripped), 1 to 64 octets:
+64 is what our patched tinydtls can hold (see :mod:`mn_secd.control.dtls_fix`; upstream's held
+16). A file that group or others may access is refused, as is anything but a regular file.
 """
 
 from __future__ import annotations

@@ -62,10 +62,11 @@ class GbaPskCredentials(CredentialsMap):  # type: ignore[misc]
     """aiocoap server credentials resolving GBA psk_identities through a key cache filled over Zn.
 
     ``naf_fqdn`` and ``ua`` make this NAF's NAF_Id (by default FQDN ‖ ``01 00 01 C0 A8``, oneM2M's
-    DTLS suite). ``bsf_name`` completes compact identities (see :mod:`mn_secd.naf.identity`).
-    ``max_psk_length`` is what the DTLS stack can hold (16 octets for tinydtls); a key it cannot
-    hold is refused here rather than handed to C. ``max_fetches`` bounds concurrent Zn requests, so
-    a flood of made-up identities cannot turn the NAF into a load generator for the BSF.
+    DTLS suite). Every psk_identity form of :mod:`mn_secd.naf.identity` is accepted, with the
+    32-octet NAF key as PSK. ``max_psk_length`` is what the DTLS stack can hold (64 octets for our
+    patched tinydtls); a key it cannot hold is refused here rather than handed to C.
+    ``max_fetches`` bounds concurrent Zn requests, so a flood of made-up identities cannot turn the
+    NAF into a load generator for the BSF.
     """
 
     def __init__(
@@ -74,7 +75,6 @@ class GbaPskCredentials(CredentialsMap):  # type: ignore[misc]
         naf_fqdn: str,
         *,
         ua: UaId | None = None,
-        bsf_name: str | None = None,
         cache: NafKeyCache | None = None,
         max_psk_length: int = MAX_PSK_LENGTH,
         max_fetches: int = 64,
@@ -85,7 +85,6 @@ class GbaPskCredentials(CredentialsMap):  # type: ignore[misc]
         self.naf_fqdn = normalise_fqdn(naf_fqdn)
         self.ua = ua if ua is not None else UaId.dtls_psk()
         self.naf_id = naf_id(self.naf_fqdn, self.ua)
-        self.bsf_name = bsf_name
         self.cache = cache if cache is not None else NafKeyCache()
         self.max_psk_length = max_psk_length
         self.max_fetches = max_fetches
@@ -109,7 +108,7 @@ class GbaPskCredentials(CredentialsMap):  # type: ignore[misc]
         answer = self.cache.get(decoded.btid, self.naf_id, self._clock())
         if answer is None:
             raise KeyError(identity)
-        psk = dtls_psk(answer.key, decoded.form)
+        psk = dtls_psk(answer.key)
         if len(psk) > self.max_psk_length:
             log.warning(
                 "refusing a %s psk_identity: its %d-octet PSK does not fit the DTLS stack (%d)",
@@ -178,6 +177,6 @@ class GbaPskCredentials(CredentialsMap):  # type: ignore[misc]
 
     def _decode(self, identity: bytes) -> PskIdentity | None:
         try:
-            return decode_psk_identity(identity, bsf_name=self.bsf_name)
+            return decode_psk_identity(identity)
         except ValueError:
             return None

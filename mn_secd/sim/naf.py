@@ -44,7 +44,6 @@ from mn_secd.naf.cache import NafKeyCache
 from mn_secd.naf.psk import GbaPskCredentials, NafClaim
 from mn_secd.naf.server import NafServer, peer_claim, start_naf_server
 from mn_secd.naf.zn import ZnClient
-from mn_secd.sim.bsf import DEFAULT_NAME as DEFAULT_BSF_NAME
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +220,7 @@ class ReferenceInCse:
     """The reference IN-CSE as one object: ``await start()``, ``await stop()``.
 
     ``fqdn`` and ``ua`` make the NAF_Id (default Ua id ``01 00 01 C0 A8``); ``bsf_url`` is where Zn
-    goes; ``bsf_name`` completes compact psk_identities (the reference BSF's name by default).
+    goes.
     """
 
     def __init__(
@@ -230,13 +229,12 @@ class ReferenceInCse:
         bsf_url: str,
         *,
         ua: UaId | None = None,
-        bsf_name: str = DEFAULT_BSF_NAME,
         cse_id: str = "/in-cse",
         zn_timeout: float = 2.0,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.zn = ZnClient(bsf_url, timeout=zn_timeout)
-        self.credentials = GbaPskCredentials(self.zn, fqdn, ua=ua, bsf_name=bsf_name, cache=NafKeyCache(), clock=clock)
+        self.credentials = GbaPskCredentials(self.zn, fqdn, ua=ua, cache=NafKeyCache(), clock=clock)
         self.site = InCseSite(cse_id, self.credentials.naf_fqdn, clock)
         self._server: NafServer | None = None
 
@@ -300,7 +298,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     """``mn-secd sim naf``: arguments and handler."""
     parser.epilog = (
         "Prints the coaps:// base URI on stdout, then serves until SIGINT/SIGTERM. "
-        "Peers present psk_identity = B-TID (or its compact form) and the NAF key as PSK."
+        "Peers present psk_identity = B-TID (bare or 3GPP-bootstrapping prefixed) and the 32-octet NAF key as PSK."
     )
     parser.add_argument("--fqdn", required=True, help="the IN-CSE's host name, as it goes into NAF_Id")
     parser.add_argument("--bsf", required=True, metavar="URL", help="the BSF's base URL for Zn")
@@ -318,11 +316,6 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         metavar="HEX",
         help="Ua security protocol id for NAF_Id (default 010001c0a8, TLS_PSK_WITH_AES_128_CCM_8)",
     )
-    parser.add_argument(
-        "--bsf-name",
-        default=DEFAULT_BSF_NAME,
-        help=f"the BSF's name, completing compact psk_identities (default {DEFAULT_BSF_NAME})",
-    )
     parser.add_argument("--zn-timeout", type=float, default=2.0, metavar="SECONDS", help="Zn timeout (default 2)")
     parser.set_defaults(handler=run)
 
@@ -331,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     from mn_secd.logs import setup_logging
 
     setup_logging("info")
-    cse = ReferenceInCse(args.fqdn, args.bsf, ua=args.ua, bsf_name=args.bsf_name, zn_timeout=args.zn_timeout)
+    cse = ReferenceInCse(args.fqdn, args.bsf, ua=args.ua, zn_timeout=args.zn_timeout)
     host, port = args.listen
     asyncio.run(_serve(cse, host, port))
     return 0

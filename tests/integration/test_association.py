@@ -25,7 +25,6 @@ from mn_secd.client.association import NafAssociation, latest_data, post_data, r
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.errors import NafHandshakeFailed
 from mn_secd.logs import btid_hash
-from mn_secd.naf.identity import IdentityForm, dtls_psk, encode_psk_identity
 from mn_secd.sim.naf import ReferenceInCse
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
 
@@ -163,13 +162,14 @@ async def test_a_key_for_one_naf_does_not_open_another(chain: Chain, caplog: pyt
 
 
 async def test_aiocoap_client_reaches_the_in_cse_with_the_btid_and_key(chain: Chain, tmp_path: Path) -> None:
-    """A client we did not write: aiocoap-client, with the PSK as hex in a credentials file."""
+    """A client we did not write: aiocoap-client, with psk_identity = the bare B-TID and the whole
+    32-octet key as hex in a credentials file (TS-0003's form, carried by our patched tinydtls)."""
     answer = await chain.keys.get_key(chain.cse.fqdn)
     host, port = chain.cse.address
     uri = f"coaps://{host}:{port}"
     credentials = tmp_path / "in-cse.json"
-    identity = encode_psk_identity(answer.btid, IdentityForm.COMPACT).decode()
-    psk = dtls_psk(answer.key, IdentityForm.COMPACT)
+    identity, psk = answer.btid, answer.key
+    assert len(identity) > 32 and len(psk) == 32  # beyond upstream tinydtls's limits
     credentials.write_text(
         json.dumps({uri + "/*": {"dtls": {"psk": {"hex": psk.hex()}, "client-identity": {"ascii": identity}}}})
     )

@@ -22,7 +22,6 @@ from aiocoap.credentials import CredentialsMap
 from mn_secd.client.association import NafAssociation
 from mn_secd.control.dtls_fix import bound_address, create_dtls_server_contexts
 from mn_secd.errors import NafError, NafHandshakeFailed, NafTimeout
-from mn_secd.naf.identity import IdentityForm, dtls_psk, encode_psk_identity
 from mn_secd.sim.world import free_udp_port
 
 FQDN = "in-cse.example.org"
@@ -54,14 +53,14 @@ class Keys:
 
 
 class Accepted(CredentialsMap):  # type: ignore[misc]
-    """Server credentials: the compact identities of the keys the test lets in."""
+    """Server credentials: the bare B-TIDs of the keys the test lets in, with the whole key as PSK."""
 
     def __init__(self) -> None:
         super().__init__()
         self.keys: dict[bytes, bytes] = {}
 
     def allow(self, key: Key) -> None:
-        self.keys[encode_psk_identity(key.btid, IdentityForm.COMPACT)] = dtls_psk(key.key, IdentityForm.COMPACT)
+        self.keys[key.btid.encode()] = key.key
 
     def find_dtls_psk(self, identity: bytes) -> tuple[bytes, str]:
         return self.keys[identity], identity.decode()
@@ -115,7 +114,7 @@ async def association(server: Server, keys: Keys) -> AsyncIterator[NafAssociatio
 async def test_accepted_key_needs_no_rekey(server: Server, keys: Keys, association: NafAssociation) -> None:
     server.credentials.allow(make_key(1))
     response = await association.request(aiocoap.GET, ("x",))
-    assert response.payload == encode_psk_identity(make_key(1).btid, IdentityForm.COMPACT)
+    assert response.payload == make_key(1).btid.encode()  # psk_identity = the bare B-TID (TS-0003)
     await association.request(aiocoap.GET, ("x",))  # same session, no new key request
     assert keys.calls == [False]
     assert association.refusals == 0
@@ -141,7 +140,7 @@ async def test_no_forced_bootstrap_when_the_daemon_already_has_a_new_key(
     server.credentials.allow(make_key(2))
     assert (await association.request(aiocoap.GET, ("x",))).code == aiocoap.CONTENT
     keys.generation = 2  # the daemon re-bootstrapped on its own ...
-    server.site.unauthorised.add(encode_psk_identity(make_key(1).btid, IdentityForm.COMPACT).decode())
+    server.site.unauthorised.add(make_key(1).btid)
     assert (await association.request(aiocoap.GET, ("x",))).code == aiocoap.CONTENT  # ... 4.01, re-key
     assert keys.calls == [False, False]
     assert (association.refusals, association.forced_bootstraps) == (1, 0)
@@ -159,7 +158,7 @@ async def test_wrong_key_is_a_bounded_handshake_failure(
     server: Server, keys: Keys, association: NafAssociation
 ) -> None:
     for n in (1, 2):  # the server knows the identities, with other PSKs: tinydtls drops silently
-        server.credentials.keys[encode_psk_identity(make_key(n).btid, IdentityForm.COMPACT)] = bytes(16)
+        server.credentials.keys[make_key(n).btid.encode()] = bytes(32)
     start = time.monotonic()
     with pytest.raises(NafHandshakeFailed, match="no DTLS handshake"):
         await association.request(aiocoap.GET, ("x",))
@@ -184,7 +183,7 @@ async def test_silence_on_an_established_session_is_a_timeout_without_rekey(
 async def test_4_01_means_rekey_once(server: Server, keys: Keys, association: NafAssociation) -> None:
     server.credentials.allow(make_key(1))
     server.credentials.allow(make_key(2))
-    server.site.unauthorised.add(encode_psk_identity(make_key(1).btid, IdentityForm.COMPACT).decode())
+    server.site.unauthorised.add(make_key(1).btid)
     response = await association.request(aiocoap.GET, ("x",))
     assert response.code == aiocoap.CONTENT
     assert keys.calls == [False, False, True]

@@ -46,7 +46,8 @@ from mn_secd.uicc.card import Card, open_card
 
 NAF = "in-cse.example.net"
 OTHER_NAF = "other-cse.example.net"
-PSK_A = b"psk-of-ae-a-0001"  # ASCII, so libcoap's -k can carry it
+# ASCII, so libcoap's -k can carry it; 32 octets, more than upstream tinydtls holds (16).
+PSK_A = b"psk-of-ae-a-0001-a-32-octet-key!"
 
 
 def ae(identity: str, psk: bytes, naf: tuple[str, ...] = (NAF,), force: bool = True) -> AeEntry:

@@ -30,7 +30,7 @@ from mn_secd.sim.naf import ReferenceInCse
 
 BSF_NAME = "bsf.mnc001.mcc001.pub.3gppnetwork.org"
 FQDN = "in-cse.example.org"
-PSK = bytes.fromhex(KEY)[:16]
+PSK = bytes.fromhex(KEY)  # the whole 32-octet Ks_NAF (TS-0003)
 
 
 def new_btid() -> str:
@@ -86,7 +86,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def cse(bsf: StubBsf, clock: Clock) -> AsyncIterator[ReferenceInCse]:
-    server = ReferenceInCse(FQDN, bsf.url, bsf_name=BSF_NAME, zn_timeout=0.5, clock=clock)
+    server = ReferenceInCse(FQDN, bsf.url, zn_timeout=0.5, clock=clock)
     await server.start("127.0.0.1", 0)
     yield server
     await server.stop()
@@ -101,7 +101,7 @@ async def peers(cse: ReferenceInCse) -> AsyncIterator[list[Peer]]:
 
 
 def peer(
-    cse: ReferenceInCse, made: list[Peer], btid: str, psk: bytes = PSK, form: IdentityForm = IdentityForm.COMPACT
+    cse: ReferenceInCse, made: list[Peer], btid: str, psk: bytes = PSK, form: IdentityForm = IdentityForm.BTID
 ) -> Peer:
     host, port = cse.address
     p = Peer(f"coaps://{host}:{port}", encode_psk_identity(btid, form), psk)
@@ -149,22 +149,43 @@ async def test_slow_bsf_fails_the_handshake_within_the_zn_timeout(
 
 async def test_wrong_key_never_authenticates(cse: ReferenceInCse, peers: list[Peer]) -> None:
     with pytest.raises(TimeoutError):  # tinydtls drops a bad Finished silently
-        await peer(cse, peers, new_btid(), psk=bytes(16)).request(aiocoap.GET, "/cse", timeout=1.5)
+        await peer(cse, peers, new_btid(), psk=bytes(32)).request(aiocoap.GET, "/cse", timeout=1.5)
+
+
+@pytest.mark.parametrize("form", list(IdentityForm))
+async def test_every_standard_identity_form_with_the_whole_key(
+    cse: ReferenceInCse, peers: list[Peer], form: IdentityForm
+) -> None:
+    """Bare and prefixed B-TIDs (62 to 81 octets) with the 32-octet key: beyond upstream tinydtls."""
+    btid = new_btid()
+    assert len(encode_psk_identity(btid, form)) > 32 and len(PSK) == 32
+    response = await peer(cse, peers, btid, form=form).request(aiocoap.GET, "/cse")
+    assert response.code == aiocoap.CONTENT
+
+
+async def test_a_truncated_key_never_authenticates(cse: ReferenceInCse, peers: list[Peer]) -> None:
+    """The retired "compact" PSK (the key's leftmost 16 octets) is not the key."""
+    with pytest.raises(TimeoutError):
+        await peer(cse, peers, new_btid(), psk=PSK[:16]).request(aiocoap.GET, "/cse", timeout=1.5)
 
 
 @pytest.mark.interop
 @pytest.mark.skipif(shutil.which("coap-client-openssl") is None, reason="libcoap3-bin is not installed")
-async def test_identities_longer_than_tinydtls_takes_cost_no_zn_request(cse: ReferenceInCse, bsf: StubBsf) -> None:
-    """A full B-TID (62 octets) from libcoap/OpenSSL, which can send it: refused, and Zn is not asked."""
+async def test_libcoap_with_a_prefixed_btid_and_the_whole_key(cse: ReferenceInCse, bsf: StubBsf) -> None:
+    """libcoap/OpenSSL, another DTLS stack, with ``3GPP-bootstrapping`` + B-TID (81 octets) and a
+    32-octet key. libcoap 4.3.1 takes the key as text only, so the stub BSF hands out a printable one."""
+    btid, key = new_btid(), b"thirty-two-octets-of-a-GBA-key!!"
+    assert len(key) == 32
+    bsf.by_btid[btid] = {"meKeyMaterial": key.hex()}
     host, port = cse.address
     client = await asyncio.create_subprocess_exec(
-        "coap-client-openssl", "-B", "3", "-u", new_btid(), "-k", "sixteen-octets!!", f"coaps://{host}:{port}/cse",
+        "coap-client-openssl", "-B", "5", "-u", "3GPP-bootstrapping" + btid, "-k", key.decode(),
+        f"coaps://{host}:{port}/cse",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(client.communicate(), 20)
-    assert b"m2m:cb" not in out  # libcoap 4.3.1 exits 0 either way: judge by the output
-    assert b"alert" in out
-    assert bsf.seen == []
+    assert b"m2m:cb" in out, out  # libcoap 4.3.1 exits 0 either way: judge by the output
+    assert [doc["btId"] for doc in bsf.seen] == [btid]
 
 
 async def test_concurrent_handshakes_with_one_btid_make_one_zn_request(
@@ -223,7 +244,8 @@ async def test_a_session_ends_with_its_key(cse: ReferenceInCse, clock: Clock, pe
 
 
 async def test_cli_serves_a_client_we_did_not_write(bsf: StubBsf, tmp_path: Path) -> None:
-    """``mn-secd sim naf`` in its own process, reached by ``aiocoap-client`` with a hex PSK."""
+    """``mn-secd sim naf`` in its own process, reached by ``aiocoap-client`` with the bare B-TID as
+    identity and the 32-octet key as hex in its credentials file."""
     bin_dir = Path(sys.executable).parent
     naf = await asyncio.create_subprocess_exec(
         bin_dir / "mn-secd", "sim", "naf", "--fqdn", FQDN, "--bsf", bsf.url, "--listen", "127.0.0.1:0",
@@ -234,7 +256,7 @@ async def test_cli_serves_a_client_we_did_not_write(bsf: StubBsf, tmp_path: Path
         uri = (await asyncio.wait_for(naf.stdout.readline(), 20)).decode().strip()
         assert uri.startswith("coaps://127.0.0.1:")
         credentials = tmp_path / "credentials.json"
-        identity = encode_psk_identity(new_btid(), IdentityForm.COMPACT).decode()
+        identity = new_btid()
         credentials.write_text(
             json.dumps({uri + "/*": {"dtls": {"psk": {"hex": PSK.hex()}, "client-identity": {"ascii": identity}}}})
         )

@@ -7,6 +7,7 @@ there. When one fails after an upgrade, the matching fix in dtls_fix.py can prob
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import socket
 import time
@@ -25,7 +26,7 @@ from DTLSSocket import dtls
 
 from mn_secd.control import dtls_fix
 
-PSKS = {b"ae1": b"secret-psk-ae1", b"ae2": b"secret-psk-ae2", b"long": b"x" * 17}
+PSKS = {b"ae1": b"secret-psk-ae1", b"ae2": b"secret-psk-ae2", b"long": b"x" * 65}
 
 
 class Credentials(CredentialsMap):  # type: ignore[misc]
@@ -134,6 +135,15 @@ def test_a_changed_upstream_source_is_refused(monkeypatch: pytest.MonkeyPatch) -
 def test_another_aiocoap_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiocoap.meta, "version", "0.4.18")
     with pytest.raises(dtls_fix.DtlsFixMismatch, match=r"aiocoap 0\.4\.17, found 0\.4\.18"):
+        dtls_fix.check_upstream()
+
+
+def test_the_unpatched_dtlssocket_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "0.2.3" if name == "DTLSSocket" else real_version(name)
+    )
+    with pytest.raises(dtls_fix.DtlsFixMismatch, match=r"unpatched DTLSSocket 0\.2\.3"):
         dtls_fix.check_upstream()
 
 
@@ -312,14 +322,14 @@ async def test_a_psk_tinydtls_cannot_hold_is_refused(
     make_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, address, _ = await make_server()
-    peer = await DtlsPeer.create(b"long", b"x" * 16, address)  # the client side must not overflow either
+    peer = await DtlsPeer.create(b"long", b"x" * 32, address)  # the client side must not overflow either
     with caplog.at_level(logging.ERROR, "mn_secd.control.dtls_fix"):
         assert not await peer.handshake(timeout=1.0)
-    assert "PSKs of 1 to 16 octets" in caplog.text
+    assert "PSKs of 1 to 64 octets" in caplog.text
     peer.close(notify=False)
-    with pytest.raises(ValueError, match="1 to 16 octets"):
-        dtls_fix.check_psk(b"x" * 32)
-    assert dtls_fix.check_psk(b"x" * 16) == b"x" * 16
+    with pytest.raises(ValueError, match="1 to 64 octets"):
+        dtls_fix.check_psk(b"x" * 65)
+    assert dtls_fix.check_psk(b"x" * 64) == b"x" * 64
 
 
 async def test_sessions_can_be_evicted_by_claim(make_server: ServerFactory) -> None:

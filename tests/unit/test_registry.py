@@ -58,13 +58,18 @@ def test_psk_file_accessible_by_others_is_refused(tmp_path: Path, mode: int) -> 
 
 
 @pytest.mark.parametrize(
-    ("content", "problem"), [(b"", "empty"), (b"x" * 17, "longer than 16 octets")], ids=["empty", "too-long"]
+    ("content", "problem"), [(b"", "empty"), (b"x" * 65, "longer than 64 octets")], ids=["empty", "too-long"]
 )
 def test_psk_length_is_checked(tmp_path: Path, content: bytes, problem: str) -> None:
     path = psk_file(tmp_path, "bad.psk", content)
     with pytest.raises(ConfigError, match=problem) as info:
         read_psk_file(path)
     assert "x" * 17 not in str(info.value)
+
+
+def test_a_psk_as_long_as_a_naf_key_and_beyond_is_accepted(tmp_path: Path) -> None:
+    for length in (32, 64):
+        assert read_psk_file(psk_file(tmp_path, f"k{length}.psk", b"k" * length)) == b"k" * length
 
 
 def test_psk_file_must_exist_and_be_regular(tmp_path: Path) -> None:
@@ -119,7 +124,7 @@ def test_authorisation(tmp_path: Path) -> None:
         ({"naf": ("not a host",)}, "ae[ae1].naf[0]", "host name"),
         ({"naf": ("*",)}, "ae[ae1].naf[0]", "host name"),
         ({"ua": ("tls:zzzz",)}, "ae[ae1].ua[0]", "cipher suite"),
-        ({"identity": "x" * 33}, "ae[" + "x" * 33 + "].identity", "1 to 32 octets"),
+        ({"identity": "x" * 129}, "ae[" + "x" * 129 + "].identity", "1 to 128 octets"),
     ],
 )
 def test_bad_entries_name_the_key(tmp_path: Path, override: dict[str, object], key: str, problem: str) -> None:
