@@ -58,6 +58,7 @@ from mn_secd.interfaces import (
 )
 from mn_secd.logs import btid_hash
 from mn_secd.notify import Notifier
+from mn_secd.observers import Subscribers
 from mn_secd.uicc.card import Card, open_card
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class KeyService:
     def __init__(self, unavailable: MnSecdError) -> None:
         self._store: KeyStore | None = None
         self._unavailable = unavailable
-        self._subscribers: list[Callable[[KeyEvent], None]] = []
+        self._subscribers = Subscribers[KeyEvent](log, "daemon.subscriber_error")
         self._unsubscribe_store: Callable[[], None] | None = None
 
     @property
@@ -105,7 +106,7 @@ class KeyService:
 
     def attach(self, store: KeyStore) -> None:
         self._store = store
-        self._unsubscribe_store = store.subscribe(self._emit)
+        self._unsubscribe_store = store.subscribe(self._subscribers.emit)
 
     async def close(self) -> None:
         """Wipe every key and stop the keystore's timer; later requests get the unavailable answer."""
@@ -114,7 +115,7 @@ class KeyService:
             self._unsubscribe_store()
         if store is not None:
             await store.close()
-        self._emit(KeyEvent(KeyEventKind.WIPED))
+        self._subscribers.emit(KeyEvent(KeyEventKind.WIPED))
 
     async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
         if self._store is None:
@@ -140,20 +141,7 @@ class KeyService:
         )
 
     def subscribe(self, callback: Callable[[KeyEvent], None]) -> Callable[[], None]:
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
-
-    def _emit(self, event: KeyEvent) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                log.exception("key event subscriber failed", extra={"event": "daemon.subscriber_error"})
+        return self._subscribers.subscribe(callback)
 
 
 class Daemon:

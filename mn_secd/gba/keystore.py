@@ -51,8 +51,10 @@ from mn_secd.interfaces import (
     KeyServiceStatus,
     NafKey,
 )
+from mn_secd.observers import Subscribers
 
 log = logging.getLogger(__name__)
+
 _T = TypeVar("_T")
 
 #: The adapter re-reads the clock at least this often, so a wall-clock step (NTP after boot) is noticed.
@@ -219,7 +221,7 @@ class KeyStore:
         self._last_failure: MnSecdError | None = None
         self._card_present = True
         self._impi: str | None = None
-        self._subscribers: list[Callable[[KeyEvent], None]] = []
+        self._subscribers = Subscribers[KeyEvent](log, "gba.subscriber_error")
         self._refresh_task: asyncio.Task[None] | None = None
         #: Every task this keystore started (also those a wipe detached), for close() to stop.
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -280,13 +282,7 @@ class KeyStore:
         )
 
     def subscribe(self, callback: Callable[[KeyEvent], None]) -> Callable[[], None]:
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.subscribe(callback)
 
     # --- life cycle ----------------------------------------------------------------------------------
 
@@ -423,14 +419,14 @@ class KeyStore:
         if self._refresh_task is None:
             self._refresh_task = self._spawn(self._refresh_loop(), "mn-secd-key-refresh")
         self._wake()
-        self._emit(KeyEvent(KeyEventKind.REFRESHED, session.btid))
+        self._subscribers.emit(KeyEvent(KeyEventKind.REFRESHED, session.btid))
 
     def _expire(self, session: BootstrapSession) -> None:
         if self._session is not session:
             return
         log.info("Ks expired", extra={"event": "gba.expired", "btid_hash": session.btid_hash})
         self._drop_session()
-        self._emit(KeyEvent(KeyEventKind.WIPED, session.btid))
+        self._subscribers.emit(KeyEvent(KeyEventKind.WIPED, session.btid))
 
     def _drop_session(self) -> BootstrapSession | None:
         old = self._session
@@ -453,7 +449,7 @@ class KeyStore:
             "keys wiped",
             extra={"event": "gba.wiped", "reason": reason, "btid_hash": old.btid_hash if old else None},
         )
-        self._emit(KeyEvent(KeyEventKind.WIPED, old.btid if old is not None else None))
+        self._subscribers.emit(KeyEvent(KeyEventKind.WIPED, old.btid if old is not None else None))
 
     # --- NAF keys ------------------------------------------------------------------------------------
 
@@ -561,13 +557,6 @@ class KeyStore:
             self.planner.card_changed()
             self._last_failure = None
         self._wake()
-
-    def _emit(self, event: KeyEvent) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                log.exception("key event subscriber failed", extra={"event": "gba.subscriber_error"})
 
     def _check_open(self) -> None:
         if self._closed:

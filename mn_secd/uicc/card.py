@@ -41,6 +41,7 @@ from mn_secd.errors import (
 )
 from mn_secd.gba.identity import impi_from_imsi
 from mn_secd.interfaces import Application, CardEvent, CardEventKind, CardIdentity
+from mn_secd.observers import Subscribers
 from mn_secd.uicc import at, files
 from mn_secd.uicc.apdu import Apdu, Response, parse_apdu
 from mn_secd.uicc.auth import (
@@ -118,7 +119,7 @@ class Card:
         self._last_identity: CardIdentity | None = None
         self._generation = 0  # bumped on every removal: an identity read across one is void
         self._wake = asyncio.Event()
-        self._subscribers: list[Callable[[CardEvent], None]] = []
+        self._subscribers = Subscribers[CardEvent](logger, "uicc.callback_error")
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -215,23 +216,13 @@ class Card:
                     await self._select_aid(transport, identity.aid)
 
     def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.subscribe(callback)
 
     # --- presence -------------------------------------------------------------------------------------
 
     def _emit(self, event: CardEvent) -> None:
         logger.info("card %s", event.kind.value, extra={"event": f"uicc.card_{event.kind.value}"})
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                logger.exception("card event callback failed", extra={"event": "uicc.callback_error"})
+        self._subscribers.emit(event)
 
     def _mark_absent(self, reason: str) -> None:
         self._generation += 1
