@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -56,6 +55,7 @@ from mn_secd.commands.sim import listen_address
 from mn_secd.errors import ConfigError, DigestParseError, InvalidNafId, UnsupportedUaProtocol
 from mn_secd.gba import bsfxml, digest, identity, kdf
 from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
+from mn_secd.logs import btid_hash
 from mn_secd.sim.milenage import Milenage, generate_autn, verify_auts
 from mn_secd.sim.profile import CardProfile, load_profile
 from mn_secd.sim.sqn import HeSequence
@@ -71,11 +71,6 @@ AUTS_LEN = 14
 #: How many unanswered challenges are kept at most (the oldest go first).
 MAX_PENDING = 10_000
 _HEX10 = re.compile(r"[0-9A-Fa-f]{10}")
-
-
-def _short(value: str) -> str:
-    """A B-TID or nonce as a short hash, to correlate log lines without logging the identifier."""
-    return hashlib.sha256(value.encode()).hexdigest()[:12]
 
 
 @dataclass(slots=True)
@@ -327,7 +322,7 @@ class ReferenceBsf:
             value = digest.build_challenge(
                 realm=self.name, nonce=nonce, algorithm=self.algorithm, opaque=opaque, stale=stale
             )
-        log.debug("challenge", extra={"event": "bsf.challenge", "nonce": _short(nonce), "stale": stale})
+        log.debug("challenge", extra={"event": "bsf.challenge", "nonce": btid_hash(nonce), "stale": stale})
         return web.Response(
             status=401, text="authentication required\n", headers={"WWW-Authenticate": value, "Server": SERVER}
         )
@@ -372,7 +367,7 @@ class ReferenceBsf:
             rspauth = digest.compute_rspauth(creds, password, body)
             info = info.replace(rspauth, format(int(rspauth, 16) ^ 1, "032x"))
         self.successes += 1
-        log.info("bootstrap", extra={"event": "bsf.bootstrap", "btid": _short(btid), "gba_u": subscriber.gba_u})
+        log.info("bootstrap", extra={"event": "bsf.bootstrap", "btid": btid_hash(btid), "gba_u": subscriber.gba_u})
         return web.Response(
             status=200,
             body=body,
@@ -432,7 +427,7 @@ class ReferenceBsf:
             answer["uiccKeyMaterial"] = kdf.ks_int_naf(boot.ks, boot.rand, boot.impi, nid).hex()
         log.info(
             "Zn key retrieval",
-            extra={"event": "bsf.zn", "btid": _short(btid), "naf": naf_fqdn, "ua": ua.hex, "gba_u": boot.gba_u},
+            extra={"event": "bsf.zn", "btid": btid_hash(btid), "naf": naf_fqdn, "ua": ua.hex, "gba_u": boot.gba_u},
         )
         return web.json_response(answer)
 
