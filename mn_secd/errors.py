@@ -259,6 +259,33 @@ class BootstrapRateLimited(GbaError):
         super().__init__(f"re-bootstrap refused: try again in {retry_after:.1f} s")
 
 
+# --- DTLS (the local aiocoap/tinydtls stack) ----------------------------------------------------------
+
+
+class DtlsFixMismatch(MnSecdError):
+    """The installed aiocoap/DTLSSocket is not the version :mod:`mn_secd.dtls` was written for."""
+
+    kind = "dtls-fix-mismatch"
+
+
+class BindError(MnSecdError, OSError):
+    """A DTLS server address could not be bound (in use, not local, ...).
+
+    Also an OSError (``errno``, ``strerror`` from the system), for callers that treat it as one.
+    """
+
+    kind = "bind"
+
+    def __init__(self, address: str, port: int, errno: int | None, strerror: str) -> None:
+        super().__init__(errno, strerror)
+        self.address = address
+        self.port = port
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"cannot listen on coaps://{host}:{self.port}: {self.strerror}"
+
+
 # --- key service and NAF ------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.transports.tinydtls import FatalDTLSError
 from aiocoap.util import hostportjoin
 
-from mn_secd.control import dtls_fix
+from mn_secd import dtls
 from mn_secd.errors import NafError, NafHandshakeFailed, NafRejected, NafTimeout
 from mn_secd.gba.ua import normalise_fqdn
 from mn_secd.logs import btid_hash
@@ -171,10 +171,10 @@ class NafAssociation:
 
     async def _open(self, answer: NafKeyAnswer) -> _Session:
         identity = encode_psk_identity(answer.btid, IDENTITY_FORM)
-        psk = dtls_fix.check_psk(dtls_psk(answer.key))
-        if len(identity) > dtls_fix.MAX_IDENTITY_LENGTH:
+        psk = dtls.check_psk(dtls_psk(answer.key))
+        if len(identity) > dtls.MAX_IDENTITY_LENGTH:
             raise NafError(f"this B-TID is {len(identity)} octets, more than our tinydtls carries")
-        dtls_fix.apply()  # the client side fix: a close_notify from the NAF ends the session
+        dtls.apply()  # the client side fix: a close_notify from the NAF ends the session
         context = await aiocoap.Context.create_client_context(transports=["tinydtls"])
         context.client_credentials.load_from_dict(
             {self.base_uri + "/*": {"dtls": {"psk": psk, "client-identity": identity}}}
@@ -202,7 +202,7 @@ class NafAssociation:
             async with asyncio.timeout(self.timeout):
                 response: aiocoap.Message = await session.context.request(message).response
         except TimeoutError:
-            established = dtls_fix.client_session_state(session.context, self.host, self.port, session.identity)
+            established = dtls.client_session_state(session.context, self.host, self.port, session.identity)
             await self._drop_session()  # whatever went wrong, the next attempt starts a fresh session
             if established:
                 raise NafTimeout(f"no answer from the NAF within {self.timeout:g} s") from None

@@ -33,7 +33,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.transports import tinydtls
 from aiocoap.util import hostportjoin, hostportsplit
 
-from mn_secd.control import dtls_fix
+from mn_secd import dtls
 from mn_secd.control.payloads import (
     CBOR,
     KeyRequest,
@@ -129,9 +129,9 @@ class KeyServiceClient:
         timeout: float = ANSWER_TIMEOUT,
     ) -> None:
         self.identity = identity.encode() if isinstance(identity, str) else identity
-        if not 1 <= len(self.identity) <= dtls_fix.MAX_IDENTITY_LENGTH:
-            raise ValueError(f"a PSK identity is 1 to {dtls_fix.MAX_IDENTITY_LENGTH} octets")
-        self._psk = dtls_fix.check_psk(psk)
+        if not 1 <= len(self.identity) <= dtls.MAX_IDENTITY_LENGTH:
+            raise ValueError(f"a PSK identity is 1 to {dtls.MAX_IDENTITY_LENGTH} octets")
+        self._psk = dtls.check_psk(psk)
         self.host = host
         self.port = port
         self.handshake_timeout = handshake_timeout
@@ -210,7 +210,7 @@ class KeyServiceClient:
 
     async def _context_ready(self) -> aiocoap.Context:
         if self._context is None:
-            dtls_fix.apply()  # the client half: a close_notify from the server ends the session
+            dtls.apply()  # the client half: a close_notify from the server ends the session
             context = await aiocoap.Context.create_client_context(transports=["tinydtls"])
             context.client_credentials.load_from_dict(
                 {f"{self.base_uri}/*": {"dtls": {"psk": self._psk, "client-identity": self.identity}}}
@@ -236,7 +236,7 @@ class KeyServiceClient:
         loop = asyncio.get_running_loop()
         try:
             deadline = loop.time() + self.handshake_timeout
-            while not task.done() and not dtls_fix.client_session_state(context, self.host, self.port, self.identity):
+            while not task.done() and not dtls.client_session_state(context, self.host, self.port, self.identity):
                 if loop.time() >= deadline:
                     await self.close()
                     raise KeyServiceTimeout(

@@ -10,7 +10,7 @@ request can name a NAF, never who is asking. The registry is swapped whole on SI
 server looks PSKs up through :class:`RegistryCredentials`, which always reads the current one.
 
 PSK files hold the key verbatim (binary-safe, no trailing newline is stripped), 1 to 64 octets:
-64 is what our patched tinydtls can hold (see :mod:`mn_secd.control.dtls_fix`; upstream's held
+64 is what our patched tinydtls can hold (see :mod:`mn_secd.dtls`; upstream's held
 16). A file that group or others may access is refused, as is anything but a regular file.
 """
 
@@ -25,7 +25,7 @@ from typing import Protocol
 
 from aiocoap.credentials import CredentialsMap
 
-from mn_secd.control.dtls_fix import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH
+from mn_secd.dtls import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH
 from mn_secd.errors import ConfigError, InvalidNafId, NotAuthorised, UnsupportedUaProtocol
 from mn_secd.gba.ua import UaId, normalise_fqdn
 
@@ -127,7 +127,7 @@ class RegistryCredentials(CredentialsMap):  # type: ignore[misc]
     """aiocoap's credentials map, answered from the live registry at every handshake.
 
     The claim a handshake yields is the AE's identity (a ``str``), which the resources read back
-    through :func:`mn_secd.control.dtls_fix.authenticated_claim`.
+    through :func:`mn_secd.dtls.authenticated_claim`.
     """
 
     def __init__(self, registry: AeRegistry) -> None:
@@ -135,7 +135,7 @@ class RegistryCredentials(CredentialsMap):  # type: ignore[misc]
         self.registry = registry
 
     def __bool__(self) -> bool:
-        return True  # an empty dict would be replaced by aiocoap (dtls_fix, fix 7)
+        return True  # an empty dict would be replaced by aiocoap (mn_secd.dtls, fix 7)
 
     def find_dtls_psk(self, identity: bytes) -> tuple[bytes, str]:
         entry = self.registry.find_psk(identity)

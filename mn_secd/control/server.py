@@ -29,7 +29,7 @@ import aiocoap
 import aiocoap.resource as resource
 from aiocoap.numbers.codes import Code
 
-from mn_secd.control import dtls_fix
+from mn_secd import dtls
 from mn_secd.control.payloads import (
     CBOR,
     JSON,
@@ -67,7 +67,7 @@ class _Service:
 
     def identity(self, request: aiocoap.Message) -> str:
         """The AE behind a request: only the DTLS-authenticated claim counts, never the request."""
-        return self.registry.authenticate(dtls_fix.authenticated_claim(request.remote)).identity
+        return self.registry.authenticate(dtls.authenticated_claim(request.remote)).identity
 
     async def answer(
         self, request: aiocoap.Message, key_request: KeyRequest, seen: Callable[[NafKey], None] | None = None
@@ -325,12 +325,12 @@ class ControlServer:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """Where the server really listens, as (address, port) pairs."""
-        return [dtls_fix.bound_address(ctx) for ctx in self._contexts]
+        return [dtls.bound_address(ctx) for ctx in self._contexts]
 
     @property
     def peer_count(self) -> int:
         """DTLS peers currently held (bounded by ``max_peers`` per address)."""
-        return sum(len(dtls_fix.peer_table(ctx)) for ctx in self._contexts)
+        return sum(len(dtls.peer_table(ctx)) for ctx in self._contexts)
 
     def reload_registry(self, registry: AeRegistry) -> None:
         """Swap the AE registry (SIGHUP): new handshakes and requests see it at once.
@@ -342,7 +342,7 @@ class ControlServer:
         stale = self._service.registry.stale_identities(registry)
         self._service.registry = registry
         self._credentials.registry = registry
-        ended = dtls_fix.evict_sessions(self._contexts, lambda claim: claim in stale)
+        ended = dtls.evict_sessions(self._contexts, lambda claim: claim in stale)
         self._key_resource.revalidate()
         log.info(
             "AE registry reloaded: %d AEs, %d sessions ended",
@@ -403,13 +403,13 @@ async def start_control_server(
 ) -> ControlServer:
     """Serve the key service over DTLS-PSK on each address (port 0: ephemeral, see ``addresses``).
 
-    Raises :class:`mn_secd.control.dtls_fix.BindError` (also an ``OSError``) if an address cannot
+    Raises :class:`mn_secd.errors.BindError` (also an ``OSError``) if an address cannot
     be bound; nothing is left listening then.
     """
     service = _Service(keys, registry, request_timeout)
     credentials = RegistryCredentials(registry)
     site, key_resource = _build_site(service)
-    contexts = await dtls_fix.create_dtls_server_contexts(
+    contexts = await dtls.create_dtls_server_contexts(
         site, credentials, addresses, port, max_peers=max_peers, idle_timeout=idle_timeout
     )
     unsubscribe = keys.subscribe(key_resource.key_event)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import aiocoap
 
-from mn_secd.control.dtls_fix import MAX_IDENTITY_LENGTH, peer_table
+from mn_secd.dtls import MAX_IDENTITY_LENGTH, peer_table
 from mn_secd.naf.records import client_key_exchange_identity
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class PrefetchGate:
         self.holds = 0
 
     def install(self, ctx: aiocoap.Context) -> None:
-        """Put the gate in front of a context made by ``dtls_fix.create_dtls_server_contexts``."""
+        """Put the gate in front of a context made by ``mn_secd.dtls.create_dtls_server_contexts``."""
         table = peer_table(ctx)
         deliver: _Deliver = table.datagram_received
 

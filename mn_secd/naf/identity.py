@@ -12,7 +12,7 @@ The standards give three spellings of the identity, all carrying the full B-TID,
 Our DTLS stack carries all three: tinydtls as built by DTLSSocket 0.2.3 took at most 32 octets of
 psk_identity (a B-TID of the form ``base64(RAND)@BSF-name`` is about 62) and 16 of PSK, so ``./dev``
 builds it with ``patches/dtlssocket-0.2.3-gba-psk.patch`` (128 and 64 octets,
-:data:`mn_secd.control.dtls_fix.MAX_IDENTITY_LENGTH` and ``MAX_PSK_LENGTH``).
+:data:`mn_secd.dtls.MAX_IDENTITY_LENGTH` and ``MAX_PSK_LENGTH``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from aiocoap.credentials import CredentialsMap
 
-from mn_secd.control.dtls_fix import MAX_PSK_LENGTH
+from mn_secd.dtls import MAX_PSK_LENGTH
 from mn_secd.errors import BtidUnknown, MnSecdError, NafError
 from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
 from mn_secd.logs import btid_hash

@@ -1,7 +1,7 @@
 """A GBA-keyed CoAP/DTLS-PSK server for an IN-CSE: one call puts any aiocoap site behind it.
 
 The server is DTLS only (plain CoAP is never bound), uses the local fixes to aiocoap's DTLS server
-(:mod:`mn_secd.control.dtls_fix`), and answers each psk_identity with the key the BSF vouches for
+(:mod:`mn_secd.dtls`), and answers each psk_identity with the key the BSF vouches for
 over Zn. Resources find who they talk to with :func:`peer_claim`.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import aiocoap
 
-from mn_secd.control.dtls_fix import authenticated_claim, bound_address, create_dtls_server_contexts
+from mn_secd.dtls import authenticated_claim, bound_address, create_dtls_server_contexts
 from mn_secd.naf.gate import PrefetchGate
 from mn_secd.naf.psk import GbaPskCredentials, NafClaim
 

@@ -20,7 +20,7 @@ import pytest
 from aiocoap.credentials import CredentialsMap
 
 from mn_secd.client.association import NafAssociation
-from mn_secd.control.dtls_fix import bound_address, create_dtls_server_contexts
+from mn_secd.dtls import bound_address, create_dtls_server_contexts
 from mn_secd.errors import NafError, NafHandshakeFailed, NafTimeout
 from mn_secd.sim.world import free_udp_port
 

@@ -32,9 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mn_secd.client import KeyServiceClient
-from mn_secd.control import dtls_fix
 from mn_secd.control.registry import AeEntry, AeRegistry
 from mn_secd.control.server import ControlServer, start_control_server
+from mn_secd.dtls import fixes as dtls_fix
 from mn_secd.errors import Culprit, KeyServiceRefused, KeyServiceRejected, KeyServiceTimeout
 from mn_secd.gba.keystore import KeyStore
 from mn_secd.gba.ua import UaId

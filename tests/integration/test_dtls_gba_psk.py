@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from mn_secd.control import dtls_fix
+from mn_secd.dtls import fixes as dtls_fix
 
 PROBE = Path(__file__).resolve().parent.parent / "dtls_gba_probe.py"
 

@@ -24,7 +24,8 @@ from aiocoap.transports import tinydtls, tinydtls_server
 from dtls_peer import DtlsPeer, coap_request
 from DTLSSocket import dtls
 
-from mn_secd.control import dtls_fix
+from mn_secd.dtls import fixes as dtls_fix
+from mn_secd.errors import BindError, DtlsFixMismatch
 
 PSKS = {b"ae1": b"secret-psk-ae1", b"ae2": b"secret-psk-ae2", b"long": b"x" * 65}
 
@@ -128,13 +129,13 @@ def test_upstream_is_what_the_fixes_were_written_for() -> None:
 def test_a_changed_upstream_source_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     module = "aiocoap.transports.tinydtls_server"
     monkeypatch.setitem(dtls_fix.UPSTREAM_SOURCES, module, "0" * 64)
-    with pytest.raises(dtls_fix.DtlsFixMismatch, match=module):
+    with pytest.raises(DtlsFixMismatch, match=module):
         dtls_fix.check_upstream()
 
 
 def test_another_aiocoap_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiocoap.meta, "version", "0.4.18")
-    with pytest.raises(dtls_fix.DtlsFixMismatch, match=r"aiocoap 0\.4\.17, found 0\.4\.18"):
+    with pytest.raises(DtlsFixMismatch, match=r"aiocoap 0\.4\.17, found 0\.4\.18"):
         dtls_fix.check_upstream()
 
 
@@ -143,7 +144,7 @@ def test_the_unpatched_dtlssocket_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(
         importlib.metadata, "version", lambda name: "0.2.3" if name == "DTLSSocket" else real_version(name)
     )
-    with pytest.raises(dtls_fix.DtlsFixMismatch, match=r"unpatched DTLSSocket 0\.2\.3"):
+    with pytest.raises(DtlsFixMismatch, match=r"unpatched DTLSSocket 0\.2\.3"):
         dtls_fix.check_upstream()
 
 
@@ -348,7 +349,7 @@ async def test_the_port_is_the_real_coaps_port_and_bound_exclusively(make_server
     port = free_udp_port()
     _, address, _ = await make_server(port=port)
     assert address == ("127.0.0.1", port)
-    with pytest.raises(dtls_fix.BindError, match=f"coaps://127.0.0.1:{port}"):
+    with pytest.raises(BindError, match=f"coaps://127.0.0.1:{port}"):
         await make_server(port=port)
 
 

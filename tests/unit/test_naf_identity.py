@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mn_secd.control.dtls_fix import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH
+from mn_secd.dtls import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH
 from mn_secd.naf.identity import (
     FULL_PSK_LENGTH,
     IdentityForm,

@@ -99,7 +99,7 @@ from aiocoap.transports import tinydtls, tinydtls_server
 from aiocoap.util import hostportjoin
 from DTLSSocket import dtls
 
-from mn_secd.errors import MnSecdError
+from mn_secd.errors import BindError, DtlsFixMismatch
 
 log = logging.getLogger(__name__)
 
@@ -135,29 +135,6 @@ _applied = False
 UPSTREAM_CLIENT_EVENT: Callable[..., None] = tinydtls.DTLSClientConnection._event
 
 
-class DtlsFixMismatch(MnSecdError):
-    """The installed aiocoap/DTLSSocket is not the version these fixes were written for."""
-
-    kind = "dtls-fix-mismatch"
-
-
-class BindError(MnSecdError, OSError):
-    """A DTLS server address could not be bound (in use, not local, ...).
-
-    Also an OSError (``errno``, ``strerror`` from the system), for callers that treat it as one.
-    """
-
-    kind = "bind"
-
-    def __init__(self, address: str, port: int, errno: int | None, strerror: str) -> None:
-        super().__init__(errno, strerror)
-        self.address = address
-        self.port = port
-
-    def __str__(self) -> str:
-        return f"cannot listen on coaps://{hostportjoin(self.address, self.port)}: {self.strerror}"
-
-
 class SessionEnded(coap_error.LibraryShutdown):  # type: ignore[misc]
     """Raised into pending exchanges of a DTLS session that ended (peer closed, evicted, replaced)."""
 
@@ -184,7 +161,7 @@ def check_upstream() -> None:
             )
         if found != expected:
             raise DtlsFixMismatch(
-                f"mn_secd.control.dtls_fix was written for {name} {expected}, found {found}: "
+                f"mn_secd.dtls was written for {name} {expected}, found {found}: "
                 "re-check every fix against the new upstream code before changing the pin"
             )
     for module, expected_hash in UPSTREAM_SOURCES.items():
