@@ -18,6 +18,7 @@ class Culprit(StrEnum):
 
     LOCAL = "local"  # our own code or configuration
     MODEM = "modem"  # the AT port or the modem firmware
+    READER = "reader"  # a PC/SC card reader, or the pcscd service in front of it
     CARD = "card"  # the UICC
     BSF = "bsf"  # the operator's bootstrapping server
     NAF = "naf"  # the network application function (IN-CSE)
@@ -176,6 +177,45 @@ class TransportUnavailable(UiccError):
 
     culprit = Culprit.MODEM
     kind = "transport-unavailable"
+
+
+# --- PC/SC readers -----------------------------------------------------------------------------------
+
+
+class ReaderError(UiccError):
+    """A PC/SC reader, or the pcscd service in front of it, failed: it stands where the modem stands."""
+
+    culprit = Culprit.READER
+    kind = "reader"
+
+
+class PcscUnavailable(ReaderError):
+    """PC/SC cannot be used here: pyscard is not installed, or no pcscd answers on its socket."""
+
+    culprit = Culprit.LOCAL
+    kind = "pcsc-unavailable"
+
+
+class ReaderNotFound(ReaderError):
+    """No reader's name contains the configured text, or several do and none stands out."""
+
+    kind = "reader-not-found"
+
+
+class ReaderGone(ReaderError):
+    """The reader vanished (unplugged, pcscd stopped) or cannot be used (held by another program)."""
+
+    kind = "reader-gone"
+
+
+class ApduOutcomeUnknown(UiccError):
+    """A command reached the reader but no answer came back (card pulled, reader gone, timeout).
+
+    The card may have acted on it, so the transport never sends it again: for an AUTHENTICATE the
+    sequence number may be spent, and the caller starts over with a fresh challenge.
+    """
+
+    kind = "apdu-outcome-unknown"
 
 
 # --- GBA / Ub -----------------------------------------------------------------------------------------
