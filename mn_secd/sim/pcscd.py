@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,11 @@ VPCD_DRIVER = PCSCD_DRIVERS_DIR / "serial" / "libifdvpcd.so"
 #: pcscd names a reader "<FRIENDLYNAME> <reader index> <slot>"; vpcd has two slots per entry.
 DEFAULT_READER_NAME = "mn-secd vicc"
 _READY = "daemon ready"
+#: argv[1] is the listening socket's fd: make it fd 3, say so in LISTEN_FDS/LISTEN_PID, exec argv[2:].
+_SOCKET_ACTIVATION = (
+    "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 class PcscdError(RuntimeError):
@@ -202,21 +208,19 @@ class PrivatePcscd:
         self._listener = listener
         pcscd = pcscd_binary()
         assert pcscd is not None
-        # pcscd wants its socket as fd 3 and LISTEN_PID equal to its own pid: sh sets both, then execs.
+        # pcscd wants its socket as fd 3 and LISTEN_PID equal to its own pid: a small Python step
+        # puts it there and execs pcscd (the shell cannot: dash only names fds 0-9).
         command = [pcscd, "--foreground", "--info", "--config", str(conf_dir)]
         if self._debug:
             command += ["--debug", "--apdu"]
+        argv = [sys.executable, "-c", _SOCKET_ACTIVATION, str(listener.fileno()), *command]
         if namespace:
             mounts = (
                 f"mkdir -p {PCSCD_IPC_DIR} && mount -t tmpfs -o size=1m,mode=0755 tmpfs {PCSCD_IPC_DIR} && "
                 f"mount --bind {VPCD_DRIVER.parent} {_q(driver)} && "
                 f"mount -t tmpfs -o size=1m,mode=0755 tmpfs {PCSCD_DRIVERS_DIR} && "
             )
-            script = f'{mounts}LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{listener.fileno()}'
-            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
-        else:
-            script = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{listener.fileno()}'
-            argv = ["sh", "-c", script, "sh", *command]
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts + 'exec "$@"', "sh", *argv]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "PCSCLITE_"))}
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(

@@ -310,8 +310,10 @@ class ViccClient:
         self._drop()
         logger.info("card pulled from the virtual reader", extra={"event": "sim.vicc.removed"})
 
-    def insert(self) -> None:
-        """Put the card back: it powers up afresh when vpcd takes it."""
+    def insert(self, card: VirtualCard | None = None) -> None:
+        """Put the card back, or ``card`` in its place: it powers up afresh when vpcd takes it."""
+        if card is not None:
+            self.card = card
         self._inserted = True
         self._wake.set()
         logger.info("card put back into the virtual reader", extra={"event": "sim.vicc.inserted"})

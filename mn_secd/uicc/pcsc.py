@@ -269,7 +269,11 @@ class PcscTransport:
             "card in %r (T=%d)", name, 0 if transport.t0 else 1, extra={"event": "uicc.pcsc_connected", "reader": name}
         )
         if logical_channel:
-            await transport._open_logical_channel()
+            try:
+                await transport._open_logical_channel()
+            except BaseException:
+                await transport.close()
+                raise
         return transport
 
     async def _open_logical_channel(self) -> None:
@@ -299,32 +303,32 @@ class PcscTransport:
                 command,
             )
         except TimeoutError as exc:
-            self._dead = ReaderGone(f"{self.reader!r} stopped answering")
+            await self._die(ReaderGone(f"{self.reader!r} stopped answering"))
             raise ApduOutcomeUnknown(f"INS {apdu.ins:02X} sent to {self.reader!r}, no answer in time") from exc
         code = _code(hresult)
         if code != SCARD_S_SUCCESS:
             error = error_for(code, f"INS {apdu.ins:02X} on {self.reader!r}")
-            self._dead = error
+            await self._die(error)
             if code in _REFUSED_BEFORE_SENDING:
                 raise error
             raise ApduOutcomeUnknown(f"INS {apdu.ins:02X} handed to {self.reader!r}, then {describe(code)}") from error
         raw = bytes(answer)
         if len(raw) < 2:  # vpcd, and some readers, report a card pulled mid-command as an empty answer
-            self._dead = UiccAbsent(f"no card in {self.reader!r} (it left during a command)")
+            await self._die(UiccAbsent(f"no card in {self.reader!r} (it left during a command)"))
             raise ApduOutcomeUnknown(f"INS {apdu.ins:02X} sent to {self.reader!r}, answer of {len(raw)} octets")
         return raw
 
-    async def close(self) -> None:
-        """Close our logical channel (best effort), release the card and the PC/SC context."""
+    async def _die(self, error: UiccAbsent | ReaderError) -> None:
+        """No more commands; give the reader back at once (an exclusive handle would lock out the next card)."""
+        self._dead = error
+        self._channel = 0
+        await self._release_all()
+
+    async def _release_all(self) -> None:
         if self._closed:
             return
+        self._closed = True
         try:
-            if self._channel and self._dead is None:
-                channel, self._channel = self._channel, 0
-                try:
-                    await self.transmit(Apdu(0x00, 0x70, 0x80, channel))
-                except Exception as exc:  # the card or the reader may be gone
-                    logger.info("closing channel %d failed: %s", channel, exc, extra={"event": "uicc.close_failed"})
             try:
                 await self._worker.call(
                     self._timeout, self._scard.SCardDisconnect, self._handle, self._scard.SCARD_LEAVE_CARD
@@ -333,8 +337,18 @@ class PcscTransport:
                 logger.debug("SCardDisconnect failed: %s", exc, extra={"event": "uicc.close_failed"})
             await _release(self._worker, self._scard, self._context)
         finally:
-            self._closed = True
             self._worker.shutdown()
+
+    async def close(self) -> None:
+        """Close our logical channel (best effort), release the card and the PC/SC context."""
+        if self._channel and not self._closed:
+            channel = self._channel
+            try:
+                await self.transmit(Apdu(0x00, 0x70, 0x80, channel))
+            except Exception as exc:  # the card or the reader may be gone
+                logger.info("closing channel %d failed: %s", channel, exc, extra={"event": "uicc.close_failed"})
+            self._channel = 0
+        await self._release_all()
 
 
 def _establish(scard: ModuleType) -> int:
