@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from mn_secd.errors import ApduOutcomeUnknown, PcscUnavailable, ReaderGone, ReaderNotFound, UiccAbsent
+from mn_secd.gba.kdf import ks_naf
 from mn_secd.sim.milenage import Milenage, build_auts, generate_autn, verify_auts
 from mn_secd.sim.pcscd import PrivatePcscd, missing_tools
 from mn_secd.sim.profile import CardProfile, load_profile, save_profile
@@ -29,7 +30,15 @@ from mn_secd.sim.sqn import SqnState, split_sqn
 from mn_secd.sim.usim import USIM_AID, SoftUicc
 from mn_secd.sim.vicc import UICC_ATR, ViccClient, VirtualCard
 from mn_secd.uicc.apdu import Apdu, parse_apdu
-from mn_secd.uicc.auth import AkaSuccess, AkaSyncFailure, AuthContext, build_authenticate, parse_authenticate_response
+from mn_secd.uicc.auth import (
+    AkaSuccess,
+    AkaSyncFailure,
+    AuthContext,
+    build_authenticate,
+    build_gba_naf_derivation,
+    parse_authenticate_response,
+    parse_naf_derivation_response,
+)
 from mn_secd.uicc.pcsc import PcscTransport, ReaderEvent, ReaderEventKind, ReaderWatcher, list_readers
 from mn_secd.uicc.transport import exchange
 
@@ -184,6 +193,25 @@ async def test_every_35208_set_through_authenticate_over_pcsc(lab: Lab, milenage
         assert card.count(INS_GET_RESPONSE) >= 2
         await transport.close()
         lab.transports.remove(transport)
+
+
+async def test_gba_u_bootstrap_and_naf_derivation_over_pcsc(lab: Lab) -> None:
+    """GBA context AUTHENTICATE (Ks stays in the card), then Ks_ext_NAF from the card equals the KDF's."""
+    profile = replace(LAB_CARD, isim=True, gba_u=True)
+    card = await lab.swap(profile)
+    transport = await lab.open()
+    await select_usim(transport)
+    bootstrap = parse_apdu(build_authenticate(RAND, challenge(profile, 1), AuthContext.GBA))
+    response = await exchange(transport, bootstrap, may_resend=False)
+    result = parse_authenticate_response(response.data, response.sw, AuthContext.GBA)
+    res, ck, ik, _ = Milenage(K, OPC).f2345(RAND)
+    assert isinstance(result, AkaSuccess) and result.res == res and result.ck is None  # CK, IK stay inside
+    naf_id = b"in-cse.example.org" + h("010001c0a8")
+    impi = profile.effective_impi
+    derivation = parse_apdu(build_gba_naf_derivation(naf_id, impi))
+    answer = await exchange(transport, derivation, may_resend=False)
+    assert parse_naf_derivation_response(answer.data, answer.sw) == ks_naf(ck + ik, RAND, impi, naf_id)
+    assert card.count(INS_AUTHENTICATE) == 2  # one bootstrap, one derivation
 
 
 # --- the transport's contract -------------------------------------------------------------------------------
@@ -427,3 +455,31 @@ def socket_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+# --- the private pcscd itself ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pcscd is isolated in a mount namespace only as root")
+def test_private_pcscd_leaves_the_system_pcscd_files_alone(pcscd: PrivatePcscd) -> None:
+    if not pcscd.running:
+        pcscd.start()
+    assert pcscd.running and pcscd.pid is not None
+    pid_file = Path("/run/pcscd/pcscd.pid")  # pcscd writes it whatever its socket: ours, in its own tmpfs
+    assert not pid_file.exists() or pid_file.read_text().strip("\0\n ") != str(pcscd.pid)
+
+
+def test_private_pcscd_on_a_taken_port_is_a_typed_error(tmp_path: Path) -> None:
+    import socket
+
+    from mn_secd.sim.pcscd import PcscdError
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        port = int(taken.getsockname()[1])
+        daemon = PrivatePcscd(tmp_path / "taken", port=port)
+        with pytest.raises(PcscdError, match=f"vpcd could not listen on port {port}"):
+            daemon.start()
+        assert not daemon.running and not daemon.socket_path.exists()
+        daemon.close()
