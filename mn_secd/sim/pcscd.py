@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             pcscd.start()
         except PcscdError as exc:
-            print(f"mn-secd sim pcscd: {exc}")
+            print(f"mn-secd sim pcscd: {exc}", file=sys.stderr)
             return 2
         print(f"PCSCLITE_CSOCK_NAME={pcscd.socket_path}", flush=True)
         print(f"vpcd port {pcscd.port}; readers: {', '.join(pcscd.readers)}; log {pcscd.log_path}", flush=True)
