@@ -162,6 +162,7 @@ class VirtualCard:
     ``pull_on_ins`` arms a fault: the next command with that INS is processed by the card (it may
     spend a sequence number) and then the card is pulled before the answer leaves, as a user
     yanking a card mid-AUTHENTICATE would do. :meth:`handle` then returns :data:`PULLED`.
+    ``mute_on_ins`` is the same with the card left in: it never answers (a card gone mute).
     """
 
     def __init__(self, card: SimCard, *, atr: bytes = UICC_ATR, clock: Callable[[], float] = time.monotonic) -> None:
@@ -172,6 +173,7 @@ class VirtualCard:
         self._lock = threading.Lock()  # the log is read from other threads (tests, the CLI's writer)
         self._log: list[ApduRecord] = []
         self.pull_on_ins: int | None = None
+        self.mute_on_ins: int | None = None
         self.on_record: Callable[[ApduRecord], None] | None = None
 
     @property
@@ -179,7 +181,7 @@ class VirtualCard:
         return self._powered
 
     def handle(self, message: Message) -> bytes | _Pulled | None:
-        """The answer payload for ``message``, None when it needs none, or :data:`PULLED`."""
+        """The answer payload for ``message``, None when it needs none, or :data:`PULLED` / :data:`MUTE`."""
         if isinstance(message, Control):
             if message is Control.GET_ATR:
                 return self.atr
@@ -193,12 +195,14 @@ class VirtualCard:
 
     def _command(self, apdu: bytes) -> bytes | _Pulled:
         header = apdu[:4]
-        pull = self.pull_on_ins is not None and len(apdu) >= 2 and apdu[1] == self.pull_on_ins
+        ins = apdu[1] if len(apdu) >= 2 else None
+        pull, mute = ins is not None and ins == self.pull_on_ins, ins is not None and ins == self.mute_on_ins
         answer = self._card.process_apdu(apdu)  # vpcd only sends APDUs to a powered card
-        if pull:
-            self.pull_on_ins = None
+        if pull or mute:
+            self.pull_on_ins = None if pull else self.pull_on_ins
+            self.mute_on_ins = None if mute else self.mute_on_ins
             self._record(ApduRecord(self._clock(), header, len(apdu) - len(header), None))
-            return PULLED
+            return PULLED if pull else MUTE
         self._record(ApduRecord(self._clock(), header, len(apdu) - len(header), int.from_bytes(answer[-2:], "big")))
         return answer
 
@@ -224,13 +228,12 @@ class VirtualCard:
 
 
 class _Pulled:
-    """The card was pulled while working on a command: no answer, the connection closes."""
-
-    def __repr__(self) -> str:
-        return "PULLED"
+    """No answer to a command: the card was pulled (the connection closes) or went mute."""
 
 
 PULLED = _Pulled()
+#: The card worked on a command and never answers it (it stays in the reader).
+MUTE = _Pulled()
 
 
 class VpcdUnreachable(ConnectionError):

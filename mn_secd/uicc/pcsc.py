@@ -28,6 +28,7 @@ imported only when PC/SC is asked for, and its absence is :class:`~mn_secd.error
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import importlib
 import logging
@@ -177,12 +178,16 @@ class _Worker:
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
-    async def call(self, timeout: float, function: Callable[..., T], *args: Any) -> T:
+    async def call(self, timeout: float, function: Callable[..., T], *args: Any, always: bool = False) -> T:
+        """``function(*args)`` on the thread; ``always``: it still runs if we stop waiting (releases)."""
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self._executor, function, *args), timeout)
+        future = loop.run_in_executor(self._executor, function, *args)
+        return await asyncio.wait_for(asyncio.shield(future) if always else future, timeout)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)  # a call stuck in pcscd ends on its own
+        # A call stuck in pcscd ends on its own; the releases queued behind it still run then, so
+        # an exclusive handle is given back even by a transport that died on a mute card.
+        self._executor.shutdown(wait=False, cancel_futures=False)
 
 
 # --- the transport -----------------------------------------------------------------------------------
@@ -302,8 +307,8 @@ class PcscTransport:
                 self._protocol,
                 command,
             )
-        except TimeoutError as exc:
-            await self._die(ReaderGone(f"{self.reader!r} stopped answering"))
+        except TimeoutError as exc:  # the worker is stuck in pcscd: do not wait long to give the handle back
+            await self._die(ReaderGone(f"{self.reader!r} stopped answering"), release_timeout=1.0)
             raise ApduOutcomeUnknown(f"INS {apdu.ins:02X} sent to {self.reader!r}, no answer in time") from exc
         code = _code(hresult)
         if code != SCARD_S_SUCCESS:
@@ -318,24 +323,25 @@ class PcscTransport:
             raise ApduOutcomeUnknown(f"INS {apdu.ins:02X} sent to {self.reader!r}, answer of {len(raw)} octets")
         return raw
 
-    async def _die(self, error: UiccAbsent | ReaderError) -> None:
+    async def _die(self, error: UiccAbsent | ReaderError, *, release_timeout: float | None = None) -> None:
         """No more commands; give the reader back at once (an exclusive handle would lock out the next card)."""
         self._dead = error
         self._channel = 0
-        await self._release_all()
+        await self._release_all(release_timeout)
 
-    async def _release_all(self) -> None:
+    async def _release_all(self, timeout: float | None = None) -> None:
         if self._closed:
             return
         self._closed = True
+        timeout = self._timeout if timeout is None else timeout
         try:
             try:
                 await self._worker.call(
-                    self._timeout, self._scard.SCardDisconnect, self._handle, self._scard.SCARD_LEAVE_CARD
+                    timeout, self._scard.SCardDisconnect, self._handle, self._scard.SCARD_LEAVE_CARD, always=True
                 )
             except Exception as exc:
                 logger.debug("SCardDisconnect failed: %s", exc, extra={"event": "uicc.close_failed"})
-            await _release(self._worker, self._scard, self._context)
+            await _release(self._worker, self._scard, self._context, timeout)
         finally:
             self._worker.shutdown()
 
@@ -358,9 +364,9 @@ def _establish(scard: ModuleType) -> int:
     return int(context)
 
 
-async def _release(worker: _Worker, scard: ModuleType, context: int) -> None:
+async def _release(worker: _Worker, scard: ModuleType, context: int, timeout: float = DEFAULT_TIMEOUT) -> None:
     try:
-        await worker.call(DEFAULT_TIMEOUT, scard.SCardReleaseContext, context)
+        await worker.call(timeout, scard.SCardReleaseContext, context, always=True)
     except Exception as exc:
         logger.debug("SCardReleaseContext failed: %s", exc, extra={"event": "uicc.close_failed"})
 
@@ -481,8 +487,9 @@ class ReaderWatcher:
     async def close(self) -> None:
         self._stop.set()
         context, scard = self._context, self._scard
-        if context is not None and scard is not None:
-            scard.SCardCancel(context)  # wakes SCardGetStatusChange at once (thread-safe by the PC/SC spec)
+        if context is not None and scard is not None:  # wakes SCardGetStatusChange at once (any thread may)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(scard.SCardCancel, context), 2.0)
         thread, self._thread = self._thread, None
         if thread is not None:
             await asyncio.to_thread(thread.join, self._poll_ms / 1000 + 2.0)

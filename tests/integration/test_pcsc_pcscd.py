@@ -300,6 +300,29 @@ async def test_card_pulled_during_authenticate_is_an_unknown_outcome_never_resen
     assert card.count(INS_AUTHENTICATE) == 3
 
 
+async def test_a_mute_card_times_out_as_an_unknown_outcome_and_gives_the_reader_back(lab: Lab) -> None:
+    transport = await lab.open()
+    await select_usim(transport)
+    card = lab.card
+    card.mute_on_ins = INS_AUTHENTICATE
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ApduOutcomeUnknown, match="no answer in time"):
+        await transport.transmit(authenticate_apdu(RAND, challenge(LAB_CARD, 1)), timeout=1.0)
+    assert loop.time() - started < 5.0  # the command's timeout plus a bounded release, not a hang
+    assert card.count(INS_AUTHENTICATE) == 1
+    with pytest.raises(ReaderGone):  # nothing more goes to a card that stopped answering
+        await transport.transmit(Apdu(0x00, 0xF2, 0x00, 0x0C))
+    assert card.count(INS_AUTHENTICATE) == 1
+    lab.vicc.remove()  # the user pulls the mute card; a fresh one works
+    await card_in_reader(False)
+    lab.vicc.insert(VirtualCard(SoftUicc(LAB_CARD)))
+    fresh = await lab.open()
+    await select_usim(fresh)
+    response = await exchange(fresh, authenticate_apdu(RAND, challenge(LAB_CARD, 1)), may_resend=False)
+    assert response.sw == 0x9000
+
+
 async def test_card_removal_and_insertion_are_events_and_a_removed_card_is_a_typed_error(lab: Lab) -> None:
     events = await lab.watch()
     await next_event(events, ReaderEventKind.READER_FOUND)
