@@ -26,8 +26,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mn_secd.errors import ConfigError, InvalidNafId, UnsupportedUaProtocol
-from mn_secd.gba.ua import UaId, normalise_fqdn
-from mn_secd.interfaces import GbaPolicy
+from mn_secd.naf_keys import GbaPolicy
+from mn_secd.ua import UaId, normalise_fqdn
 
 TRANSPORTS = ("auto", "csim", "cgla")
 APPLICATIONS = ("auto", "isim", "usim")

@@ -39,26 +39,19 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC
 from typing import Any
 
+from mn_secd.cards import CardEvent, CardEventKind, CardIdentity
 from mn_secd.config import Config, load_config
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import AeRegistry, load_registry
 from mn_secd.control.server import ControlServer, start_control_server
 from mn_secd.errors import ConfigError, MnSecdError, UiccAbsent
 from mn_secd.gba.keystore import KeyStore
-from mn_secd.gba.ua import UaId
 from mn_secd.gba.ub import UbClient
-from mn_secd.interfaces import (
-    CardEvent,
-    CardEventKind,
-    CardIdentity,
-    KeyEvent,
-    KeyEventKind,
-    KeyServiceStatus,
-    NafKey,
-)
 from mn_secd.logs import btid_hash
+from mn_secd.naf_keys import KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
 from mn_secd.notify import Notifier
 from mn_secd.observers import Subscribers
+from mn_secd.ua import UaId
 from mn_secd.uicc.card import Card, open_card
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from mn_secd.errors import (
     KeyServiceTimeout,
     KeyServiceUnreachable,
 )
-from mn_secd.interfaces import KeyServiceStatus
+from mn_secd.naf_keys import KeyServiceStatus
 
 __all__ = [
     "AeCredentials",

@@ -2,7 +2,7 @@
 
 An AE on the Middle Node asks the daemon for the key of a NAF (B-TID, Ks_(ext)_NAF), then talks
 ``coaps://`` to the NAF with psk_identity = the bare B-TID and PSK = the whole 32-octet key, as
-oneM2M TS-0003 has it (our patched tinydtls carries both, see :mod:`mn_secd.naf.identity`).
+oneM2M TS-0003 has it (our patched tinydtls carries both, see :mod:`mn_secd.psk_identity`).
 
 When the NAF refuses the handshake, the usual reason is that it no longer accepts the B-TID (the
 BSF forgot it or it expired), which TS 33.222 resolves by bootstrapping again. The association does
@@ -36,9 +36,9 @@ from aiocoap.util import hostportjoin
 
 from mn_secd import dtls
 from mn_secd.errors import NafError, NafHandshakeFailed, NafRejected, NafTimeout
-from mn_secd.gba.ua import normalise_fqdn
 from mn_secd.logs import btid_hash
-from mn_secd.naf.identity import IdentityForm, dtls_psk, encode_psk_identity
+from mn_secd.psk_identity import IdentityForm, dtls_psk, encode_psk_identity
+from mn_secd.ua import normalise_fqdn
 
 log = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ from mn_secd.errors import (
     KeyServiceTimeout,
     KeyServiceUnreachable,
 )
-from mn_secd.gba.ua import UaId, normalise_fqdn
-from mn_secd.interfaces import KeyServiceStatus, NafKey
+from mn_secd.naf_keys import KeyServiceStatus, NafKey
+from mn_secd.ua import UaId, normalise_fqdn
 
 #: What :meth:`KeyServiceClient.get_key` returns: NAF FQDN, Ua id, NAF_Id, B-TID, key, expiry, mode.
 KeyAnswer = NafKey

@@ -21,7 +21,7 @@ from mn_secd.errors import ConfigError
 from mn_secd.gba.bootstrap import BootstrapSession, bootstrap
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.ub import UbClient
-from mn_secd.interfaces import GbaPolicy
+from mn_secd.naf_keys import GbaPolicy
 
 MODES = {p.value: p for p in GbaPolicy}
 

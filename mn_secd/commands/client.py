@@ -18,7 +18,7 @@ from typing import Any
 
 from mn_secd.client.keys import DEFAULT_SERVER, KeyServiceClient, load_credentials, parse_server
 from mn_secd.control.registry import read_psk_file
-from mn_secd.interfaces import KeyServiceStatus, NafKey
+from mn_secd.naf_keys import KeyServiceStatus, NafKey
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:

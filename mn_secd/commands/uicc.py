@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from mn_secd.interfaces import CardIdentity
-from mn_secd.uicc.auth import AkaMacFailure, AkaSuccess, AuthContext
+from mn_secd.aka import AkaMacFailure, AkaSuccess, AuthContext
+from mn_secd.cards import CardIdentity
 from mn_secd.uicc.card import APPLICATIONS, Card, open_card
 from mn_secd.uicc.transport import TRANSPORTS
 

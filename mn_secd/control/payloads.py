@@ -38,8 +38,8 @@ from aiocoap.numbers.codes import Code
 
 from mn_secd import errors
 from mn_secd.errors import Culprit, MnSecdError
-from mn_secd.gba.ua import UaId, normalise_fqdn
-from mn_secd.interfaces import GbaMode, KeyServiceStatus, NafKey
+from mn_secd.naf_keys import GbaMode, KeyServiceStatus, NafKey
+from mn_secd.ua import UaId, normalise_fqdn
 
 JSON = 50
 CBOR = 60

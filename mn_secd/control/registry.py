@@ -27,7 +27,7 @@ from aiocoap.credentials import CredentialsMap
 
 from mn_secd.dtls import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH
 from mn_secd.errors import ConfigError, InvalidNafId, NotAuthorised, UnsupportedUaProtocol
-from mn_secd.gba.ua import UaId, normalise_fqdn
+from mn_secd.ua import UaId, normalise_fqdn
 
 
 class AeSpec(Protocol):
@@ -56,7 +56,7 @@ class AeEntry:
     may_force_bootstrap: bool = False
 
     def allows_naf(self, naf_fqdn: str) -> bool:
-        """``naf_fqdn`` must already be normalised (:func:`mn_secd.gba.ua.normalise_fqdn`)."""
+        """``naf_fqdn`` must already be normalised (:func:`mn_secd.ua.normalise_fqdn`)."""
         return any(naf_matches(pattern, naf_fqdn) for pattern in self.naf_patterns)
 
     def allows_ua(self, ua: UaId) -> bool:

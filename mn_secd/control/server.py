@@ -45,7 +45,8 @@ from mn_secd.control.payloads import (
 )
 from mn_secd.control.registry import AeRegistry, RegistryCredentials
 from mn_secd.errors import MnSecdError, NotAuthorised, OperationTimeout
-from mn_secd.interfaces import KeyEvent, KeyEventKind, KeyProvider, NafKey
+from mn_secd.interfaces import KeyProvider
+from mn_secd.naf_keys import KeyEvent, KeyEventKind, NafKey
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,15 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from mn_secd.aka import AkaResult, AuthContext
+from mn_secd.cards import Application, CardIdentity
 from mn_secd.errors import ApduParseError, GbaModeUnavailable
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.ub import UbClient
-from mn_secd.interfaces import Application, CardAccess, CardIdentity, GbaMode, GbaPolicy
+from mn_secd.interfaces import CardAccess
 from mn_secd.logs import btid_hash
-from mn_secd.uicc.auth import AkaResult, AuthContext
+from mn_secd.naf_keys import GbaMode, GbaPolicy
 
 log = logging.getLogger(__name__)
 

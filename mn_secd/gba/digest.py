@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
+from mn_secd.aka import AUTN_LEN, RAND_LEN
 from mn_secd.errors import BsfAnswerInvalid, DigestParseError
 
 MD5 = "MD5"
@@ -47,9 +48,6 @@ QOP_AUTH_INT = "auth-int"
 _QOPS = frozenset({QOP_AUTH, QOP_AUTH_INT})
 
 AKAV2_PASSWORD_LABEL = b"http-digest-akav2-password"
-
-RAND_LEN = 16
-AUTN_LEN = 16
 
 _TCHAR = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
 _TOKEN68 = frozenset("-._~+/" + string.ascii_letters + string.digits)

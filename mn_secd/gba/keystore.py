@@ -36,22 +36,14 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
+from mn_secd.cards import CardEvent, CardEventKind
 from mn_secd.errors import BootstrapRateLimited, GbaError, MnSecdError, UiccAbsent
 from mn_secd.gba.bootstrap import BootstrapSession, bootstrap, derive_naf_key
-from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
 from mn_secd.gba.ub import UbClient, backoff_delay
-from mn_secd.interfaces import (
-    CardAccess,
-    CardEvent,
-    CardEventKind,
-    GbaMode,
-    GbaPolicy,
-    KeyEvent,
-    KeyEventKind,
-    KeyServiceStatus,
-    NafKey,
-)
+from mn_secd.interfaces import CardAccess
+from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
 from mn_secd.observers import Subscribers
+from mn_secd.ua import UaId, naf_id, normalise_fqdn
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from mn_secd.aka import AkaMacFailure, AkaResult, AkaSuccess, AkaSyncFailure
+from mn_secd.cards import CardIdentity
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,
@@ -47,10 +49,9 @@ from mn_secd.errors import (
 )
 from mn_secd.gba import digest
 from mn_secd.gba.bsfxml import MAX_BODY, parse_bootstrapping_info
-from mn_secd.gba.identity import bsf_url
-from mn_secd.interfaces import CardIdentity, GbaMode
 from mn_secd.logs import btid_hash
-from mn_secd.uicc.auth import AkaMacFailure, AkaResult, AkaSuccess, AkaSyncFailure
+from mn_secd.naf_keys import GbaMode
+from mn_secd.nai import bsf_url
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

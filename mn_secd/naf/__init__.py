@@ -2,8 +2,8 @@
 
 * :mod:`.zn` — Zn client for the BSF's HTTP/JSON interface (TS 29.309 shape);
 * :mod:`.cache` — the NAF's key cache by (B-TID, NAF_Id), honouring the key expiry;
-* :mod:`.identity` — psk_identity forms and the PSK each one means (shared with the MN side);
-* :mod:`.psk` — the PSK lookup as aiocoap server credentials, and the claim of a peer;
+* :mod:`.psk` — the PSK lookup as aiocoap server credentials, and the claim of a peer (the
+  psk_identity forms themselves are :mod:`mn_secd.psk_identity`, shared with the MN side);
 * :mod:`.records` / :mod:`.gate` — fetching a key over Zn before tinydtls asks for it;
 * :mod:`.server` — one call to serve an aiocoap site over GBA-keyed DTLS.
 

@@ -25,11 +25,11 @@ from aiocoap.credentials import CredentialsMap
 
 from mn_secd.dtls import MAX_PSK_LENGTH
 from mn_secd.errors import BtidUnknown, MnSecdError, NafError
-from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
 from mn_secd.logs import btid_hash
 from mn_secd.naf.cache import NafKeyCache
-from mn_secd.naf.identity import IdentityForm, PskIdentity, decode_psk_identity, dtls_psk
 from mn_secd.naf.zn import ZnAnswer, ZnClient
+from mn_secd.psk_identity import IdentityForm, PskIdentity, decode_psk_identity, dtls_psk
+from mn_secd.ua import UaId, naf_id, normalise_fqdn
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class GbaPskCredentials(CredentialsMap):  # type: ignore[misc]
     """aiocoap server credentials resolving GBA psk_identities through a key cache filled over Zn.
 
     ``naf_fqdn`` and ``ua`` make this NAF's NAF_Id (by default FQDN ‖ ``01 00 01 C0 A8``, oneM2M's
-    DTLS suite). Every psk_identity form of :mod:`mn_secd.naf.identity` is accepted, with the
+    DTLS suite). Every psk_identity form of :mod:`mn_secd.psk_identity` is accepted, with the
     32-octet NAF key as PSK. ``max_psk_length`` is what the DTLS stack can hold (64 octets for our
     patched tinydtls); a key it cannot hold is refused here rather than handed to C.
     ``max_fetches`` bounds concurrent Zn requests, so a flood of made-up identities cannot turn the

@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 
 from mn_secd.errors import BsfUnreachable, BtidUnknown, ZnAnswerInvalid, ZnRejected
-from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
 from mn_secd.logs import btid_hash
+from mn_secd.ua import UaId, naf_id, normalise_fqdn
 
 log = logging.getLogger(__name__)
 

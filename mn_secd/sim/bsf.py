@@ -51,14 +51,15 @@ from typing import Any
 
 from aiohttp import web
 
+from mn_secd import nai
 from mn_secd.commands.sim import listen_address
 from mn_secd.errors import ConfigError, DigestParseError, InvalidNafId, UnsupportedUaProtocol
-from mn_secd.gba import bsfxml, digest, identity, kdf
-from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
+from mn_secd.gba import bsfxml, digest, kdf
 from mn_secd.logs import btid_hash
 from mn_secd.sim.milenage import Milenage, generate_autn, verify_auts
 from mn_secd.sim.profile import CardProfile, load_profile
 from mn_secd.sim.sqn import HeSequence
+from mn_secd.ua import UaId, naf_id, normalise_fqdn
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ class ReferenceBsf:
     ) -> web.Response:
         now = self._now()
         expires = now - timedelta(hours=1) if self.lifetime_in_past else now + self.lifetime
-        btid = identity.btid(pending.rand, self.name)
+        btid = nai.btid(pending.rand, self.name)
         self._purge_bootstraps(now)
         self._bootstraps[btid] = Bootstrap(
             btid=btid,

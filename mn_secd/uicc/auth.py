@@ -1,15 +1,13 @@
 """AUTHENTICATE (INS 88) command building and response parsing, sans-IO (TS 31.102 7.1.2).
 
-The three outcomes the network cares about are values, not exceptions: success, a
-synchronisation failure carrying AUTS, and a MAC failure (the network is not authentic).
-Only outcomes that say "the card would not run it" or "the answer is garbage" raise.
+The outcomes the network cares about are the values of :mod:`mn_secd.aka` (success, a
+synchronisation failure carrying AUTS, a MAC failure), not exceptions. Only outcomes that say "the
+card would not run it" or "the answer is garbage" raise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import IntEnum
-
+from mn_secd.aka import AUTN_LEN, RAND_LEN, AkaMacFailure, AkaResult, AkaSuccess, AkaSyncFailure, AuthContext
 from mn_secd.errors import ApduParseError, AuthenticateRefused, CardStatusError
 
 INS_AUTHENTICATE = 0x88
@@ -24,44 +22,9 @@ SW_MAC_FAILURE = 0x9862
 REFUSING_SW = frozenset({0x6985, 0x9864, 0x6982, 0x6A81, 0x6A86, 0x6B00, 0x6D00, 0x6E00, 0x6981})
 
 
-class AuthContext(IntEnum):
-    """P2 of AUTHENTICATE: b8 set (specific reference data) and the security context."""
-
-    UMTS = 0x81  # 3G context: GBA_ME
-    GBA = 0x84  # GBA context: GBA_U (bootstrapping and NAF derivation modes)
-
-
-@dataclass(frozen=True, slots=True)
-class AkaSuccess:
-    """The card accepted the challenge. In the GBA context only RES is returned (the card keeps Ks)."""
-
-    res: bytes
-    ck: bytes | None = None
-    ik: bytes | None = None
-    kc: bytes | None = None
-
-    def __repr__(self) -> str:  # never show key material, not even in a debugger's repr
-        return f"AkaSuccess(res_len={len(self.res)}, keys={'yes' if self.ck else 'no'})"
-
-
-@dataclass(frozen=True, slots=True)
-class AkaSyncFailure:
-    """The SQN was not fresh: the card sent AUTS = (SQN_MS ⊕ AK*) ‖ MAC-S for a resync."""
-
-    auts: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AkaMacFailure:
-    """SW 98 62: the AUTN's MAC is wrong, so the challenge did not come from our home network."""
-
-
-AkaResult = AkaSuccess | AkaSyncFailure | AkaMacFailure
-
-
 def build_authenticate(rand: bytes, autn: bytes, context: AuthContext) -> bytes:
     """AUTHENTICATE for the 3G context or the GBA bootstrapping mode (CLA 00; channel bits set later)."""
-    if len(rand) != 16 or len(autn) != 16:
+    if len(rand) != RAND_LEN or len(autn) != AUTN_LEN:
         raise ValueError("RAND and AUTN are 16 octets each")
     body = bytes([16]) + rand + bytes([16]) + autn
     if context is AuthContext.GBA:

@@ -24,6 +24,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
+from mn_secd.aka import AkaResult, AuthContext
+from mn_secd.cards import Application, CardEvent, CardEventKind, CardIdentity
 from mn_secd.errors import (
     ApduParseError,
     ApplicationNotFound,
@@ -39,14 +41,11 @@ from mn_secd.errors import (
     UiccError,
     UiccLocked,
 )
-from mn_secd.gba.identity import impi_from_imsi
-from mn_secd.interfaces import Application, CardEvent, CardEventKind, CardIdentity
+from mn_secd.nai import impi_from_imsi
 from mn_secd.observers import Subscribers
 from mn_secd.uicc import at, files
 from mn_secd.uicc.apdu import Apdu, Response, parse_apdu
 from mn_secd.uicc.auth import (
-    AkaResult,
-    AuthContext,
     build_authenticate,
     build_gba_naf_derivation,
     parse_authenticate_response,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from mn_secd.cards import Application
 from mn_secd.errors import ApduParseError, ApplicationNotFound
-from mn_secd.interfaces import Application
 from mn_secd.uicc.apdu import find_tlv, parse_tlvs
 
 # File identifiers (gba-digest.md §4.2-§4.11).

@@ -33,7 +33,7 @@ import aiocoap
 
 from mn_secd.client.association import NafAssociation
 from mn_secd.client.keys import KeyServiceClient
-from mn_secd.interfaces import NafKey
+from mn_secd.naf_keys import NafKey
 from mn_secd.sim.naf import ReferenceInCse
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
 

@@ -30,16 +30,18 @@ from typing import Any
 
 import httpx
 
+from mn_secd.aka import AkaResult, AuthContext
+from mn_secd.cards import CardEvent, CardIdentity
 from mn_secd.gba.bootstrap import bootstrap
 from mn_secd.gba.ub import UbClient
-from mn_secd.interfaces import CardAccess, CardEvent, CardIdentity, GbaPolicy
+from mn_secd.interfaces import CardAccess
+from mn_secd.naf_keys import GbaPolicy
 from mn_secd.sim.bsf import ReferenceBsf
 from mn_secd.sim.modem import ModemEmulator
 from mn_secd.sim.profile import CardProfile, load_profile, save_profile
 from mn_secd.sim.sqn import SqnState
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import lab_cards
-from mn_secd.uicc.auth import AkaResult, AuthContext
 from mn_secd.uicc.card import open_card
 
 _AKA_APDU = re.compile(r'"[0-9A-F]{2}8800(?:81[0-9A-F]{2}|84[0-9A-F]{2}DD)')

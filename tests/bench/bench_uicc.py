@@ -14,12 +14,12 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from mn_secd.aka import AkaSuccess, AuthContext
 from mn_secd.sim.milenage import Milenage, generate_autn
 from mn_secd.sim.modem import ModemEmulator, Quirks
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import lab_cards
 from mn_secd.uicc import at
-from mn_secd.uicc.auth import AkaSuccess, AuthContext
 from mn_secd.uicc.card import open_card
 
 PROFILE = lab_cards()[0]

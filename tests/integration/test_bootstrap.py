@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mn_secd.cards import Application, CardEvent, CardEventKind
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,
@@ -32,15 +33,15 @@ from mn_secd.errors import (
 )
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.keystore import KeyStore
-from mn_secd.gba.ua import UaId, naf_id
 from mn_secd.gba.ub import UbClient
-from mn_secd.interfaces import Application, CardEvent, CardEventKind, GbaMode, GbaPolicy, KeyEvent, KeyEventKind
+from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
 from mn_secd.sim.bsf import GARBAGE_CHALLENGE, ZN_PATH, ReferenceBsf
 from mn_secd.sim.modem import Quirks
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.sqn import SqnState
 from mn_secd.sim.usim import FID_ISIM_GBABP, FID_USIM_GBABP, AppKind, SoftUicc
 from mn_secd.sim.world import SimulatedWorld, free_udp_port, lab_cards
+from mn_secd.ua import UaId, naf_id
 from mn_secd.uicc.card import Card, open_card
 
 FAST_CARD = {"command_timeout": 5.0, "presence_poll": 0.2, "reopen_max": 0.4}

@@ -22,17 +22,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mn_secd.aka import AkaSuccess, AuthContext
 from mn_secd.errors import BsfAnswerInvalid, DigestParseError
 from mn_secd.gba import bsfxml, digest, kdf
-from mn_secd.gba.ua import UaId, naf_id
 from mn_secd.sim.bsf import GARBAGE_CHALLENGE, ZN_PATH, ReferenceBsf
 from mn_secd.sim.milenage import Milenage, build_auts
 from mn_secd.sim.profile import CardProfile, render_profile
 from mn_secd.sim.sqn import SqnAccepted, SqnState, check_sqn, split_sqn
 from mn_secd.sim.usim import USIM_AID, SoftUicc
+from mn_secd.ua import UaId, naf_id
 from mn_secd.uicc.auth import (
-    AkaSuccess,
-    AuthContext,
     build_authenticate,
     build_gba_naf_derivation,
     parse_authenticate_response,

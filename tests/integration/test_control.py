@@ -37,11 +37,11 @@ from mn_secd.control.server import ControlServer, start_control_server
 from mn_secd.dtls import fixes as dtls_fix
 from mn_secd.errors import Culprit, KeyServiceRefused, KeyServiceRejected, KeyServiceTimeout
 from mn_secd.gba.keystore import KeyStore
-from mn_secd.gba.ua import UaId
 from mn_secd.gba.ub import UbClient
-from mn_secd.interfaces import GbaMode, GbaPolicy
+from mn_secd.naf_keys import GbaMode, GbaPolicy
 from mn_secd.sim.bsf import ZN_PATH
 from mn_secd.sim.world import SimulatedWorld
+from mn_secd.ua import UaId
 from mn_secd.uicc.card import Card, open_card
 
 NAF = "in-cse.example.net"

@@ -20,7 +20,7 @@ import pytest
 
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.errors import KeyServiceRejected
-from mn_secd.interfaces import NafKey
+from mn_secd.naf_keys import NafKey
 from mn_secd.sim.bsf import ReferenceBsf
 from mn_secd.sim.launcher import DaemonProcess as Daemon
 from mn_secd.sim.modem import ModemEmulator

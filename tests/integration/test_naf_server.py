@@ -25,7 +25,7 @@ import pytest
 from aiocoap.numbers.contentformat import ContentFormat
 from zn_stub import IMPI, KEY, StubBsf, stub_bsf
 
-from mn_secd.naf.identity import IdentityForm, encode_psk_identity
+from mn_secd.psk_identity import IdentityForm, encode_psk_identity
 from mn_secd.sim.naf import ReferenceInCse
 
 BSF_NAME = "bsf.mnc001.mcc001.pub.3gppnetwork.org"

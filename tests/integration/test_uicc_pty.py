@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from mn_secd.aka import AkaMacFailure, AkaSuccess, AkaSyncFailure, AuthContext
+from mn_secd.cards import Application, CardEvent, CardEventKind
 from mn_secd.errors import (
     AuthenticateOutcomeUnknown,
     AuthenticateRefused,
@@ -26,12 +28,10 @@ from mn_secd.errors import (
     UiccAbsent,
 )
 from mn_secd.gba.kdf import ks_naf
-from mn_secd.interfaces import Application, CardEvent, CardEventKind
 from mn_secd.sim.milenage import Milenage, generate_autn, verify_auts
 from mn_secd.sim.modem import ModemEmulator, Quirks
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
-from mn_secd.uicc.auth import AkaMacFailure, AkaSuccess, AkaSyncFailure, AuthContext
 from mn_secd.uicc.card import Card, open_card
 from mn_secd.uicc.files import parse_fcp
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mn_secd.aka import AuthContext
 from mn_secd.errors import ApduParseError, GetResponseLoop
 from mn_secd.uicc.apdu import (
     Apdu,
@@ -24,7 +25,7 @@ from mn_secd.uicc.apdu import (
     parse_tlvs,
     sw_meaning,
 )
-from mn_secd.uicc.auth import AuthContext, build_authenticate
+from mn_secd.uicc.auth import build_authenticate
 
 SELECT_MF = Apdu(0x00, 0xA4, 0x00, 0x04, bytes.fromhex("3F00"))
 

@@ -8,12 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mn_secd.aka import AkaMacFailure, AkaSuccess, AkaSyncFailure, AuthContext
 from mn_secd.errors import ApduParseError, AuthenticateRefused, CardStatusError
 from mn_secd.uicc.auth import (
-    AkaMacFailure,
-    AkaSuccess,
-    AkaSyncFailure,
-    AuthContext,
     build_authenticate,
     build_gba_naf_derivation,
     parse_authenticate_response,

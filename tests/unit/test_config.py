@@ -20,7 +20,7 @@ from mn_secd.config import (
     load_config,
 )
 from mn_secd.errors import ConfigError
-from mn_secd.interfaces import GbaPolicy
+from mn_secd.naf_keys import GbaPolicy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "mn-secd" / "mn-secd.toml"
 

@@ -34,8 +34,8 @@ from mn_secd.errors import (
     MnSecdError,
     UiccAbsent,
 )
-from mn_secd.gba.ua import UaId, naf_id
-from mn_secd.interfaces import GbaMode, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
+from mn_secd.naf_keys import GbaMode, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
+from mn_secd.ua import UaId, naf_id
 
 NAF = "in-cse.example.net"
 PSK_A = b"psk-of-ae-a-1234"

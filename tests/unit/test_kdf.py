@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from mn_secd.gba import kdf
-from mn_secd.gba.ua import UaId, naf_id
+from mn_secd.ua import UaId, naf_id
 
 NAF_VECTORS = [
     "ks_naf-gba_me-http-digest",

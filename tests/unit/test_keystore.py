@@ -15,23 +15,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from mn_secd.aka import AkaResult, AkaSuccess, AuthContext
+from mn_secd.cards import Application, CardEvent, CardEventKind, CardIdentity
 from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaModeUnavailable, UiccAbsent
 from mn_secd.gba.bootstrap import BootstrapSession, SecretBytes, choose_mode
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.keystore import BootstrapPlanner, Due, KeyStore
-from mn_secd.gba.ua import UaId, naf_id
 from mn_secd.gba.ub import AkaCallback, UbResult
-from mn_secd.interfaces import (
-    Application,
-    CardEvent,
-    CardEventKind,
-    CardIdentity,
-    GbaMode,
-    GbaPolicy,
-    KeyEvent,
-    KeyEventKind,
-)
-from mn_secd.uicc.auth import AkaResult, AkaSuccess, AuthContext
+from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
+from mn_secd.ua import UaId, naf_id
 
 DTLS = UaId.dtls_psk()
 

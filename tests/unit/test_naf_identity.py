@@ -1,4 +1,4 @@
-"""psk_identity forms and the PSK (mn_secd.naf.identity)."""
+"""psk_identity forms and the PSK (mn_secd.psk_identity)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mn_secd.dtls import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH
-from mn_secd.naf.identity import (
+from mn_secd.psk_identity import (
     FULL_PSK_LENGTH,
     IdentityForm,
     decode_psk_identity,

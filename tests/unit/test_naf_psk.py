@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 import pytest
 from zn_stub import BTID, IMPI, KEY, StubBsf, stub_bsf
 
-from mn_secd.gba.ua import UaId
-from mn_secd.naf.identity import IdentityForm, encode_psk_identity
 from mn_secd.naf.psk import GbaPskCredentials, NafClaim
 from mn_secd.naf.zn import ZnClient
+from mn_secd.psk_identity import IdentityForm, encode_psk_identity
+from mn_secd.ua import UaId
 
 BSF_NAME = BTID.partition("@")[2]
 FQDN = "in-cse.example.org"

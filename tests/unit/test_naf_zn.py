@@ -12,8 +12,8 @@ import pytest
 from zn_stub import BTID, GOOD, KEY, StubBsf, stub_bsf
 
 from mn_secd.errors import BsfUnreachable, BtidUnknown, NafError, ZnAnswerInvalid, ZnRejected
-from mn_secd.gba.ua import UaId
 from mn_secd.naf.zn import ZnClient
+from mn_secd.ua import UaId
 
 
 @pytest.fixture

@@ -35,8 +35,8 @@ from mn_secd.control.payloads import (
     mask_impi,
 )
 from mn_secd.errors import Culprit, MnSecdError
-from mn_secd.gba.ua import UaId, naf_id
-from mn_secd.interfaces import GbaMode, KeyServiceStatus, NafKey
+from mn_secd.naf_keys import GbaMode, KeyServiceStatus, NafKey
+from mn_secd.ua import UaId, naf_id
 
 EXPIRES = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 KEY = NafKey(

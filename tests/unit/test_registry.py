@@ -10,7 +10,7 @@ import pytest
 from mn_secd.config import AeConfig, load_config
 from mn_secd.control.registry import AeRegistry, RegistryCredentials, load_registry, naf_matches, read_psk_file
 from mn_secd.errors import ConfigError, NotAuthorised
-from mn_secd.gba.ua import UaId
+from mn_secd.ua import UaId
 
 
 def psk_file(tmp_path: Path, name: str, content: bytes, mode: int = 0o600) -> Path:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mn_secd.errors import InvalidNafId, UnsupportedUaProtocol
-from mn_secd.gba.ua import UaId, naf_id, normalise_fqdn
+from mn_secd.ua import UaId, naf_id, normalise_fqdn
 
 
 @pytest.mark.parametrize(

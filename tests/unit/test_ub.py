@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
+from mn_secd.aka import AkaMacFailure, AkaSuccess, AkaSyncFailure
+from mn_secd.cards import Application, CardIdentity
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,
@@ -23,8 +25,7 @@ from mn_secd.errors import (
 from mn_secd.gba import digest
 from mn_secd.gba.bsfxml import build_bootstrapping_info
 from mn_secd.gba.ub import AkaChallenge, UbClient, UbExchange, UbRequest, UbResult, backoff_delay, user_agent
-from mn_secd.interfaces import Application, CardIdentity, GbaMode
-from mn_secd.uicc.auth import AkaMacFailure, AkaSuccess, AkaSyncFailure
+from mn_secd.naf_keys import GbaMode
 
 IMPI = "001010000000001@ims.mnc001.mcc001.3gppnetwork.org"
 REALM = "bsf.mnc001.mcc001.pub.3gppnetwork.org"

@@ -12,13 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mn_secd.aka import AkaSuccess, AuthContext
 from mn_secd.gba.kdf import ks_int_naf, ks_naf
-from mn_secd.gba.ua import UaId, naf_id
 from mn_secd.sim.milenage import Milenage, generate_autn, verify_auts
 from mn_secd.sim.profile import CardProfile, load_profile
 from mn_secd.sim.sqn import SqnState, join_sqn, split_sqn
 from mn_secd.sim.usim import ISIM_AID, USIM_AID, AppKind, SoftUicc
-from mn_secd.uicc.auth import AkaSuccess, AuthContext, build_authenticate, parse_authenticate_response
+from mn_secd.ua import UaId, naf_id
+from mn_secd.uicc.auth import build_authenticate, parse_authenticate_response
 
 ETC = Path(__file__).parent.parent.parent / "etc" / "sim"
 K1 = bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc")

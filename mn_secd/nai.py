@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 
-from mn_secd.gba.digest import RAND_LEN
+from mn_secd.aka import RAND_LEN
 
 
 def _split_imsi(imsi: str, mnc_length: int) -> tuple[str, str]:
