@@ -1,29 +1,22 @@
 """``mn-secd sim PART``: run one part of the simulated world (modem, BSF, NAF) from a shell.
 
-Each part lives in its own module and is listed in :data:`SUBCOMMANDS`; the group imports only the
-module of the part being run, so ``mn-secd sim modem`` starts without the HTTP or DTLS stacks, and a
-part that is broken cannot take the others down.
+Each part's command line lives with the part in :mod:`mn_secd.sim` and is listed in
+:data:`SUBCOMMANDS` by name; this group imports only the module of the part being run, so
+``mn-secd sim modem`` starts without the HTTP or DTLS stacks, ``mn-secd sim bsf`` without the modem
+emulator, and a part that is broken cannot take the others down.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import queue
-import signal
-import sys
-import types
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
-
-from mn_secd.sim.modem import CCHO_STYLES, ModemEmulator, Quirks
 
 #: part -> ("module:function", one-line help). The function is ``configure(parser, name)``, as for
 #: the top-level commands in :mod:`mn_secd.cli`: it adds the part's arguments and sets ``handler``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "modem": ("mn_secd.commands.sim:configure_modem", "AT modem emulator on a pseudo-terminal, with a software UICC"),
+    "modem": ("mn_secd.sim.modem_cli:configure", "AT modem emulator on a pseudo-terminal, with a software UICC"),
     "bsf": ("mn_secd.sim.bsf:configure", "reference BSF: Ub (Digest AKA) and Zn (JSON) over HTTP, for card profiles"),
     "naf": ("mn_secd.sim.naf:configure", "reference IN-CSE (NAF): CoAP over DTLS-PSK keyed by GBA, keys over Zn"),
     "vicc": ("mn_secd.sim.vicc:configure", "the software UICC as a card in pcscd's vpcd reader (PC/SC)"),
@@ -55,141 +48,7 @@ def _configure_part(parser: argparse.ArgumentParser, name: str) -> None:
     configure(parser, name)
 
 
-def listen_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` for a part's ``--listen`` option (port 0 = any free port)."""
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="part", required=True, metavar="PART", action=_LazySubParsers)
     for part, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(part, help=help_text, description=help_text)
-
-
-# --- sim modem -------------------------------------------------------------------------------------
-
-#: Command-line help for each :class:`Quirks` field (every field gets a flag; see test_modem.py).
-QUIRK_HELP: dict[str, str] = {
-    "echo": "echo on at power-on (ATE0 still turns it off)",
-    "urcs_between": "inject a URC before every answer",
-    "urcs_inside": "inject a URC between the info lines and the final result code",
-    "urc_lines": "a URC line to inject (repeatable; default: +CREG: 1,1 / RING / +CEREG: 1)",
-    "split_writes": "send every answer in small pieces with delays",
-    "split_size": "bytes per piece with --split-writes",
-    "split_delay": "seconds between pieces with --split-writes",
-    "reject_lowercase_hex": "answer a bare ERROR to lower-case hex (Sierra EM7565)",
-    "no_space_after_colon": 'info lines like +CSIM:4,"9000" (SIMCom)',
-    "ccho_style": "how AT+CCHO names the channel: +CCHO: 1, a Sierra session handle, or a bare number (Fibocom)",
-    "no_logical_channels": "no logical channels: +CME ERROR: 4 on CCHO/CGLA/CCHC and MANAGE CHANNEL",
-    "no_test_commands": "answer ERROR to every =? test command",
-    "get_response_loop": "GET RESPONSE answers 6100 forever",
-    "refuse_authenticate": "refuse AUTHENTICATE with +CME ERROR: 3",
-    "internal_get_response": "fetch 61xx inside the modem and return data + 9000",
-    "latency": "seconds before every answer",
-    "auth_latency": "extra seconds before the answer to an AUTHENTICATE",
-}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`Quirks` field, defaults from the dataclass."""
-    group = parser.add_argument_group("modem quirks (all off by default)")
-    defaults = Quirks()
-    for f in dataclasses.fields(Quirks):
-        default = getattr(defaults, f.name)
-        help_text = QUIRK_HELP[f.name]
-        if f.name == "urc_lines":
-            group.add_argument("--urc-line", dest=f.name, action="append", metavar="LINE", help=help_text)
-        elif f.name == "ccho_style":
-            choices = [style.replace("_", "-") for style in CCHO_STYLES]
-            group.add_argument(_flag(f.name), dest=f.name, choices=choices, default="prefixed", help=help_text)
-        elif isinstance(default, bool):
-            group.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
-        elif isinstance(default, int):
-            group.add_argument(_flag(f.name), dest=f.name, type=int, default=default, metavar="N", help=help_text)
-        elif isinstance(default, float):
-            group.add_argument(
-                _flag(f.name), dest=f.name, type=float, default=default, metavar="SECONDS", help=help_text
-            )
-        else:  # a new kind of quirk needs a deliberate flag
-            raise TypeError(f"no command-line flag for quirk {f.name!r}")
-
-
-def quirks_from_args(args: argparse.Namespace) -> Quirks:
-    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(Quirks)}
-    values["ccho_style"] = values["ccho_style"].replace("-", "_")
-    if values["urc_lines"] is None:
-        del values["urc_lines"]
-    else:
-        values["urc_lines"] = tuple(values["urc_lines"])
-    return Quirks(**values)
-
-
-def configure_modem(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.epilog = (
-        "Prints the port's path on stdout, then serves until SIGINT/SIGTERM. "
-        "SIGUSR1 removes / re-inserts the SIM; SIGUSR2 makes the port vanish / come back "
-        "(the new path is printed when it returns)."
-    )
-    parser.add_argument("--card", required=True, type=Path, metavar="PROFILE", help="card profile (TOML)")
-    parser.add_argument(
-        "--link", metavar="PATH", help="keep a symlink at PATH pointing at the pty (stable across vanish/return)"
-    )
-    add_quirk_arguments(parser)
-    parser.set_defaults(handler=run_modem)
-
-
-def run_modem(args: argparse.Namespace) -> int:
-    from mn_secd.sim.usim import SoftUicc
-
-    quirks = quirks_from_args(args)
-    card = SoftUicc.from_file(args.card)  # SQN state is written back to the profile file
-    emulator = ModemEmulator(card, quirks, link=args.link)
-
-    # Signal handlers only queue what to do (SimpleQueue.put is safe in a handler); the main
-    # thread does it, so no handler ever runs inside the emulator's locks.
-    actions: queue.SimpleQueue[str] = queue.SimpleQueue()
-
-    def on_signal(signum: int, frame: types.FrameType | None) -> None:
-        actions.put({signal.SIGUSR1: "sim", signal.SIGUSR2: "port"}.get(signal.Signals(signum), "stop"))
-
-    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-    previous = {sig: signal.signal(sig, on_signal) for sig in watched}
-    try:
-        try:
-            print(emulator.start(), flush=True)
-        except FileExistsError as exc:
-            print(f"mn-secd sim modem: {exc}", file=sys.stderr)
-            return 2
-        while (action := _next_action(actions)) != "stop":
-            if action == "sim":
-                if emulator.card is None:
-                    card.reset()  # a card put back in powers up afresh
-                    emulator.insert_sim(card)
-                else:
-                    emulator.remove_sim()
-            elif emulator.path is None:
-                print(emulator.restore(), flush=True)
-            else:
-                emulator.vanish()
-    finally:
-        emulator.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
-
-
-def _next_action(actions: queue.SimpleQueue[str]) -> str:
-    # A timeout keeps the main thread waking up, so signal handlers run promptly on every platform.
-    while True:
-        try:
-            return actions.get(timeout=0.5)
-        except queue.Empty:
-            continue

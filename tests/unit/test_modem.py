@@ -722,7 +722,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_every_quirk_has_a_flag() -> None:
     from mn_secd.cli import build_parser
-    from mn_secd.commands.sim import quirks_from_args
+    from mn_secd.sim.modem_cli import quirks_from_args
 
     parser = build_parser("sim")
     args = parser.parse_args(["sim", "modem", "--card", "x.toml"])
