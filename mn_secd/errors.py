@@ -329,6 +329,31 @@ class BindError(MnSecdError, OSError):
 # --- key service and NAF ------------------------------------------------------------------------------
 
 
+class RequestError(MnSecdError):
+    """A local AE sent a request the key service cannot parse (4.00)."""
+
+    culprit = Culprit.AE
+    kind = "bad-request"
+
+
+class UnsupportedContentFormat(RequestError):
+    """The request payload's Content-Format is neither CBOR nor JSON (4.15)."""
+
+    kind = "unsupported-content-format"
+
+
+class NotAcceptable(RequestError):
+    """The request's Accept option asks for a format other than CBOR or JSON (4.06)."""
+
+    kind = "not-acceptable"
+
+
+class UnsupportedOption(RequestError):
+    """A critical option this server does not process (RFC 7252 5.4.1: 4.02)."""
+
+    kind = "bad-option"
+
+
 class NotAuthorised(MnSecdError):
     """A local AE asked for something its ACL does not allow."""
 

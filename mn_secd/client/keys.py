@@ -37,7 +37,6 @@ from mn_secd import dtls
 from mn_secd.control.payloads import (
     CBOR,
     KeyRequest,
-    RequestError,
     decode_key_answer,
     decode_status,
     encode_key_request,
@@ -50,6 +49,7 @@ from mn_secd.errors import (
     KeyServiceRefused,
     KeyServiceTimeout,
     KeyServiceUnreachable,
+    RequestError,
 )
 from mn_secd.naf_keys import KeyServiceStatus, NafKey
 from mn_secd.ua import UaId, normalise_fqdn

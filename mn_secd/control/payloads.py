@@ -37,7 +37,14 @@ import cbor2
 from aiocoap.numbers.codes import Code
 
 from mn_secd import errors
-from mn_secd.errors import Culprit, MnSecdError
+from mn_secd.errors import (
+    Culprit,
+    MnSecdError,
+    NotAcceptable,
+    RequestError,
+    UnsupportedContentFormat,
+    UnsupportedOption,
+)
 from mn_secd.naf_keys import GbaMode, KeyServiceStatus, NafKey
 from mn_secd.ua import UaId, normalise_fqdn
 
@@ -45,31 +52,6 @@ JSON = 50
 CBOR = 60
 #: Largest request payload accepted; a key request is a few dozen octets.
 MAX_REQUEST_SIZE = 512
-
-
-class RequestError(MnSecdError):
-    """A local AE sent a request the key service cannot parse (4.00)."""
-
-    culprit = Culprit.AE
-    kind = "bad-request"
-
-
-class UnsupportedContentFormat(RequestError):
-    """The request payload's Content-Format is neither CBOR nor JSON (4.15)."""
-
-    kind = "unsupported-content-format"
-
-
-class NotAcceptable(RequestError):
-    """The request's Accept option asks for a format other than CBOR or JSON (4.06)."""
-
-    kind = "not-acceptable"
-
-
-class UnsupportedOption(RequestError):
-    """A critical option this server does not process (RFC 7252 5.4.1: 4.02)."""
-
-    kind = "bad-option"
 
 
 #: Critical options the key service processes: Uri-Host, Uri-Port, Uri-Path, Uri-Query, Accept,
@@ -273,6 +255,9 @@ ERROR_CODES: dict[type[MnSecdError], tuple[Code, int | None]] = {
     # the NAF side and the key service client are never behind this server, but must map somewhere
     errors.NafError: (Code.BAD_GATEWAY, None),
     errors.KeyServiceError: (Code.INTERNAL_SERVER_ERROR, None),
+    # the local DTLS stack: failures at start-up, never an answer to a request
+    errors.DtlsFixMismatch: (Code.INTERNAL_SERVER_ERROR, None),
+    errors.BindError: (Code.INTERNAL_SERVER_ERROR, None),
 }
 
 #: Longest diagnostic payload sent (CoAP diagnostics are meant to be short).

@@ -34,7 +34,6 @@ from mn_secd.control.payloads import (
     CBOR,
     JSON,
     KeyRequest,
-    RequestError,
     answer_format,
     check_critical_options,
     decode_key_request,
@@ -44,7 +43,7 @@ from mn_secd.control.payloads import (
     key_request_from_query,
 )
 from mn_secd.control.registry import AeRegistry, RegistryCredentials
-from mn_secd.errors import MnSecdError, NotAuthorised, OperationTimeout
+from mn_secd.errors import MnSecdError, NotAuthorised, OperationTimeout, RequestError
 from mn_secd.interfaces import KeyProvider
 from mn_secd.naf_keys import KeyEvent, KeyEventKind, NafKey
 

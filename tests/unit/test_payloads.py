@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
+import pkgutil
 from datetime import UTC, datetime, timedelta, timezone
 
 import cbor2
@@ -13,15 +15,13 @@ from aiocoap.numbers.codes import Code
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mn_secd
 from mn_secd import errors
 from mn_secd.control import payloads
 from mn_secd.control.payloads import (
     CBOR,
     JSON,
     KeyRequest,
-    NotAcceptable,
-    RequestError,
-    UnsupportedContentFormat,
     answer_format,
     decode_key_answer,
     decode_key_request,
@@ -34,7 +34,7 @@ from mn_secd.control.payloads import (
     key_request_from_query,
     mask_impi,
 )
-from mn_secd.errors import Culprit, MnSecdError
+from mn_secd.errors import Culprit, MnSecdError, NotAcceptable, RequestError, UnsupportedContentFormat
 from mn_secd.naf_keys import GbaMode, KeyServiceStatus, NafKey
 from mn_secd.ua import UaId, naf_id
 
@@ -178,6 +178,20 @@ def _taxonomy() -> list[type[MnSecdError]]:
     ]
 
 
+def test_every_error_class_is_defined_in_errors_py() -> None:
+    """The table and :func:`culprit_of` see every error class whatever was imported before."""
+    for module in pkgutil.walk_packages(mn_secd.__path__, "mn_secd."):
+        if module.name != "mn_secd.__main__":  # that one runs the command line
+            importlib.import_module(module.name)
+    classes, stray = [MnSecdError], []
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if cls.__module__.startswith("mn_secd.") and cls.__module__ != errors.__name__:  # tests may add their own
+            stray.append(f"{cls.__module__}.{cls.__qualname__}")
+    assert stray == []
+
+
 def test_every_error_family_has_a_deliberate_code() -> None:
     """A class under a listed family inherits its code; a new direct family must be listed."""
     for cls in _taxonomy():
@@ -213,7 +227,7 @@ def test_error_answers(exc: MnSecdError, code: Code, max_age: int | None) -> Non
 def test_unknown_critical_options_are_refused() -> None:
     payloads.check_critical_options([3, 11, 15, 17, 12, 6, 2048, 60])  # understood, or elective
     for number in (1, 5, 9, 35, 2049):
-        with pytest.raises(payloads.UnsupportedOption, match=f"critical option {number} ") as info:
+        with pytest.raises(errors.UnsupportedOption, match=f"critical option {number} ") as info:
             payloads.check_critical_options([11, number])
         assert error_answer(info.value).code == Code.BAD_OPTION
 
