@@ -228,9 +228,15 @@ class GbaError(MnSecdError):
 
 
 class DigestParseError(GbaError):
-    """A malformed ``WWW-Authenticate`` / ``Authentication-Info`` header (only error the parser raises)."""
+    """A Digest header that cannot be read or used: the only error :mod:`mn_secd.gba.digest`'s parsers raise.
 
-    culprit = Culprit.BSF
+    Neutral on purpose: the parser serves both ends of Ub and cannot know who wrote the header, so
+    it blames no one (``culprit`` is LOCAL, as for anything that escapes unconverted, which would be
+    our bug). Each end turns it into the error of the side at fault where it reads a header: the Ub
+    client into :class:`BsfDigestInvalid` (the BSF's header), the reference BSF into a 400 answer
+    (the client's header).
+    """
+
     kind = "digest-parse"
 
 
@@ -265,6 +271,13 @@ class BsfAnswerInvalid(GbaError):
 
     culprit = Culprit.BSF
     kind = "bsf-answer-invalid"
+
+
+class BsfDigestInvalid(DigestParseError, BsfAnswerInvalid):
+    """The BSF sent a ``WWW-Authenticate`` or ``Authentication-Info`` header that cannot be read."""
+
+    culprit = Culprit.BSF
+    kind = "bsf-digest-invalid"
 
 
 class InvalidNafId(GbaError):

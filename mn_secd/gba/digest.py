@@ -8,8 +8,10 @@ agreeing with themselves.
 Parsing is strict about syntax (RFC 7235 ``challenge`` / ``credentials`` / ``auth-param``) but
 liberal where real servers differ: parameter order, quoted or bare values, case of names and of the
 algorithm, several challenges in one header or across several headers, obs-folded lines. Anything
-that cannot be read raises :class:`DigestParseError` and nothing else, so a hostile or broken BSF can
-never crash the caller with an unexpected exception type.
+that cannot be read raises :class:`~mn_secd.errors.DigestParseError` and nothing else, so a hostile
+or broken peer can never crash the caller with an unexpected exception type. That error blames no
+one: this module cannot know which end wrote the header, so each caller turns it into the error of
+the side at fault (:class:`~mn_secd.gba.ub.UbExchange` blames the BSF; the reference BSF answers 400).
 
 The digest itself is RFC 2617 with the AKA password rule: for AKAv1 the password is RES as raw
 octets (not hex), for AKAv2 base64(HMAC-MD5(RES ‖ IK ‖ CK, "http-digest-akav2-password")).
@@ -480,6 +482,7 @@ def compute_response(ha1: str, nonce: str, nc: str | None, cnonce: str | None, q
 
 
 def _check_supported(algorithm: str) -> None:
+    """For the client side only, where the algorithm is the BSF's choice in its challenge."""
     if algorithm.lower() not in SUPPORTED_ALGORITHMS:
         raise BsfAnswerInvalid(f"unsupported Digest algorithm {algorithm!r}")
 
@@ -661,7 +664,8 @@ def build_challenge(
 
 
 def _server_ha1(credentials: Credentials, password: bytes) -> str:
-    _check_supported(credentials.algorithm)
+    if credentials.algorithm.lower() not in SUPPORTED_ALGORITHMS:  # neutral, as for a parse error
+        raise DigestParseError(f"unsupported Digest algorithm {credentials.algorithm!r}")
     return compute_ha1(
         credentials.algorithm,
         credentials.username,

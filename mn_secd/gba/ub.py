@@ -42,6 +42,7 @@ from mn_secd.aka import AkaMacFailure, AkaResult, AkaSuccess, AkaSyncFailure
 from mn_secd.cards import CardIdentity
 from mn_secd.errors import (
     BsfAnswerInvalid,
+    BsfDigestInvalid,
     BsfRejected,
     BsfUnreachable,
     DigestParseError,
@@ -278,8 +279,16 @@ class UbExchange:
             raise RuntimeError(f"Ub exchange is {self._state.value}, not {state.value}")
 
     def _guard(self, step: Callable[[], _T]) -> _T:
+        """Run one transition; any failure leaves the exchange FAILED.
+
+        Every header this exchange parses came from the BSF, so the Digest parser's neutral
+        :class:`~mn_secd.errors.DigestParseError` becomes the BSF's fault here.
+        """
         try:
             return step()
+        except DigestParseError as exc:
+            self._state = _State.FAILED
+            raise BsfDigestInvalid(f"the BSF's Digest header cannot be read: {exc}") from exc
         except BaseException:
             self._state = _State.FAILED
             raise

@@ -263,7 +263,7 @@ class ReferenceBsf:
             return self._bad("an Authorization header with the user name is required")
         try:
             creds = digest.parse_authorization(header)
-        except DigestParseError as exc:
+        except DigestParseError as exc:  # neutral in the parser; here the client wrote the header
             return self._bad(f"malformed Authorization: {exc}")
         subscriber = self._subscribers.get(creds.username)
         if subscriber is None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mn_secd.errors import BsfAnswerInvalid, DigestParseError
+from mn_secd.errors import BsfAnswerInvalid, Culprit, DigestParseError
 from mn_secd.gba import bsfxml, digest
 from mn_secd.gba.digest import AKAV1_MD5, AKAV2_MD5, Challenge
 
@@ -335,6 +335,22 @@ def test_bad_nonces(nonce: str) -> None:
 def test_malformed_authorization(header: str) -> None:
     with pytest.raises(DigestParseError):
         digest.parse_authorization(header)
+
+
+def test_parse_errors_blame_no_side() -> None:
+    """Client and BSF share the parser: its error names no culprit, each end assigns one."""
+    for parse, header in (
+        (digest.parse_challenges, 'Digest realm="r'),
+        (digest.parse_authorization, 'Digest username="u", username="v"'),
+        (digest.parse_auth_params, 'rspauth="x'),
+    ):
+        with pytest.raises(DigestParseError) as info:
+            parse(header)
+        assert type(info.value) is DigestParseError and info.value.culprit is Culprit.LOCAL
+    creds = digest.parse_authorization('Digest username="u", realm="r", nonce="n", uri="/", algorithm=SHA-256')
+    with pytest.raises(DigestParseError) as info:  # the server side: the client named the algorithm
+        digest.verify_response(creds, b"p", method="GET")
+    assert info.value.culprit is Culprit.LOCAL
 
 
 def test_authentication_info_syntax_errors_raise() -> None:

@@ -19,6 +19,7 @@ from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,
     BsfUnreachable,
+    Culprit,
     DigestParseError,
     NetworkAuthenticationFailure,
 )
@@ -241,6 +242,21 @@ def test_rspauth_over_another_body_is_refused() -> None:
     forged = body.replace(b"AAEC", b"ZZEC")
     with pytest.raises(BsfAnswerInvalid, match="rspauth"):
         ex.receive(status, reason, headers, forged, now=NOW)
+
+
+def test_a_bsf_header_that_cannot_be_read_is_the_bsfs_fault() -> None:
+    """The Digest parser blames no one; the exchange knows the BSF wrote the header."""
+    ex = new_exchange()
+    ex.start()
+    with pytest.raises(DigestParseError) as info:
+        ex.receive(*challenge_401('Digest realm="x", nonce="unterminated'), now=NOW)
+    assert info.value.culprit is Culprit.BSF and isinstance(info.value, BsfAnswerInvalid)
+    ex, request = _answered()
+    status, reason, headers, body = answer_200(request, RES)
+    headers[0] = ("Authentication-Info", 'rspauth="unterminated')
+    with pytest.raises(DigestParseError) as info:
+        ex.receive(status, reason, headers, body, now=NOW)
+    assert info.value.culprit is Culprit.BSF and ex.state == "failed"
 
 
 def test_missing_authentication_info_is_refused() -> None:
