@@ -28,21 +28,13 @@ from urllib.parse import urlsplit
 from mn_secd.errors import ConfigError, InvalidNafId, UnsupportedUaProtocol
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.ua import UaId, normalise_fqdn
+from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
 
-TRANSPORTS = ("auto", "csim", "cgla")
-APPLICATIONS = ("auto", "isim", "usim")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: The [modem] keys a file may set; ModemConfig's polling and reopening pace keep their defaults.
+MODEM_KEYS = ("port", "baud", "transport", "application", "command_timeout")
 #: Used when an ``[[ae]]`` entry has no ``ua`` key: oneM2M's mandatory DTLS suite.
 DEFAULT_UA = ("dtls-psk",)
-
-
-@dataclass(frozen=True)
-class ModemConfig:
-    port: str
-    baud: int = 115200
-    transport: str = "auto"  # "auto" | "csim" | "cgla"
-    application: str = "auto"  # "auto" | "isim" | "usim"
-    command_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -151,8 +143,8 @@ def _modem(t: _Table) -> ModemConfig:
     modem = ModemConfig(
         port=port,
         baud=t.integer("baud", ModemConfig.baud, minimum=1),
-        transport=t.choice("transport", ModemConfig.transport, TRANSPORTS),
-        application=t.choice("application", ModemConfig.application, APPLICATIONS),
+        transport=TransportChoice(t.choice("transport", ModemConfig.transport, tuple(TransportChoice))),
+        application=ApplicationChoice(t.choice("application", ModemConfig.application, tuple(ApplicationChoice))),
         command_timeout=t.number("command_timeout", ModemConfig.command_timeout, positive=True),
     )
     t.finish()
@@ -404,7 +396,7 @@ def _show(value: Any) -> str:
 
 #: Every key each section accepts, for documentation and for the example file's test.
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
-    "modem": tuple(f.name for f in fields(ModemConfig)),
+    "modem": MODEM_KEYS,
     "gba": tuple(f.name for f in fields(GbaConfig)),
     "control": tuple(f.name for f in fields(ControlConfig)),
     "ae": tuple(f.name for f in fields(AeConfig)),

@@ -290,14 +290,7 @@ class Daemon:
 
     async def _open_card(self) -> tuple[Card, CardIdentity]:
         """One attempt: the port opened, the card up and its identity read, or nothing left open."""
-        modem = self.config.modem
-        card = await open_card(
-            modem.port,
-            baud=modem.baud,
-            transport=modem.transport,
-            application=modem.application,
-            command_timeout=modem.command_timeout,
-        )
+        card = await open_card(self.config.modem)
         try:
             return card, await card.identity()
         except BaseException:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AuthContext
 from mn_secd.cards import CardIdentity
-from mn_secd.uicc.card import APPLICATIONS, Card, open_card
-from mn_secd.uicc.transport import TRANSPORTS
+from mn_secd.uicc.card import Card, open_card
+from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
 
 EXIT_MAC_FAILURE = 3
 
@@ -34,6 +35,19 @@ def _hex16(text: str) -> bytes:
     return value
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     info = sub.add_parser("info", help="print ICCID, IMSI, IMPI, applications, GBA_U support, transport")
@@ -46,10 +60,14 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     )
     for p in (info, auth):
         p.add_argument("--port", required=True, help="the modem's AT port, e.g. /dev/ttyUSB2")
-        p.add_argument("--baud", type=int, default=115200, help="speed (default 115200)")
-        p.add_argument("--transport", choices=TRANSPORTS, default="auto", help="APDU transport (default auto)")
-        p.add_argument("--application", choices=APPLICATIONS, default="auto", help="application (default auto)")
-        p.add_argument("--timeout", type=float, default=5.0, help="seconds per AT command (default 5)")
+        p.add_argument("--baud", type=_positive(int), default=115200, help="speed (default 115200)")
+        p.add_argument(
+            "--transport", type=TransportChoice, choices=list(TransportChoice), default="auto", help="APDU transport"
+        )
+        p.add_argument(
+            "--application", type=ApplicationChoice, choices=list(ApplicationChoice), default="auto", help="application"
+        )
+        p.add_argument("--timeout", type=_positive(float), default=5.0, help="seconds per AT command (default 5)")
     auth.add_argument("--rand", type=_hex16, required=True, help="RAND, 32 hex digits")
     auth.add_argument("--autn", type=_hex16, required=True, help="AUTN, 32 hex digits")
     info.set_defaults(handler=lambda args: asyncio.run(_info(args)))
@@ -57,13 +75,10 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 async def _open(args: argparse.Namespace) -> Card:
-    return await open_card(
-        args.port,
-        baud=args.baud,
-        transport=args.transport,
-        application=args.application,
-        command_timeout=args.timeout,
+    config = ModemConfig(
+        args.port, baud=args.baud, transport=args.transport, application=args.application, command_timeout=args.timeout
     )
+    return await open_card(config)
 
 
 def _describe(port: str, identity: CardIdentity) -> list[str]:

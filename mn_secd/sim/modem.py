@@ -382,15 +382,15 @@ class ModemEmulator:
     def card(self) -> SimCard | None:
         return self._card
 
-    def remove_sim(self) -> None:
-        """Take the SIM out: URCs ``+CPIN: NOT READY`` and ``+SIMCARD: NOT AVAILABLE``, then
+    def remove_sim(self, urcs: Sequence[str] = ("+CPIN: NOT READY", "+SIMCARD: NOT AVAILABLE")) -> None:
+        """Take the SIM out: the removal URCs (``urcs``: modems differ in which they send), then
         ``+CME ERROR: 10`` for every SIM command; open channels are gone."""
         with self._lock:
             self._card = None
             self._card_channels.clear()
             self._sessions.clear()
-        self.post_urc("+CPIN: NOT READY")
-        self.post_urc("+SIMCARD: NOT AVAILABLE")
+        for line in urcs:
+            self.post_urc(line)
 
     def insert_sim(self, card: SimCard) -> None:
         """Insert ``card`` (freshly reset, as a powered-up card is): URC ``+CPIN: READY``."""

@@ -1,19 +1,18 @@
-"""The card as the daemon sees it: identity, AUTHENTICATE, GBA_U operations, and card events.
+"""The card behind a modem's AT port: start-up, card events, and one operation at a time.
+
+What only an AT port has lives here: ``AT+CPIN?`` before anything else, the transport probe over
+AT+CGLA / AT+CSIM (:func:`~mn_secd.uicc.transport.open_transport`), ``AT+CIMI`` for the IMSI of an
+ISIM-only card, URCs that say the SIM went or came, and a port that vanishes and returns. The
+card's files and AUTHENTICATE are APDUs on the chosen transport, in
+:class:`~mn_secd.uicc.channel.CardChannel`, which any other way of reaching a card can reuse.
 
 Start-up (and every re-insertion or port return) runs once: ``AT+CPIN?``; a transport from the
-probe (AT+CGLA, or AT+CSIM with MANAGE CHANNEL, or AT+CSIM on the basic channel); EF_DIR and
-EF_ICCID; the USIM's EF_IMSI, EF_AD and EF_UST; the ISIM's EF_IMPI and EF_IST when the ISIM is the
-application in use. That application is left selected on our channel, so an AUTHENTICATE afterwards
-is one AT command (two with GET RESPONSE) and never a re-SELECT -- except on the basic channel,
-where the modem may have selected something else in between.
+probe; then the channel reads the identity and leaves the application selected.
 
-An AUTHENTICATE is never sent twice: a timeout, a lost port or an unreadable answer after sending it
-raise :class:`~mn_secd.errors.AuthenticateOutcomeUnknown` (the card may have consumed the SQN), and
-the T=0 procedure does not resend it on ``6Cxx``.
-
-Card events: REMOVED on a SIM-removed URC, on ``+CME ERROR: 10`` or when the port goes; then the
-card is looked for again (at once on an insertion URC or when the port returns, else by polling
-``AT+CPIN?``) and INSERTED or CHANGED is sent once its identity has been re-read.
+Card events: REMOVED on a SIM-removed URC, when the card answers as absent (``+CME ERROR: 10``) or
+when the port goes; then the card is looked for again (at once on an insertion URC or when the port
+returns, else by polling ``AT+CPIN?``) and INSERTED or CHANGED is sent once its identity has been
+re-read.
 """
 
 from __future__ import annotations
@@ -21,46 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.cards import Application, CardEvent, CardEventKind, CardIdentity
-from mn_secd.errors import (
-    ApduParseError,
-    ApplicationNotFound,
-    AtCommandError,
-    AtParseError,
-    AuthenticateOutcomeUnknown,
-    AuthenticateRefused,
-    CardStatusError,
-    MnSecdError,
-    ModemTimeout,
-    PortGoneError,
-    UiccAbsent,
-    UiccError,
-    UiccLocked,
-)
-from mn_secd.nai import impi_from_imsi
+from mn_secd.cards import CardEvent, CardEventKind, CardIdentity
+from mn_secd.errors import AtCommandError, MnSecdError, PortGoneError, UiccAbsent, UiccLocked
 from mn_secd.observers import Subscribers
 from mn_secd.uicc import at, files
-from mn_secd.uicc.apdu import Apdu, Response, parse_apdu
-from mn_secd.uicc.auth import (
-    build_authenticate,
-    build_gba_naf_derivation,
-    parse_authenticate_response,
-    parse_naf_derivation_response,
-)
-from mn_secd.uicc.serial import AtPort
-from mn_secd.uicc.transport import TRANSPORTS, ApduTransport, check_absent, exchange, open_transport
+from mn_secd.uicc.channel import CardChannel
+from mn_secd.uicc.options import ModemConfig
+from mn_secd.uicc.serial import AtCommandPort, AtPort
+from mn_secd.uicc.transport import check_absent, open_transport
 
 logger = logging.getLogger(__name__)
-
-APPLICATIONS = ("auto", "isim", "usim")
-SW_FILE_NOT_FOUND = 0x6A82
-#: ``+CME ERROR`` codes on AUTHENTICATE that mean "this modem will not pass it" (Moxa, old Siemens).
-_REFUSING_CME = frozenset({at.CME_NOT_ALLOWED, at.CME_NOT_SUPPORTED})
-_FID_EF_GBABP_ISIM = 0x6FD5
 
 
 def urc_presence(line: str) -> bool | None:
@@ -81,39 +53,20 @@ def urc_presence(line: str) -> bool | None:
 
 
 class Card:
-    """The UICC behind the modem's AT port; implements :class:`mn_secd.interfaces.CardAccess`.
+    """The UICC behind ``port`` (a modem's AT port); implements :class:`mn_secd.interfaces.CardAccess`.
 
-    Build it with :func:`open_card`.
+    :func:`open_card` builds the port from ``config`` and starts the card. ``config`` gives the
+    transport and application wanted and how often to look for an absent card; the port is the
+    caller's to build (the card listens to its URCs and port state from now on) and the card's to
+    open and close.
     """
 
-    def __init__(
-        self,
-        port: str,
-        *,
-        baud: int = 115200,
-        transport: str = "auto",
-        application: str = "auto",
-        command_timeout: float = 5.0,
-        presence_poll: float = 2.0,
-        reopen_max: float = 5.0,
-    ) -> None:
-        if application not in APPLICATIONS:
-            raise ValueError(f"application must be one of {', '.join(APPLICATIONS)}, not {application!r}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-        self._transport_preference = transport
-        self._application_preference = application
-        self._presence_poll = presence_poll
-        self._port = AtPort(
-            port,
-            baud=baud,
-            command_timeout=command_timeout,
-            on_urc=self._on_urc,
-            on_state=self._on_port_state,
-            reopen_max=reopen_max,
-        )
+    def __init__(self, port: AtCommandPort, config: ModemConfig) -> None:
+        self._config = config
+        self._port = port
+        port.listen(on_urc=self._on_urc, on_state=self._on_port_state)
         self._lock = asyncio.Lock()  # one card operation (several AT commands) at a time
-        self._transport: ApduTransport | None = None
+        self._channel: CardChannel | None = None
         self._identity: CardIdentity | None = None
         self._last_identity: CardIdentity | None = None
         self._generation = 0  # bumped on every removal: an identity read across one is void
@@ -124,7 +77,8 @@ class Card:
 
     # --- life cycle --------------------------------------------------------------------------------
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
+        """Open the port and bring the card up; on failure nothing is left open."""
         await self._port.open()
         try:
             async with self._lock:
@@ -144,18 +98,18 @@ class Card:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        transport, self._transport = self._transport, None
-        if transport is not None and self._port.connected:
+        channel, self._channel = self._channel, None
+        if channel is not None and self._port.connected:
             async with self._lock:
-                await transport.close()
+                await channel.transport.close()
         await self._port.close()
 
     @property
     def transport_name(self) -> str | None:
-        return self._transport.name if self._transport is not None else None
+        return self._channel.transport.name if self._channel is not None else None
 
     @property
-    def port(self) -> AtPort:
+    def port(self) -> AtCommandPort:
         """The AT port (read-only use: diagnostics and the benchmark count commands on it)."""
         return self._port
 
@@ -174,45 +128,24 @@ class Card:
 
     async def authenticate(self, rand: bytes, autn: bytes, context: AuthContext) -> AkaResult:
         """Exactly one AUTHENTICATE (3G context or GBA bootstrapping mode); never resent."""
-        command = parse_apdu(build_authenticate(rand, autn, context))
         async with self._lock:
-            transport, identity = self._ready()
-            if transport.basic_channel:  # the modem may have selected another file on channel 0
-                await self._select_aid(transport, identity.aid, fcp=False)
-            response = await self._run_once(transport, command, "AUTHENTICATE")
-            return parse_authenticate_response(response.data, response.sw, context)
+            channel, identity = self._ready()
+            async with self._absence_noticed():
+                return await channel.authenticate(identity, rand, autn, context)
 
     async def gba_naf_derivation(self, naf_id: bytes, impi: str) -> bytes:
         """GBA_U NAF derivation (``DE``): Ks_ext_NAF; the card must hold a Ks from a GBA bootstrap."""
-        command = parse_apdu(build_gba_naf_derivation(naf_id, impi))
         async with self._lock:
-            transport, identity = self._ready()
-            if transport.basic_channel:
-                await self._select_aid(transport, identity.aid, fcp=False)
-            response = await self._run_once(transport, command, "AUTHENTICATE (NAF derivation)")
-            return parse_naf_derivation_response(response.data, response.sw)
+            channel, identity = self._ready()
+            async with self._absence_noticed():
+                return await channel.gba_naf_derivation(identity, naf_id, impi)
 
     async def write_gba_bootstrap_params(self, btid: str, lifetime: str) -> None:
         """B-TID and lifetime into EF_GBABP, keeping the RAND the card wrote there during the bootstrap."""
         async with self._lock:
-            transport, identity = self._ready()
-            if identity.application is Application.ISIM:
-                fcp = await self._select_file(transport, _FID_EF_GBABP_ISIM, optional=True)
-                if fcp is not None:
-                    await self._rewrite_gbabp(transport, fcp, btid, lifetime)
-                    return
-            usim = next((aid for app, aid in identity.applications if app is Application.USIM), None)
-            if usim is None:
-                raise ApplicationNotFound("no EF_GBABP: the card has no USIM and its ISIM has none")
-            if usim != identity.aid:
-                await self._select_aid(transport, usim)
-            try:
-                fcp = await self._select_file(transport, files.FID_EF_GBABP_USIM)
-                assert fcp is not None
-                await self._rewrite_gbabp(transport, fcp, btid, lifetime)
-            finally:
-                if usim != identity.aid:
-                    await self._select_aid(transport, identity.aid)
+            channel, identity = self._ready()
+            async with self._absence_noticed():
+                await channel.write_gba_bootstrap_params(identity, btid, lifetime)
 
     def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
         return self._subscribers.subscribe(callback)
@@ -225,12 +158,21 @@ class Card:
 
     def _mark_absent(self, reason: str) -> None:
         self._generation += 1
-        self._transport = None  # its channel went with the card (or the modem)
+        self._channel = None  # its channel went with the card (or the modem)
         was_present, self._identity = self._identity is not None, None
         if was_present:
             logger.info("card gone: %s", reason, extra={"event": "uicc.card_gone"})
             self._emit(CardEvent(CardEventKind.REMOVED))
         self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def _absence_noticed(self) -> AsyncIterator[None]:
+        """A card that answers as absent (``+CME ERROR: 10``) is gone, whatever the URCs said."""
+        try:
+            yield
+        except UiccAbsent as exc:
+            self._mark_absent(str(exc))
+            raise
 
     def _on_urc(self, line: str) -> None:
         presence = urc_presence(line)
@@ -253,7 +195,7 @@ class Card:
                 await self._wake.wait()
                 continue
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._presence_poll):
+                async with asyncio.timeout(self._config.presence_poll):
                     await self._wake.wait()
             self._wake.clear()
             if not self._port.connected:
@@ -271,9 +213,11 @@ class Card:
         """Find the card, open a transport, read the identity (caller holds the lock)."""
         generation = self._generation
         await self._check_pin()
-        transport = await open_transport(self._port, self._transport_preference, files.USIM_AID_PREFIX)
+        transport = await open_transport(self._port, self._config.transport, files.USIM_AID_PREFIX)
+        channel = CardChannel(transport)
         try:
-            identity = await self._read_identity(transport)
+            async with self._absence_noticed():
+                identity = await channel.read_identity(self._config.application, imsi_source=self._imsi_from_modem)
         except BaseException:
             with contextlib.suppress(Exception):
                 await transport.close()
@@ -281,7 +225,7 @@ class Card:
         if generation != self._generation:  # removed while we read: what we read is void
             raise UiccAbsent("the card went away during start-up")
         previous = self._last_identity
-        self._transport, self._identity, self._last_identity = transport, identity, identity
+        self._channel, self._identity, self._last_identity = channel, identity, identity
         logger.info(
             "card ready: %s over %s (channel %d)",
             identity.application.value,
@@ -304,191 +248,31 @@ class Card:
         if state != "READY":
             raise UiccLocked(state)
 
+    async def _imsi_from_modem(self) -> str:
+        """An ISIM-only card has no EF_IMSI; the modem still knows the IMSI."""
+        return at.parse_cimi(await self._port.command(at.cimi()))
+
     def _require_port(self) -> None:
         if self._closed:
             raise PortGoneError(f"{self._port.path}: card closed")
         if not self._port.connected:
             raise PortGoneError(f"{self._port.path}: port gone")
 
-    def _ready(self) -> tuple[ApduTransport, CardIdentity]:
+    def _ready(self) -> tuple[CardChannel, CardIdentity]:
         self._require_port()
-        if self._transport is None or self._identity is None:
+        if self._channel is None or self._identity is None:
             raise UiccAbsent("no usable card in the modem")
-        return self._transport, self._identity
-
-    # --- APDU helpers -------------------------------------------------------------------------------
-
-    async def _exchange(self, transport: ApduTransport, apdu: Apdu) -> Response:
-        try:
-            return await exchange(transport, apdu)
-        except AtCommandError as exc:
-            if exc.cme == at.CME_SIM_NOT_INSERTED:
-                self._mark_absent("+CME ERROR: 10")
-            check_absent(exc)
-            raise
-
-    async def _run_once(self, transport: ApduTransport, command: Apdu, what: str) -> Response:
-        """An AUTHENTICATE: no resend on ``6Cxx``, and an unknown outcome is said to be unknown."""
-        try:
-            return await exchange(transport, command, may_resend=False)
-        except (ModemTimeout, PortGoneError, AtParseError) as exc:
-            raise AuthenticateOutcomeUnknown(f"{what} sent, no usable answer: {exc}") from exc
-        except AtCommandError as exc:
-            if exc.cme == at.CME_SIM_NOT_INSERTED:
-                self._mark_absent("+CME ERROR: 10")
-            check_absent(exc)
-            if exc.cme in _REFUSING_CME or (exc.cme is None and exc.text is None):
-                raise AuthenticateRefused(f"the modem refused {what} ({exc})") from exc
-            raise
-
-    async def _select_aid(self, transport: ApduTransport, aid: bytes, *, fcp: bool = True) -> None:
-        """SELECT an application; ``fcp=False`` asks for no data (P2 0C): one AT command, no GET RESPONSE."""
-        command = Apdu(0x00, 0xA4, 0x04, 0x04, aid, le=256) if fcp else Apdu(0x00, 0xA4, 0x04, 0x0C, aid)
-        response = await self._exchange(transport, command)
-        if response.sw == SW_FILE_NOT_FOUND:
-            raise ApplicationNotFound(f"SELECT of application {aid[:7].hex().upper()}... failed (6A82)")
-        if response.sw != 0x9000:
-            raise CardStatusError("SELECT application", response.sw)
-
-    async def _select_file(
-        self, transport: ApduTransport, fid: int, *, from_mf: bool = False, optional: bool = False
-    ) -> files.Fcp | None:
-        """SELECT by FID under the current ADF/DF, or by path from the MF; None if optional and absent."""
-        p1 = 0x08 if from_mf else 0x00
-        response = await self._exchange(transport, Apdu(0x00, 0xA4, p1, 0x04, fid.to_bytes(2, "big"), le=256))
-        if response.sw == SW_FILE_NOT_FOUND and optional:
-            return None
-        if response.sw != 0x9000:
-            raise CardStatusError(f"SELECT {fid:04X}", response.sw)
-        return files.parse_fcp(response.data)
-
-    async def _read_binary(self, transport: ApduTransport, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = min(size - len(data), 256)
-            offset = len(data)
-            response = await self._exchange(transport, Apdu(0x00, 0xB0, offset >> 8, offset & 0xFF, le=chunk))
-            if response.sw != 0x9000 or not response.data:
-                raise CardStatusError("READ BINARY", response.sw)
-            data += response.data
-        return data[:size]
-
-    async def _read_transparent(
-        self, transport: ApduTransport, fid: int, *, from_mf: bool = False, optional: bool = False
-    ) -> bytes | None:
-        fcp = await self._select_file(transport, fid, from_mf=from_mf, optional=optional)
-        if fcp is None:
-            return None
-        if fcp.file_size is None:
-            raise ApduParseError(f"FCP of {fid:04X} has no file size")
-        return await self._read_binary(transport, fcp.file_size)
-
-    async def _update_binary(self, transport: ApduTransport, data: bytes) -> None:
-        for offset in range(0, len(data), 255):
-            chunk = data[offset : offset + 255]
-            response = await self._exchange(transport, Apdu(0x00, 0xD6, offset >> 8, offset & 0xFF, chunk))
-            if response.sw != 0x9000:
-                raise CardStatusError("UPDATE BINARY", response.sw)
-
-    async def _rewrite_gbabp(self, transport: ApduTransport, fcp: files.Fcp, btid: str, lifetime: str) -> None:
-        if fcp.file_size is None:
-            raise ApduParseError("FCP of EF_GBABP has no file size")
-        current = files.decode_gbabp(await self._read_binary(transport, fcp.file_size))
-        new = files.encode_gbabp(replace(current, btid=btid, lifetime=lifetime))
-        if len(new) > fcp.file_size:
-            raise UiccError(f"EF_GBABP holds {fcp.file_size} octets, B-TID and lifetime need {len(new)}")
-        await self._update_binary(transport, new + b"\xff" * (fcp.file_size - len(new)))
-
-    # --- identity ---------------------------------------------------------------------------------
-
-    async def _read_dir(self, transport: ApduTransport) -> list[files.DirEntry]:
-        fcp = await self._select_file(transport, files.FID_EF_DIR, from_mf=True)
-        assert fcp is not None
-        if fcp.record_length is None or fcp.record_count is None:
-            raise ApduParseError("EF_DIR is not a record file")
-        entries: list[files.DirEntry] = []
-        for number in range(1, fcp.record_count + 1):
-            response = await self._exchange(transport, Apdu(0x00, 0xB2, number, 0x04, le=fcp.record_length))
-            if response.sw != 0x9000:
-                raise CardStatusError(f"READ RECORD {number} of EF_DIR", response.sw)
-            try:
-                entry = files.parse_dir_record(response.data)
-            except ApduParseError as exc:  # one odd template must not hide the others
-                logger.warning("EF_DIR record %d skipped: %s", number, exc, extra={"event": "uicc.bad_dir_record"})
-                continue
-            if entry is not None:
-                entries.append(entry)
-        return entries
-
-    async def _read_identity(self, transport: ApduTransport) -> CardIdentity:
-        apps = files.applications(await self._read_dir(transport))
-        app, aid = files.choose_application(apps, self._application_preference)
-        iccid_raw = await self._read_transparent(transport, files.FID_EF_ICCID, from_mf=True)
-        assert iccid_raw is not None
-        iccid = files.decode_iccid(iccid_raw)
-        usim = next((a for kind, a in apps if kind is Application.USIM), None)
-        ust: bytes | None = None
-        if usim is not None:
-            await self._select_aid(transport, usim)
-            imsi_raw = await self._read_transparent(transport, files.FID_EF_IMSI)
-            assert imsi_raw is not None
-            imsi = files.decode_imsi(imsi_raw)
-            ad = await self._read_transparent(transport, files.FID_EF_AD, optional=True)
-            ust = await self._read_transparent(transport, files.FID_EF_UST, optional=True)
-        else:  # an ISIM-only card: the modem still knows the IMSI
-            imsi = at.parse_cimi(await self._port.command(at.cimi()))
-            ad = None
-        if app is Application.ISIM:
-            await self._select_aid(transport, aid)
-            impi_raw = await self._read_transparent(transport, files.FID_EF_IMPI)
-            assert impi_raw is not None
-            impi = files.decode_nai(impi_raw)
-            if ad is None:
-                ad = await self._read_transparent(transport, files.FID_EF_AD, optional=True)
-            ist = await self._read_transparent(transport, files.FID_EF_IST, optional=True)
-            gba_u = ist is not None and files.has_service(ist, files.IST_SERVICE_GBA)
-            mnc_length = files.mnc_length(ad, imsi)
-        else:
-            mnc_length = files.mnc_length(ad, imsi)
-            impi = impi_from_imsi(imsi, mnc_length)
-            gba_u = ust is not None and files.has_service(ust, files.UST_SERVICE_GBA)
-        return CardIdentity(
-            iccid=iccid,
-            imsi=imsi,
-            mnc_length=mnc_length,
-            impi=impi,
-            application=app,
-            aid=aid,
-            gba_u=gba_u,
-            transport=transport.name,
-            applications=apps,
-        )
+        return self._channel, self._identity
 
 
-async def open_card(
-    port: str,
-    *,
-    baud: int = 115200,
-    transport: str = "auto",
-    application: str = "auto",
-    command_timeout: float = 5.0,
-    presence_poll: float = 2.0,
-    reopen_max: float = 5.0,
-) -> Card:
-    """Open the AT port and bring the card up (identity read, application selected on our channel).
+async def open_card(config: ModemConfig) -> Card:
+    """Open the modem's AT port and bring the card up (identity read, application selected on our channel).
 
     Whatever stops start-up raises and leaves nothing open (PortGoneError, UiccAbsent, UiccLocked,
     TransportUnavailable, ApplicationNotFound, ...): the caller retries with its own back-off. Once
     open, the Card follows removals, insertions and a vanishing port by itself (card events).
     """
-    card = Card(
-        port,
-        baud=baud,
-        transport=transport,
-        application=application,
-        command_timeout=command_timeout,
-        presence_poll=presence_poll,
-        reopen_max=reopen_max,
-    )
-    await card._start()
+    port = AtPort(config.port, baud=config.baud, command_timeout=config.command_timeout, reopen_max=config.reopen_max)
+    card = Card(port, config)
+    await card.start()
     return card

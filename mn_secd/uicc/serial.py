@@ -22,6 +22,7 @@ import logging
 import os
 import termios
 from collections.abc import Callable
+from typing import Protocol
 
 import serial
 
@@ -43,6 +44,30 @@ def _command_name(command: at.Command) -> str:
     return text[:cut]
 
 
+class AtCommandPort(Protocol):
+    """What the card and the APDU transports need of an AT port (implemented by :class:`AtPort`)."""
+
+    path: str
+    command_timeout: float
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def open(self) -> None:
+        """Open and initialise the port; PortGoneError if it cannot be opened or does not answer."""
+
+    async def close(self) -> None:
+        """Stop reopening, fail any outstanding command, release the port."""
+
+    async def command(self, command: at.Command, *, timeout: float | None = None) -> list[str]:
+        """One command; its information lines on OK (AtCommandError, ModemTimeout, PortGoneError)."""
+
+    def listen(
+        self, *, on_urc: Callable[[str], None] | None = None, on_state: Callable[[bool], None] | None = None
+    ) -> None:
+        """Where unsolicited result codes go, and who hears that the port went (False) or is back (True)."""
+
+
 class AtPort:
     """An AT command port: ``await open()``, ``await command(...)``, ``await close()``."""
 
@@ -52,16 +77,14 @@ class AtPort:
         *,
         baud: int = 115200,
         command_timeout: float = 5.0,
-        on_urc: Callable[[str], None] | None = None,
-        on_state: Callable[[bool], None] | None = None,
         reopen_initial: float = 0.1,
         reopen_max: float = 5.0,
     ) -> None:
         self.path = path
         self.baud = baud
         self.command_timeout = command_timeout
-        self._on_urc = on_urc
-        self._on_state = on_state
+        self._on_urc: Callable[[str], None] | None = None
+        self._on_state: Callable[[bool], None] | None = None
         self._reopen_initial = reopen_initial
         self._reopen_max = reopen_max
         self._serial: serial.Serial | None = None
@@ -75,6 +98,13 @@ class AtPort:
         self._reopen_task: asyncio.Task[None] | None = None
         self._closing = False
         self.commands_sent = 0  # for the benchmark and diagnostics
+
+    def listen(
+        self, *, on_urc: Callable[[str], None] | None = None, on_state: Callable[[bool], None] | None = None
+    ) -> None:
+        """URCs go to ``on_urc`` whenever they arrive; ``on_state`` hears the port go (False) and return (True)."""
+        self._on_urc = on_urc
+        self._on_state = on_state
 
     # --- life cycle -----------------------------------------------------------------------------------
 

@@ -16,14 +16,24 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from mn_secd.errors import AtCommandError, ModemTimeout, TransportUnavailable, UiccAbsent
+from mn_secd.errors import (
+    AtCommandError,
+    AtParseError,
+    AuthenticateOutcomeUnknown,
+    AuthenticateRefused,
+    MnSecdError,
+    ModemTimeout,
+    PortGoneError,
+    TransportUnavailable,
+    UiccAbsent,
+)
 from mn_secd.uicc import at
 from mn_secd.uicc.apdu import Apdu, Done, Response, T0Exchange, parse_response
-from mn_secd.uicc.serial import AtPort
+from mn_secd.uicc.options import TransportChoice
+from mn_secd.uicc.serial import AtCommandPort
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("auto", "csim", "cgla")
 #: A silent capability probe must not hold start-up for the whole command timeout (lpac PR #447).
 PROBE_TIMEOUT = 3.0
 #: STATUS, "no indication", no data back: the cheapest APDU that proves a path to the card works.
@@ -38,7 +48,12 @@ def _close_channel_apdu(channel: int) -> Apdu:
 
 
 class ApduTransport(Protocol):
-    """One path for APDUs to the card, on one channel."""
+    """One path for APDUs to the card, on one channel.
+
+    :meth:`transmit` raises :class:`~mn_secd.errors.UiccAbsent` when there is no card; any other
+    failure is the path's own (:class:`~mn_secd.errors.MnSecdError`), which :meth:`one_shot_error`
+    interprets for a command that must not be resent.
+    """
 
     name: str  # "csim" or "cgla"
 
@@ -53,6 +68,11 @@ class ApduTransport(Protocol):
     async def transmit(self, apdu: Apdu, *, timeout: float | None = None) -> bytes:
         """One APDU, one AT command: the raw response (data + SW1 SW2)."""
 
+    def one_shot_error(self, exc: MnSecdError, what: str) -> MnSecdError:
+        """What ``exc`` from sending ``what`` (an AUTHENTICATE, never resent) means for its outcome:
+        :class:`~mn_secd.errors.AuthenticateRefused` if the command surely never reached the card,
+        :class:`~mn_secd.errors.AuthenticateOutcomeUnknown` if it may have, else ``exc`` itself."""
+
     async def close(self) -> None:
         """Give the channel back to the card (best effort: the card may be gone)."""
 
@@ -63,12 +83,39 @@ def check_absent(exc: AtCommandError) -> None:
         raise UiccAbsent("no SIM in the modem (+CME ERROR: 10)") from exc
 
 
+#: ``+CME ERROR`` codes on AUTHENTICATE that mean "this modem will not pass it" (Moxa, old Siemens).
+_REFUSING_CME = frozenset({at.CME_NOT_ALLOWED, at.CME_NOT_SUPPORTED})
+
+
+def at_one_shot_error(exc: MnSecdError, what: str) -> MnSecdError:
+    """:meth:`ApduTransport.one_shot_error` for both AT transports.
+
+    Silence, a lost port or an unreadable answer after the command went out: the card may have run
+    it (and consumed a sequence number). ``ERROR`` or ``+CME ERROR: 3/4``: the modem would not pass
+    it on. Any other ``+CME ERROR`` stays what it is.
+    """
+    if isinstance(exc, ModemTimeout | PortGoneError | AtParseError):
+        return AuthenticateOutcomeUnknown(f"{what} sent, no usable answer: {exc}")
+    if isinstance(exc, AtCommandError) and (exc.cme in _REFUSING_CME or (exc.cme is None and exc.text is None)):
+        return AuthenticateRefused(f"the modem refused {what} ({exc})")
+    return exc
+
+
+async def _at_command(port: AtCommandPort, command: at.Command, timeout: float | None) -> list[str]:
+    """One AT command carrying an APDU; ``+CME ERROR: 10`` (no SIM) becomes UiccAbsent."""
+    try:
+        return await port.command(command, timeout=timeout)
+    except AtCommandError as exc:
+        check_absent(exc)
+        raise
+
+
 class CsimTransport:
     """AT+CSIM. The channel is coded in CLA by us; 0 means the basic channel."""
 
     name = "csim"
 
-    def __init__(self, port: AtPort, channel: int = 0) -> None:
+    def __init__(self, port: AtCommandPort, channel: int = 0) -> None:
         self._port = port
         self._channel = channel
 
@@ -81,15 +128,17 @@ class CsimTransport:
         return self._channel == 0
 
     async def transmit(self, apdu: Apdu, *, timeout: float | None = None) -> bytes:
-        lines = await self._port.command(at.csim(apdu.on_channel(self._channel).encode()), timeout=timeout)
+        lines = await _at_command(self._port, at.csim(apdu.on_channel(self._channel).encode()), timeout)
         return at.parse_csim(lines)
+
+    def one_shot_error(self, exc: MnSecdError, what: str) -> MnSecdError:
+        return at_one_shot_error(exc, what)
 
     async def open_logical_channel(self, *, timeout: float | None = None) -> bool:
         """MANAGE CHANNEL through AT+CSIM; False (and the basic channel) when the modem or card refuses."""
         try:
             response = parse_response(await CsimTransport(self._port).transmit(MANAGE_CHANNEL_OPEN, timeout=timeout))
         except AtCommandError as exc:
-            check_absent(exc)
             logger.info("MANAGE CHANNEL via AT+CSIM refused: %s", exc, extra={"event": "uicc.no_manage_channel"})
             return False
         if response.sw != 0x9000 or len(response.data) != 1 or not 1 <= response.data[0] <= 19:
@@ -113,7 +162,7 @@ class CglaTransport:
 
     name = "cgla"
 
-    def __init__(self, port: AtPort, session: str) -> None:
+    def __init__(self, port: AtCommandPort, session: str) -> None:
         self._port = port
         self.session = session  # exactly as AT+CCHO gave it (a number, or a Sierra handle)
 
@@ -126,13 +175,16 @@ class CglaTransport:
         return False
 
     @classmethod
-    async def open(cls, port: AtPort, aid: bytes, *, timeout: float | None = None) -> CglaTransport:
+    async def open(cls, port: AtCommandPort, aid: bytes, *, timeout: float | None = None) -> CglaTransport:
         """AT+CCHO with ``aid`` (a partial AID works): the modem opens a channel and selects it."""
         return cls(port, at.parse_ccho(await port.command(at.ccho(aid), timeout=timeout)))
 
     async def transmit(self, apdu: Apdu, *, timeout: float | None = None) -> bytes:
-        lines = await self._port.command(at.cgla(self.session, apdu.on_channel(0).encode()), timeout=timeout)
+        lines = await _at_command(self._port, at.cgla(self.session, apdu.on_channel(0).encode()), timeout)
         return at.parse_cgla(lines)
+
+    def one_shot_error(self, exc: MnSecdError, what: str) -> MnSecdError:
+        return at_one_shot_error(exc, what)
 
     async def close(self) -> None:
         try:
@@ -165,7 +217,6 @@ async def _usable(transport: ApduTransport, timeout: float) -> bool:
     try:
         await transport.transmit(probe, timeout=timeout)
     except AtCommandError as exc:
-        check_absent(exc)
         logger.info("%s probe failed: %s", transport.name, exc, extra={"event": "uicc.probe_failed"})
         return False
     except ModemTimeout:
@@ -174,7 +225,7 @@ async def _usable(transport: ApduTransport, timeout: float) -> bool:
     return True
 
 
-async def _try_cgla(port: AtPort, aid: bytes, timeout: float) -> CglaTransport | None:
+async def _try_cgla(port: AtCommandPort, aid: bytes, timeout: float) -> CglaTransport | None:
     try:
         transport = await CglaTransport.open(port, aid, timeout=timeout)
     except AtCommandError as exc:
@@ -190,7 +241,7 @@ async def _try_cgla(port: AtPort, aid: bytes, timeout: float) -> CglaTransport |
     return None
 
 
-async def _try_csim(port: AtPort, timeout: float) -> CsimTransport | None:
+async def _try_csim(port: AtCommandPort, timeout: float) -> CsimTransport | None:
     transport = CsimTransport(port)
     try:
         logical = await transport.open_logical_channel(timeout=timeout)
@@ -203,16 +254,14 @@ async def _try_csim(port: AtPort, timeout: float) -> CsimTransport | None:
     return transport if await _usable(transport, timeout) else None
 
 
-async def open_transport(port: AtPort, preference: str, aid: bytes) -> ApduTransport:
+async def open_transport(port: AtCommandPort, preference: TransportChoice, aid: bytes) -> ApduTransport:
     """Pick and open a transport: ``cgla`` (AT+CCHO with ``aid``), ``csim``, or ``auto`` (CGLA, then CSIM)."""
-    if preference not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {preference!r}")
     timeout = min(port.command_timeout, PROBE_TIMEOUT)
-    if preference in ("auto", "cgla"):
+    if preference in (TransportChoice.AUTO, TransportChoice.CGLA):
         cgla = await _try_cgla(port, aid, timeout)
         if cgla is not None:
             return cgla
-        if preference == "cgla":
+        if preference == TransportChoice.CGLA:
             raise TransportUnavailable("AT+CCHO/AT+CGLA do not work on this modem")
     csim = await _try_csim(port, timeout)
     if csim is None:

@@ -43,6 +43,7 @@ from mn_secd.sim.sqn import SqnState
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import lab_cards
 from mn_secd.uicc.card import open_card
+from mn_secd.uicc.options import ModemConfig
 
 _AKA_APDU = re.compile(r'"[0-9A-F]{2}8800(?:81[0-9A-F]{2}|84[0-9A-F]{2}DD)')
 
@@ -152,7 +153,7 @@ async def series(name: str, profile: CardProfile, policy: GbaPolicy, runs: int, 
     port = modem.start()
     bsf = BsfThread([load_profile(path)])
     url = bsf.start()
-    card = await open_card(port)
+    card = await open_card(ModemConfig(port))
     http_timer = Timer()
     timed = TimedCard(card)
     samples: list[Sample] = []

@@ -21,6 +21,7 @@ from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import lab_cards
 from mn_secd.uicc import at
 from mn_secd.uicc.card import open_card
+from mn_secd.uicc.options import ModemConfig
 
 PROFILE = lab_cards()[0]
 CASES: list[tuple[str, str, Quirks]] = [
@@ -48,7 +49,7 @@ async def run_case(
     modem = ModemEmulator(SoftUicc(PROFILE), quirks)
     path = modem.start()
     try:
-        card = await open_card(path, transport=transport)
+        card = await open_card(ModemConfig(path, transport=transport))
         try:
             milenage = Milenage(PROFILE.k, PROFILE.opc)
             modem.clear_log()

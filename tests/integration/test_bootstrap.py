@@ -43,6 +43,7 @@ from mn_secd.sim.usim import FID_ISIM_GBABP, FID_USIM_GBABP, AppKind, SoftUicc
 from mn_secd.sim.world import SimulatedWorld, free_udp_port, lab_cards
 from mn_secd.ua import UaId, naf_id
 from mn_secd.uicc.card import Card, open_card
+from mn_secd.uicc.options import ModemConfig
 
 FAST_CARD = {"command_timeout": 5.0, "presence_poll": 0.2, "reopen_max": 0.4}
 NAFS = ("in-cse.mn-secd.example", "IoT.Operator.Example.", "naf.example.org")
@@ -99,7 +100,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         world = SimulatedWorld(tmp_path / f"world{worlds}", quirks=quirks, cards=cards)
         await world.start()
         stack.push_async_callback(world.stop)
-        card = await asyncio.wait_for(open_card(str(world.modem_link), **FAST_CARD), 30)
+        card = await asyncio.wait_for(open_card(ModemConfig(str(world.modem_link), **FAST_CARD)), 30)
         stack.push_async_callback(card.close)
         options = {"timeout": 3.0, "retries": 1, "backoff": 0.01, "max_backoff": 0.02}
         options.update(ub_options or {})

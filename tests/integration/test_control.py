@@ -43,6 +43,7 @@ from mn_secd.sim.bsf import ZN_PATH
 from mn_secd.sim.world import SimulatedWorld
 from mn_secd.ua import UaId
 from mn_secd.uicc.card import Card, open_card
+from mn_secd.uicc.options import ModemConfig
 
 NAF = "in-cse.example.net"
 OTHER_NAF = "other-cse.example.net"
@@ -91,7 +92,7 @@ async def make_chain(tmp_path: Path) -> AsyncIterator[ChainFactory]:
     ) -> Chain:
         world = SimulatedWorld(tmp_path, bsf_lifetime=bsf_lifetime)
         await world.start()
-        card = await open_card(str(world.modem_link))
+        card = await open_card(ModemConfig(str(world.modem_link)))
         ub = UbClient(world.bsf_url, timeout=5.0)
         keys = KeyStore(card, ub, GbaPolicy.AUTO, refresh_margin=refresh_margin, refresh_jitter=0.0)
         registry = AeRegistry(aes if aes is not None else [ae("ae-a", PSK_A), ae("ae-b", b"psk-of-ae-b", (OTHER_NAF,))])

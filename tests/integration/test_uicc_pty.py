@@ -34,6 +34,7 @@ from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.uicc.card import Card, open_card
 from mn_secd.uicc.files import parse_fcp
+from mn_secd.uicc.options import ModemConfig
 
 INS_AUTHENTICATE, INS_SELECT = 0x88, 0xA4
 K = bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc")  # TS 35.208 test set 1
@@ -94,7 +95,7 @@ async def cards() -> AsyncIterator[list[Card]]:
 
 
 async def opened(cards: list[Card], path: str, **kwargs: Any) -> Card:
-    card = await asyncio.wait_for(open_card(path, **{**FAST, **kwargs}), 30)
+    card = await asyncio.wait_for(open_card(ModemConfig(path, **{**FAST, **kwargs})), 30)
     cards.append(card)
     return card
 
@@ -351,6 +352,22 @@ async def test_sim_removed_inserted_and_changed(make_world: Callable[..., World]
     assert events.queue.empty()
 
 
+@pytest.mark.parametrize("urc", ["+CPIN: SIM REMOVED", "+CPIN: NOT INSERTED", "+SIMCARD: NOT AVAILABLE"])
+async def test_a_removal_urc_alone_is_noticed(make_world: Callable[..., World], cards: list[Card], urc: str) -> None:
+    """A modem that says the SIM went in one URC only (no command fails until the card is used)."""
+    world = make_world()
+    card = await opened(cards, world.path)
+    events = Events(card)
+    await card.identity()
+    world.modem.remove_sim(urcs=[urc])
+    assert (await events.next()).kind is CardEventKind.REMOVED
+    with pytest.raises(UiccAbsent):
+        await card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
+    assert world.modem.apdu_count(INS_AUTHENTICATE) == 0
+    world.modem.insert_sim(world.card)
+    assert (await events.next()).kind is CardEventKind.INSERTED
+
+
 async def test_no_sim_at_start_is_a_typed_error_and_nothing_stays_open(
     make_world: Callable[..., World], cards: list[Card]
 ) -> None:
@@ -386,7 +403,7 @@ async def test_port_vanishes_and_comes_back(make_world: Callable[..., World], ca
 
 async def test_missing_port_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(PortGoneError):
-        await open_card(str(tmp_path / "no-such-tty"), command_timeout=1.0)
+        await open_card(ModemConfig(str(tmp_path / "no-such-tty"), command_timeout=1.0))
 
 
 # --- the diagnostics CLI, as a subprocess -----------------------------------------------------------------

@@ -15,12 +15,12 @@ from mn_secd.config import (
     ControlConfig,
     GbaConfig,
     LogConfig,
-    ModemConfig,
     check_modem_port,
     load_config,
 )
 from mn_secd.errors import ConfigError
 from mn_secd.naf_keys import GbaPolicy
+from mn_secd.uicc.options import ModemConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "mn-secd" / "mn-secd.toml"
 
