@@ -25,7 +25,7 @@ from mn_secd.cards import Application, CardIdentity
 from mn_secd.errors import ApduParseError, GbaModeUnavailable
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.kdf import ks_naf
-from mn_secd.gba.ub import UbClient
+from mn_secd.gba.ub import UbRunner
 from mn_secd.interfaces import CardAccess
 from mn_secd.logs import btid_hash
 from mn_secd.naf_keys import GbaMode, GbaPolicy
@@ -107,7 +107,7 @@ def choose_mode(identity: CardIdentity, policy: GbaPolicy) -> GbaMode:
     return GbaMode.GBA_ME
 
 
-async def bootstrap(card: CardAccess, ub: UbClient, policy: GbaPolicy) -> BootstrapSession:
+async def bootstrap(card: CardAccess, ub: UbRunner, policy: GbaPolicy) -> BootstrapSession:
     """Run one complete bootstrap; raises a typed :class:`~mn_secd.errors.MnSecdError` on failure.
 
     Nothing is left behind on failure: CK and IK of a successful AKA run are only turned into a

@@ -15,7 +15,8 @@ Ks is overwritten and every NAF key dropped.
 
 As in aioquic, the decisions live in a clock-free core (:class:`BootstrapPlanner`, time passed in)
 that tests drive with a fake clock; :class:`KeyStore` is the asyncio adapter that sleeps until the
-planner's next deadline.
+planner's next deadline, on the same injected :class:`~mn_secd.clock.Clock` it decides with, and
+runs bootstraps through any :class:`~mn_secd.gba.ub.UbRunner`.
 
 GBA_U needs one more rule: the card holds a single Ks, which a new bootstrap replaces at its
 AUTHENTICATE, before the BSF has confirmed anything. So once a GBA_U bootstrap starts, the old
@@ -31,15 +32,15 @@ import enum
 import logging
 import math
 import random
-import time
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
 from mn_secd.cards import CardEvent, CardEventKind
+from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, GbaError, MnSecdError, UiccAbsent
 from mn_secd.gba.bootstrap import BootstrapSession, bootstrap, derive_naf_key
-from mn_secd.gba.ub import UbClient, backoff_delay
+from mn_secd.gba.ub import UbRunner, backoff_delay
 from mn_secd.interfaces import CardAccess
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
 from mn_secd.observers import Subscribers
@@ -173,14 +174,15 @@ class KeyStore:
     """:class:`~mn_secd.interfaces.KeyProvider` over a card and a Ub client.
 
     The keystore does not own ``card`` or ``ub``: :meth:`close` wipes its keys and stops its timer,
-    the caller closes the card and the Ub client. ``clock`` gives POSIX seconds (injectable for
-    tests); ``rng`` draws the refresh and back-off jitter.
+    the caller closes the card and the Ub client. ``clock`` is what the keystore both decides and
+    sleeps on (a test or a simulated fleet passes its own); ``rng`` draws the refresh and back-off
+    jitter.
     """
 
     def __init__(
         self,
         card: CardAccess,
-        ub: UbClient,
+        ub: UbRunner,
         policy: GbaPolicy = GbaPolicy.AUTO,
         *,
         refresh_margin: float = 300.0,
@@ -188,7 +190,7 @@ class KeyStore:
         min_forced_interval: float = 30.0,
         failure_backoff: float = 5.0,
         max_failure_backoff: float = 600.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
         self._card = card
@@ -253,7 +255,7 @@ class KeyStore:
         self._check_open()
         task = self._running()
         if task is None:
-            retry_after = self.planner.forced_retry_after(self._clock())
+            retry_after = self.planner.forced_retry_after(self._clock.time())
             if retry_after is not None:
                 raise BootstrapRateLimited(retry_after)
             task = self._start_bootstrap()
@@ -261,7 +263,7 @@ class KeyStore:
 
     def status(self) -> KeyServiceStatus:
         session = self._session
-        live = session is not None and self._clock() < session.expires.timestamp()
+        live = session is not None and self._clock.time() < session.expires.timestamp()
         last = self._last_failure
         return KeyServiceStatus(
             card_present=self._card_present,
@@ -310,7 +312,7 @@ class KeyStore:
     async def _usable_session(self) -> BootstrapSession:
         session = self._session
         if session is not None:
-            if self._clock() < session.expires.timestamp():
+            if self._clock.time() < session.expires.timestamp():
                 return session
             self._expire(session)
         return await self._join_bootstrap()
@@ -319,7 +321,7 @@ class KeyStore:
         """The running bootstrap, or a new one unless the back-off after a failure is still running."""
         task = self._running()
         if task is None:
-            if self.planner.backoff_remaining(self._clock()) is not None and self._last_failure is not None:
+            if self.planner.backoff_remaining(self._clock.time()) is not None and self._last_failure is not None:
                 raise self._last_failure.with_traceback(None)
             task = self._start_bootstrap()
         return await self._await_shared(task)
@@ -347,7 +349,7 @@ class KeyStore:
 
     def _start_bootstrap(self) -> asyncio.Task[BootstrapSession]:
         self._check_open()
-        self.planner.bootstrap_started(self._clock())
+        self.planner.bootstrap_started(self._clock.time())
         if self._session is not None and self._session.mode is GbaMode.GBA_U:
             self._card_ks_current = False
         task = self._spawn(self._run_bootstrap(self._generation), "mn-secd-bootstrap")
@@ -364,11 +366,15 @@ class KeyStore:
         except Exception as exc:
             error = exc if isinstance(exc, MnSecdError) else GbaError(f"bootstrap failed: {type(exc).__name__}")
             if generation == self._generation and not self._closed:
-                retry_at = self.planner.bootstrap_failed(self._clock())
+                retry_at = self.planner.bootstrap_failed(self._clock.time())
                 self._last_failure = error
                 log.warning(
                     "bootstrap failed",
-                    extra={"event": "gba.bootstrap_failed", "kind": error.kind, "retry_in": retry_at - self._clock()},
+                    extra={
+                        "event": "gba.bootstrap_failed",
+                        "kind": error.kind,
+                        "retry_in": retry_at - self._clock.time(),
+                    },
                     exc_info=error is not exc,
                 )
                 self._wake()
@@ -398,14 +404,14 @@ class KeyStore:
         self._card_present = True
         self._last_failure = None
         self.bootstraps += 1
-        refresh_at = self.planner.bootstrap_succeeded(self._clock(), session.expires.timestamp())
+        refresh_at = self.planner.bootstrap_succeeded(self._clock.time(), session.expires.timestamp())
         log.info(
             "new bootstrap session",
             extra={
                 "event": "gba.session",
                 "btid_hash": session.btid_hash,
                 "mode": session.mode.value,
-                "refresh_in": round(refresh_at - self._clock(), 1),
+                "refresh_in": round(refresh_at - self._clock.time(), 1),
             },
         )
         if self._refresh_task is None:
@@ -493,7 +499,7 @@ class KeyStore:
         """Sleep until the planner's next deadline, then refresh or expire; woken early on any change."""
         while not self._closed:
             self._wakeup.clear()
-            now = self._clock()
+            now = self._clock.time()
             due = self.planner.due(now)
             if due is Due.EXPIRE and self._session is not None:
                 self._expire(self._session)
@@ -510,10 +516,20 @@ class KeyStore:
                     await asyncio.shield(task)
                 continue
             deadline = self.planner.next_deadline()
-            timeout = None if deadline is None else min(max(0.0, deadline - now), MAX_SLEEP)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wakeup.wait()
+            await self._sleep(None if deadline is None else min(max(0.0, deadline - now), MAX_SLEEP))
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Until :meth:`_wake` is called or ``seconds`` have passed on the keystore's clock."""
+        if seconds is None:
+            await self._wakeup.wait()
+            return
+        woken = asyncio.ensure_future(self._wakeup.wait())
+        slept = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait((woken, slept), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            slept.cancel()
 
     def _spawn(self, coro: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
         task = asyncio.create_task(coro, name=name)

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -300,6 +300,13 @@ def _is_stale(headers: Sequence[tuple[str, str]]) -> bool:
         return any(c.stale for c in digest.parse_challenges(values))
     except DigestParseError:
         return False
+
+
+class UbRunner(Protocol):
+    """What a bootstrap needs of Ub: one complete exchange with the BSF (:class:`UbClient` runs it)."""
+
+    async def run(self, identity: CardIdentity, aka: AkaCallback, *, mode: GbaMode) -> UbResult:
+        """One Ub exchange; ``aka`` runs AUTHENTICATE on the card (once per challenge)."""
 
 
 # --- asyncio adapter ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 from mn_secd.aka import AkaResult, AkaSuccess, AuthContext
 from mn_secd.cards import Application, CardEvent, CardEventKind, CardIdentity
+from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaModeUnavailable, UiccAbsent
 from mn_secd.gba.bootstrap import BootstrapSession, SecretBytes, choose_mode
 from mn_secd.gba.kdf import ks_naf
@@ -43,11 +44,24 @@ def identity(n: int = 1, *, gba_u: bool = False) -> CardIdentity:
 
 
 class FakeClock:
+    """A clock that moves only when a test moves it; sleepers wake when :meth:`advance` passes their time."""
+
     def __init__(self, start: float = 1_900_000_000.0) -> None:
         self.now = start
+        self._advanced = asyncio.Event()
 
-    def __call__(self) -> float:
+    def time(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        until = self.now + seconds
+        while self.now < until:
+            self._advanced.clear()
+            await self._advanced.wait()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self._advanced.set()
 
 
 class FakeCard:
@@ -100,7 +114,7 @@ class FakeCard:
 class FakeUb:
     """Stands in for UbClient.run: one AKA run per bootstrap, a fresh RAND each time."""
 
-    def __init__(self, clock: Callable[[], float], lifetime: float = 3600.0) -> None:
+    def __init__(self, clock: Clock, lifetime: float = 3600.0) -> None:
         self.clock = clock
         self.lifetime = lifetime
         self.runs: list[str] = []
@@ -115,18 +129,18 @@ class FakeUb:
         rand = len(self.runs).to_bytes(16, "big")
         outcome = await aka(rand, bytes(16))
         assert isinstance(outcome, AkaSuccess)
-        expires = datetime.fromtimestamp(self.clock() + self.lifetime, UTC)
+        expires = datetime.fromtimestamp(self.clock.time() + self.lifetime, UTC)
         btid = base64.b64encode(rand).decode() + "@bsf.test"
         return UbResult(btid, expires, rand, outcome, aka_runs=1, http_requests=2)
 
 
 def make_store(
-    *, gba_u: bool = False, policy: GbaPolicy = GbaPolicy.AUTO, **kw: object
+    *, gba_u: bool = False, policy: GbaPolicy = GbaPolicy.AUTO, **kw: float
 ) -> tuple[KeyStore, FakeCard, FakeUb, FakeClock, list[KeyEvent]]:
     clock = FakeClock()
     card = FakeCard(identity(gba_u=gba_u))
     ub = FakeUb(clock)
-    store = KeyStore(card, ub, policy, clock=clock, rng=random.Random(1), **kw)  # type: ignore[arg-type]
+    store = KeyStore(card, ub, policy, clock=clock, rng=random.Random(1), **kw)
     events: list[KeyEvent] = []
     store.subscribe(events.append)
     return store, card, ub, clock, events
@@ -437,10 +451,9 @@ async def test_gba_policy() -> None:
 
 async def test_proactive_refresh_runs_on_the_real_timer() -> None:
     """The asyncio adapter sleeps until the planner's deadline: a 0.6 s lifetime refreshes by itself."""
-    clock = __import__("time").time
     card = FakeCard(identity())
-    ub = FakeUb(clock, lifetime=0.6)
-    store = KeyStore(card, ub, refresh_margin=0.2, refresh_jitter=0.05, clock=clock)  # type: ignore[arg-type]
+    ub = FakeUb(SYSTEM_CLOCK, lifetime=0.6)
+    store = KeyStore(card, ub, refresh_margin=0.2, refresh_jitter=0.05)  # the system clock by default
     refreshed = asyncio.Event()
     events: list[KeyEvent] = []
 
@@ -456,6 +469,23 @@ async def test_proactive_refresh_runs_on_the_real_timer() -> None:
     assert len(ub.runs) == 2
     second = await store.get_key("a.example.org", DTLS)
     assert second.btid == events[1].btid
+    await store.close()
+
+
+async def test_the_timer_sleeps_on_the_injected_clock() -> None:
+    """Refresh and expiry follow the clock the keystore decides on, not the event loop's: with a
+    clock that stands still nothing happens, and moving it past the deadline refreshes at once."""
+    store, _, ub, clock, events = make_store(refresh_margin=300.0, refresh_jitter=0.0)
+    first = await store.get_key("a.example.org", DTLS)
+    await asyncio.sleep(0.05)
+    clock.advance(3600.0 - 300.0 - 1.0)  # a second before the refresh is due
+    await asyncio.sleep(0.05)
+    assert len(ub.runs) == 1 and [e.kind for e in events] == [KeyEventKind.REFRESHED]
+    clock.advance(1.0)
+    async with asyncio.timeout(2.0):
+        while len(events) < 2:
+            await asyncio.sleep(0.001)
+    assert events[1].kind is KeyEventKind.REFRESHED and events[1].btid != first.btid and len(ub.runs) == 2
     await store.close()
 
 
