@@ -21,7 +21,7 @@ from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaModeUnavailable, UiccAbsent
 from mn_secd.gba.bootstrap import BootstrapSession, SecretBytes, choose_mode
 from mn_secd.gba.kdf import ks_naf
-from mn_secd.gba.keystore import BootstrapPlanner, Due, KeyStore
+from mn_secd.gba.keystore import MAX_CACHED_KEYS, BootstrapPlanner, Due, KeyStore
 from mn_secd.gba.ub import AkaCallback, UbResult
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
 from mn_secd.ua import UaId, naf_id
@@ -469,6 +469,23 @@ async def test_proactive_refresh_runs_on_the_real_timer() -> None:
     assert len(ub.runs) == 2
     second = await store.get_key("a.example.org", DTLS)
     assert second.btid == events[1].btid
+    await store.close()
+
+
+async def test_the_key_cache_holds_max_cached_keys_and_drops_the_oldest() -> None:
+    """An AE allowed ``*.example.org`` cannot grow the cache without bound; evicted keys are derived again."""
+    store, card, ub, _, _ = make_store(gba_u=True)
+    names = [f"naf{i}.example.org" for i in range(MAX_CACHED_KEYS + 1)]
+    keys = [await store.get_key(name, DTLS) for name in names]
+    assert len(card.derivations) == MAX_CACHED_KEYS + 1
+    # newest first, so that no lookup puts a key back: the newest MAX_CACHED_KEYS are all cached...
+    for name, key in reversed(list(zip(names, keys, strict=True))[1:]):
+        assert await store.get_key(name, DTLS) is key
+    assert len(card.derivations) == MAX_CACHED_KEYS + 1
+    # ...and the oldest was dropped: asking again derives it again, with the same value
+    again = await store.get_key(names[0], DTLS)
+    assert again is not keys[0] and again.key == keys[0].key and again.btid == keys[0].btid
+    assert len(card.derivations) == MAX_CACHED_KEYS + 2 and len(ub.runs) == 1
     await store.close()
 
 
