@@ -15,7 +15,7 @@ from mn_secd.errors import MnSecdError
 
 #: command -> (module in mn_secd.commands providing ``configure(parser)``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("mn_secd.commands.daemon", "run the daemon (under systemd or in the foreground)"),
+    "run": ("mn_secd.commands.run", "run the daemon (under systemd or in the foreground)"),
     "check-config": ("mn_secd.commands.check_config", "validate a configuration file and exit"),
     "bootstrap": ("mn_secd.commands.bootstrap", "run one GBA bootstrap and print B-TID, expiry, mode"),
     "key": ("mn_secd.commands.client", "ask the daemon for a NAF key (as a local AE)"),

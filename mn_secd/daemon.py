@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC
 from typing import Any
 
-from mn_secd.cards import CardEvent, CardEventKind, CardIdentity
+from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity
 from mn_secd.config import Config, load_config
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import AeRegistry, load_registry
@@ -75,11 +75,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class KeyService:
-    """The :class:`~mn_secd.interfaces.KeyProvider` the control server talks to, for the daemon's lifetime.
+class KeyStoreSlot:
+    """Where the :class:`KeyStore` goes once there is a card: the key provider the control server holds.
 
     The control socket is up before the card is, and the card may come and go, so the server holds
-    this stable object: it forwards to the :class:`KeyStore` once there is one and, until then,
+    this stable object (a :class:`~mn_secd.interfaces.KeyProvider` for the daemon's lifetime): it
+    forwards to the :class:`KeyStore` once there is one and, until then,
     answers every request with the reason there is none (mapped to 5.03 by the control layer).
     Subscribers stay subscribed across the switch.
     """
@@ -144,7 +145,7 @@ class Daemon:
         self.config = config
         self.notifier = notifier
         self.modem_wait = modem_wait
-        self.keys = KeyService(UiccAbsent(f"waiting for the modem on {config.modem.port}"))
+        self.keys = KeyStoreSlot(UiccAbsent(f"waiting for the modem on {config.modem.port}"))
         self.server: ControlServer | None = None
         self.card: Card | None = None
         self.ub: UbClient | None = None

@@ -2,7 +2,7 @@
 
 Each layer is written and tested against these, so the card can be a real UICC behind a modem or a
 software card behind the emulator, and the key service does not care how keys are made. The values
-that cross the seams live in the leaf modules :mod:`mn_secd.aka`, :mod:`mn_secd.cards` and
+that cross the seams live in the leaf modules :mod:`mn_secd.aka`, :mod:`mn_secd.card_identity` and
 :mod:`mn_secd.naf_keys`.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.cards import CardEvent, CardIdentity
+from mn_secd.card_identity import CardEvent, CardIdentity
 from mn_secd.naf_keys import KeyEvent, KeyServiceStatus, NafKey
 from mn_secd.ua import UaId
 

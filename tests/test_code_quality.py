@@ -44,7 +44,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mn_secd",
         "mn_secd.errors",
         "mn_secd.aka",
-        "mn_secd.cards",
+        "mn_secd.card_identity",
         "mn_secd.nai",
         "mn_secd.ua",
         "mn_secd.psk_identity",
@@ -219,8 +219,8 @@ def test_the_layer_check_allows_every_permitted_direction(tmp_path: Path) -> Non
         (package / name / "__init__.py").write_text("")
     files = {
         "errors.py": "",
-        "cards.py": "from mn_secd.errors import X\n",  # leaf to leaf
-        "uicc/card.py": "from mn_secd.cards import Y\nfrom . import files\n",  # down, own package
+        "card_identity.py": "from mn_secd.errors import X\n",  # leaf to leaf
+        "uicc/card.py": "from mn_secd.card_identity import Y\nfrom . import files\n",  # down, own package
         "uicc/files.py": "",
         "gba/ub.py": "from mn_secd.uicc import card\n",  # down
         "control/payloads.py": "from mn_secd.gba import ub\n",
@@ -255,4 +255,4 @@ def test_each_sim_part_loads_only_itself() -> None:
     assert "mn_secd.sim.modem" in loaded["modem"] and "aiohttp" not in loaded["modem"]
     assert "aiocoap" not in loaded["modem"]
     assert "mn_secd.sim.bsf" in loaded["bsf"] and "mn_secd.sim.modem" not in loaded["bsf"]
-    assert "mn_secd.sim.naf" in loaded["naf"] and "mn_secd.sim.modem" not in loaded["naf"]
+    assert "mn_secd.sim.in_cse" in loaded["naf"] and "mn_secd.sim.modem" not in loaded["naf"]

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 from mn_secd.config import GbaConfig, load_config
 from mn_secd.errors import ConfigError
-from mn_secd.gba.bootstrap import BootstrapSession, bootstrap
 from mn_secd.gba.bsfxml import format_lifetime
+from mn_secd.gba.session import BootstrapSession, bootstrap
 from mn_secd.gba.ub import UbClient
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice

@@ -26,8 +26,8 @@ from mn_secd.client.association import NafAssociation, latest_data, post_data, r
 from mn_secd.client.keys import KeyAnswer, KeyServiceClient
 from mn_secd.errors import KeyServiceRejected, MnSecdError
 from mn_secd.naf_keys import KeyServiceStatus
+from mn_secd.sim.in_cse import ReferenceInCse
 from mn_secd.sim.launcher import DaemonProcess
-from mn_secd.sim.naf import ReferenceInCse
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
 
 T = TypeVar("T")

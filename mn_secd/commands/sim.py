@@ -18,7 +18,7 @@ from typing import Any
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "modem": ("mn_secd.sim.modem_cli:configure", "AT modem emulator on a pseudo-terminal, with a software UICC"),
     "bsf": ("mn_secd.sim.bsf:configure", "reference BSF: Ub (Digest AKA) and Zn (JSON) over HTTP, for card profiles"),
-    "naf": ("mn_secd.sim.naf:configure", "reference IN-CSE (NAF): CoAP over DTLS-PSK keyed by GBA, keys over Zn"),
+    "naf": ("mn_secd.sim.in_cse:configure", "reference IN-CSE (NAF): CoAP over DTLS-PSK keyed by GBA, keys over Zn"),
     "vicc": ("mn_secd.sim.vicc:configure", "the software UICC as a card in pcscd's vpcd reader (PC/SC)"),
     "pcscd": ("mn_secd.sim.pcscd:configure", "a private pcscd with one vpcd reader, beside the system's"),
 }

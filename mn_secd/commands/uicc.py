@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AuthContext
-from mn_secd.cards import CardIdentity
+from mn_secd.card_identity import CardIdentity
 from mn_secd.uicc.card import Card, open_card
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
 

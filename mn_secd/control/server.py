@@ -57,8 +57,9 @@ REQUEST_TIMEOUT = 60.0
 _CT = f"{CBOR} {JSON}"
 
 
-class _Service:
-    """What the resources share: the key provider, the live registry and the request guard."""
+class _KeyService:
+    """The key service's request logic, shared by its resources: authenticate the AE, authorise the
+    request against the live registry, ask the key provider, bound the wait."""
 
     def __init__(self, keys: KeyProvider, registry: AeRegistry, request_timeout: float) -> None:
         self.keys = keys
@@ -148,7 +149,7 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
     ct = _CT
     rt = "mn-secd.key"
 
-    def __init__(self, service: _Service) -> None:
+    def __init__(self, service: _KeyService) -> None:
         super().__init__()
         self._service = service
         self._observers: dict[Any, _Observation] = {}
@@ -261,7 +262,7 @@ class StatusResource(_Leaf, resource.Resource):  # type: ignore[misc]
     ct = _CT
     rt = "mn-secd.status"
 
-    def __init__(self, service: _Service) -> None:
+    def __init__(self, service: _KeyService) -> None:
         super().__init__()
         self._service = service
 
@@ -280,7 +281,7 @@ class BootstrapResource(_Leaf, resource.Resource):  # type: ignore[misc]
     ct = _CT
     rt = "mn-secd.bootstrap"
 
-    def __init__(self, service: _Service) -> None:
+    def __init__(self, service: _KeyService) -> None:
         super().__init__()
         self._service = service
 
@@ -305,7 +306,7 @@ class ControlServer:
 
     def __init__(
         self,
-        service: _Service,
+        service: _KeyService,
         credentials: RegistryCredentials,
         key_resource: KeyResource,
         contexts: list[aiocoap.Context],
@@ -381,7 +382,7 @@ class _WellKnownCore(_Leaf, resource.WKCResource):  # type: ignore[misc]
         return await _answering(request, lambda: parent(request))
 
 
-def _build_site(service: _Service) -> tuple[resource.Site, KeyResource]:
+def _build_site(service: _KeyService) -> tuple[resource.Site, KeyResource]:
     site = _Site()
     key_resource = KeyResource(service)
     site.add_resource(["key"], key_resource)
@@ -406,7 +407,7 @@ async def start_control_server(
     Raises :class:`mn_secd.errors.BindError` (also an ``OSError``) if an address cannot
     be bound; nothing is left listening then.
     """
-    service = _Service(keys, registry, request_timeout)
+    service = _KeyService(keys, registry, request_timeout)
     credentials = RegistryCredentials(registry)
     site, key_resource = _build_site(service)
     contexts = await dtls.create_dtls_server_contexts(

@@ -36,10 +36,10 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from mn_secd.cards import CardEvent, CardEventKind
+from mn_secd.card_identity import CardEvent, CardEventKind
 from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, GbaError, MnSecdError, UiccAbsent
-from mn_secd.gba.bootstrap import BootstrapSession, bootstrap, derive_naf_key
+from mn_secd.gba.session import BootstrapSession, bootstrap, derive_naf_key
 from mn_secd.gba.ub import UbRunner, backoff_delay
 from mn_secd.interfaces import CardAccess
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey

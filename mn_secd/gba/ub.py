@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from mn_secd.aka import AkaMacFailure, AkaResult, AkaSuccess, AkaSyncFailure
-from mn_secd.cards import CardIdentity
+from mn_secd.card_identity import CardIdentity
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfDigestInvalid,

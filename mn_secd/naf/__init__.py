@@ -5,7 +5,7 @@
 * :mod:`.psk` — the PSK lookup as aiocoap server credentials, and the claim of a peer (the
   psk_identity forms themselves are :mod:`mn_secd.psk_identity`, shared with the MN side);
 * :mod:`.records` / :mod:`.gate` — fetching a key over Zn before tinydtls asks for it;
-* :mod:`.server` — one call to serve an aiocoap site over GBA-keyed DTLS.
+* :mod:`.endpoint` — one call to serve an aiocoap site over GBA-keyed DTLS.
 
 Nothing here imports the simulated world.
 """

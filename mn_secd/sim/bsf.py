@@ -55,7 +55,7 @@ from mn_secd import nai
 from mn_secd.errors import ConfigError, DigestParseError, InvalidNafId, UnsupportedUaProtocol
 from mn_secd.gba import bsfxml, digest, kdf
 from mn_secd.logs import btid_hash
-from mn_secd.sim.cli import listen_address
+from mn_secd.sim.argtypes import listen_address
 from mn_secd.sim.milenage import Milenage, generate_autn, verify_auts
 from mn_secd.sim.profile import CardProfile, load_profile
 from mn_secd.sim.sqn import HeSequence

@@ -23,7 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.cards import CardEvent, CardEventKind, CardIdentity
+from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity
 from mn_secd.errors import AtCommandError, MnSecdError, PortGoneError, UiccAbsent, UiccLocked
 from mn_secd.observers import Subscribers
 from mn_secd.uicc import at, files

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.cards import Application, CardIdentity
+from mn_secd.card_identity import Application, CardIdentity
 from mn_secd.errors import ApduParseError, ApplicationNotFound, CardStatusError, MnSecdError, UiccAbsent, UiccError
 from mn_secd.nai import impi_from_imsi
 from mn_secd.uicc import files

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from mn_secd.cards import Application
+from mn_secd.card_identity import Application
 from mn_secd.errors import ApduParseError, ApplicationNotFound
 from mn_secd.uicc.apdu import find_tlv, parse_tlvs
 

@@ -34,7 +34,7 @@ import aiocoap
 from mn_secd.client.association import NafAssociation
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.naf_keys import NafKey
-from mn_secd.sim.naf import ReferenceInCse
+from mn_secd.sim.in_cse import ReferenceInCse
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
 
 BIN = Path(sys.executable).parent

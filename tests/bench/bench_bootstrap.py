@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.cards import CardEvent, CardIdentity
-from mn_secd.gba.bootstrap import bootstrap
+from mn_secd.card_identity import CardEvent, CardIdentity
+from mn_secd.gba.session import bootstrap
 from mn_secd.gba.ub import UbClient
 from mn_secd.interfaces import CardAccess
 from mn_secd.naf_keys import GbaPolicy

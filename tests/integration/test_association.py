@@ -25,7 +25,7 @@ from mn_secd.client.association import NafAssociation, latest_data, post_data, r
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.errors import NafHandshakeFailed
 from mn_secd.logs import btid_hash
-from mn_secd.sim.naf import ReferenceInCse
+from mn_secd.sim.in_cse import ReferenceInCse
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
 
 BIN = Path(sys.executable).parent

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mn_secd.cards import Application, CardEvent, CardEventKind
+from mn_secd.card_identity import Application, CardEvent, CardEventKind
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,

@@ -26,7 +26,7 @@ from aiocoap.numbers.contentformat import ContentFormat
 from zn_stub import IMPI, KEY, StubBsf, stub_bsf
 
 from mn_secd.psk_identity import IdentityForm, encode_psk_identity
-from mn_secd.sim.naf import ReferenceInCse
+from mn_secd.sim.in_cse import ReferenceInCse
 
 BSF_NAME = "bsf.mnc001.mcc001.pub.3gppnetwork.org"
 FQDN = "in-cse.example.org"
@@ -201,7 +201,7 @@ async def test_concurrent_handshakes_with_one_btid_make_one_zn_request(
 async def test_ae_lifecycle_and_ownership_by_impi(
     cse: ReferenceInCse, bsf: StubBsf, peers: list[Peer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="mn_secd.sim.naf")
+    caplog.set_level(logging.INFO, logger="mn_secd.sim.in_cse")
     mine, theirs = new_btid(), new_btid()
     other_impi = "310150123456789@ims.mnc150.mcc310.3gppnetwork.org"
     bsf.by_btid[theirs] = {"impi": other_impi}

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AkaSyncFailure, AuthContext
-from mn_secd.cards import Application, CardEvent, CardEventKind
+from mn_secd.card_identity import Application, CardEvent, CardEventKind
 from mn_secd.errors import (
     AuthenticateOutcomeUnknown,
     AuthenticateRefused,

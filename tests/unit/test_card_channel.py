@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AuthContext
-from mn_secd.cards import Application, CardIdentity
+from mn_secd.card_identity import Application, CardIdentity
 from mn_secd.errors import (
     ApplicationNotFound,
     AuthenticateOutcomeUnknown,

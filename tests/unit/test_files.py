@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mn_secd.cards import Application
+from mn_secd.card_identity import Application
 from mn_secd.errors import ApduParseError, ApplicationNotFound
 from mn_secd.uicc import files
 from mn_secd.uicc.files import DirEntry, GbaBootstrapParams, Structure

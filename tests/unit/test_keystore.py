@@ -16,12 +16,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mn_secd.aka import AkaResult, AkaSuccess, AuthContext
-from mn_secd.cards import Application, CardEvent, CardEventKind, CardIdentity
+from mn_secd.card_identity import Application, CardEvent, CardEventKind, CardIdentity
 from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaModeUnavailable, UiccAbsent
-from mn_secd.gba.bootstrap import BootstrapSession, SecretBytes, choose_mode
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.keystore import MAX_CACHED_KEYS, BootstrapPlanner, Due, KeyStore
+from mn_secd.gba.session import BootstrapSession, SecretBytes, choose_mode
 from mn_secd.gba.ub import AkaCallback, UbResult
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
 from mn_secd.ua import UaId, naf_id

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AkaSyncFailure
-from mn_secd.cards import Application, CardIdentity
+from mn_secd.card_identity import Application, CardIdentity
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mn_secd.cards import CardEvent
+from mn_secd.card_identity import CardEvent
 from mn_secd.errors import AtCommandError, PortGoneError, UiccAbsent, UiccLocked
 from mn_secd.uicc import at
 from mn_secd.uicc.card import Card, urc_presence

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.cards import Application, CardIdentity
+from mn_secd.card_identity import Application, CardIdentity
 from mn_secd.errors import ApduParseError, GbaModeUnavailable
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.kdf import ks_naf

@@ -1,7 +1,7 @@
 """What the command lines of the simulated world's parts share (``mn-secd sim PART``).
 
 Each part's ``configure(parser, name)`` lives with the part (:mod:`mn_secd.sim.bsf`,
-:mod:`mn_secd.sim.naf`, :mod:`mn_secd.sim.modem_cli`), and ``mn-secd sim`` imports only the part
+:mod:`mn_secd.sim.in_cse`, :mod:`mn_secd.sim.modem_cli`), and ``mn-secd sim`` imports only the part
 being run, so what they share sits here, in a module that imports no part.
 """
 

@@ -39,10 +39,10 @@ from aiocoap.numbers.contentformat import ContentFormat
 
 from mn_secd.errors import UnsupportedUaProtocol
 from mn_secd.naf.cache import NafKeyCache
+from mn_secd.naf.endpoint import NafServer, peer_claim, start_naf_server
 from mn_secd.naf.psk import GbaPskCredentials, NafClaim
-from mn_secd.naf.server import NafServer, peer_claim, start_naf_server
 from mn_secd.naf.zn import ZnClient
-from mn_secd.sim.cli import listen_address
+from mn_secd.sim.argtypes import listen_address
 from mn_secd.ua import UaId
 
 log = logging.getLogger(__name__)
