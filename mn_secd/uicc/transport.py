@@ -1,7 +1,7 @@
 """APDU transports over the AT port: AT+CSIM and AT+CCHO/AT+CGLA/AT+CCHC, and the probe that picks one.
 
 Why two: the basic channel belongs to the modem's own stack, and some modems re-select files on it
-between AT+CSIM commands, so a logical channel of our own is better (gba-digest.md §4.9, §5.3).
+between AT+CSIM commands, so a logical channel of our own is better (``docs/MODEMS.md``).
 AT+CGLA gives one directly; where it is missing (Dell DW5821e, Huawei MS2372h...) MANAGE CHANNEL
 through AT+CSIM gives one too; and where the modem forbids even that, AT+CSIM on the basic channel
 is the last resort (:attr:`ApduTransport.basic_channel` tells the card to re-select its application

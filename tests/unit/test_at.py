@@ -1,4 +1,4 @@
-"""The sans-IO AT codec: command formatting, answer parsing and every quirk of gba-digest.md §5.3."""
+"""The sans-IO AT codec: command formatting, answer parsing and every quirk listed in docs/MODEMS.md."""
 
 from __future__ import annotations
 
