@@ -9,24 +9,24 @@ reaches the reference IN-CSE over DTLS-PSK, and the IN-CSE gets the same key fro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness import LocalAes
 
 from mn_secd.client.association import NafAssociation, latest_data, post_data, register_ae
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.errors import NafHandshakeFailed
 from mn_secd.logs import btid_hash
 from mn_secd.sim.in_cse import ReferenceInCse
-from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
+from mn_secd.sim.launcher import DaemonProcess
+from mn_secd.sim.world import DEFAULT_NAF_FQDN, SimulatedWorld
 
 BIN = Path(sys.executable).parent
 OTHER_NAF_FQDN = "other-cse.mn-secd.example"
@@ -50,14 +50,14 @@ class Chain:
         return NafAssociation(self.keys, self.cse.fqdn, host=host, port=port, timeout=timeout)
 
 
-async def _wait_for_daemon(keys: KeyServiceClient, daemon: asyncio.subprocess.Process, log: Path) -> None:
+async def _wait_for_daemon(keys: KeyServiceClient, daemon: DaemonProcess) -> None:
     deadline = time.monotonic() + 20
     while True:
         try:
             status = await keys.status()
         except Exception:
-            if daemon.returncode is not None or time.monotonic() > deadline:
-                raise AssertionError("the daemon did not come up:\n" + log.read_text()) from None
+            if daemon.proc.returncode is not None or time.monotonic() > deadline:
+                raise AssertionError("the daemon did not come up:\n" + "\n".join(daemon.stderr)) from None
             await asyncio.sleep(0.1)
             continue
         if status.card_present:
@@ -66,28 +66,21 @@ async def _wait_for_daemon(keys: KeyServiceClient, daemon: asyncio.subprocess.Pr
 
 
 @pytest.fixture
-async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
-    async with SimulatedWorld(tmp_path) as world:
-        ae = AeCredential("ae-meter", os.urandom(16))
-        control_port = free_udp_port()
-        config = world.write_daemon_config([ae], control_port=control_port, min_forced_interval=0.0)
-        log = tmp_path / "daemon.log"
-        with log.open("wb") as out:
-            daemon = await asyncio.create_subprocess_exec(
-                BIN / "mn-secd", "run", "--config", str(config), "--modem-wait", "15", stderr=out
-            )
-        keys = KeyServiceClient(ae.identity, ae.psk, port=control_port)
-        cse = ReferenceInCse(DEFAULT_NAF_FQDN, world.bsf_url)
-        try:
-            await cse.start("127.0.0.1", 0)
-            await _wait_for_daemon(keys, daemon, log)
-            yield Chain(world, keys, cse, world.profile().effective_impi)
-        finally:
-            await keys.close()
-            await cse.stop()
-            with contextlib.suppress(ProcessLookupError):
-                daemon.terminate()
-            assert await asyncio.wait_for(daemon.wait(), 20) == 0, log.read_text()
+async def chain(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: Callable[..., Awaitable[DaemonProcess]]
+) -> AsyncIterator[Chain]:
+    local_aes.add("ae-meter")
+    daemon = await start_daemon(local_aes.write_config(min_forced_interval=0.0), "--modem-wait", "15")
+    keys = local_aes.client("ae-meter")
+    cse = ReferenceInCse(DEFAULT_NAF_FQDN, world.bsf_url)
+    try:
+        await cse.start("127.0.0.1", 0)
+        await _wait_for_daemon(keys, daemon)
+        yield Chain(world, keys, cse, world.profile().effective_impi)
+    finally:
+        await keys.close()
+        await cse.stop()
+        assert await daemon.stop(20) == 0, "\n".join(daemon.stderr)
 
 
 def authenticated(caplog: pytest.LogCaptureFixture, naf_fqdn: str) -> list[logging.LogRecord]:

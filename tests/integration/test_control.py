@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import aiocoap
 import cbor2
@@ -28,6 +27,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import OpaqueOption
 from dtls_peer import DtlsPeer, coap_request
+from harness import open_test_card
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,8 +42,7 @@ from mn_secd.naf_keys import GbaMode, GbaPolicy
 from mn_secd.sim.bsf import ZN_PATH
 from mn_secd.sim.world import SimulatedWorld
 from mn_secd.ua import UaId
-from mn_secd.uicc.card import Card, open_card
-from mn_secd.uicc.options import ModemConfig
+from mn_secd.uicc.card import Card
 
 NAF = "in-cse.example.net"
 OTHER_NAF = "other-cse.example.net"
@@ -80,7 +79,11 @@ ChainFactory = Callable[..., Awaitable[Chain]]
 
 
 @pytest.fixture
-async def make_chain(tmp_path: Path) -> AsyncIterator[ChainFactory]:
+async def make_chain(
+    make_world: Callable[..., Awaitable[SimulatedWorld]], cards: list[Card]
+) -> AsyncIterator[ChainFactory]:
+    """The daemon's stack in this process over a world of its own; the shared fixtures stop the
+    world and the card, this one the key service in front of them."""
     built: list[Chain] = []
 
     async def make(
@@ -90,9 +93,8 @@ async def make_chain(tmp_path: Path) -> AsyncIterator[ChainFactory]:
         refresh_margin: float = 300.0,
         max_peers: int = 256,
     ) -> Chain:
-        world = SimulatedWorld(tmp_path, bsf_lifetime=bsf_lifetime)
-        await world.start()
-        card = await open_card(ModemConfig(str(world.modem_link)))
+        world = await make_world(bsf_lifetime=bsf_lifetime)
+        card = await open_test_card(cards, str(world.modem_link))
         ub = UbClient(world.bsf_url, timeout=5.0)
         keys = KeyStore(card, ub, GbaPolicy.AUTO, refresh_margin=refresh_margin, refresh_jitter=0.0)
         registry = AeRegistry(aes if aes is not None else [ae("ae-a", PSK_A), ae("ae-b", b"psk-of-ae-b", (OTHER_NAF,))])
@@ -105,9 +107,7 @@ async def make_chain(tmp_path: Path) -> AsyncIterator[ChainFactory]:
     for chain in built:
         await chain.server.close()
         await chain.keys.close()
-        await chain.card.close()
         await chain.ub.aclose()
-        await chain.world.stop()
 
 
 @pytest.fixture

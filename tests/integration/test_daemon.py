@@ -8,97 +8,51 @@ AEs talk to the daemon over DTLS-PSK with :class:`mn_secd.client.KeyServiceClien
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import ctypes
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from harness import LocalAes
 
-from mn_secd.client.keys import KeyServiceClient
 from mn_secd.errors import KeyServiceRejected
-from mn_secd.naf_keys import NafKey
 from mn_secd.sim.bsf import ReferenceBsf
-from mn_secd.sim.launcher import DaemonProcess as Daemon
-from mn_secd.sim.modem import ModemEmulator
-from mn_secd.sim.profile import CardProfile
+from mn_secd.sim.launcher import DaemonProcess
 from mn_secd.sim.usim import SoftUicc
-from mn_secd.sim.world import free_udp_port, lab_cards
+from mn_secd.sim.world import SimulatedWorld
 
 MN_SECD = str(Path(sys.executable).parent / "mn-secd")
-NAF = "in-cse.example.net"
-#: The daemon's process, wrapped to forbid W+X memory first (what the unit's MemoryDenyWriteExecute=
-#: enforces, here through prctl(PR_SET_MDWE)) and to write its sys.modules at exit.
-WRAPPER = """
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+def bsf(world: SimulatedWorld) -> ReferenceBsf:
+    assert world.bsf is not None
+    return world.bsf
+
+
+#: The daemon's process, wrapped to write its sys.modules at exit and, with "mdwe", to forbid W+X
+#: memory first (what the unit's MemoryDenyWriteExecute= enforces, here through prctl(PR_SET_MDWE)).
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1  # Linux 6.3+
+WRAPPER = f"""
 import atexit, ctypes, sys
-PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1  # Linux 6.3+
-mdwe = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) == 0
-modules_file = sys.argv.pop(1)
-atexit.register(lambda: open(modules_file, "w").write(f"mdwe={mdwe}\\n" + "\\n".join(sorted(sys.modules))))
+modules_file, mode = sys.argv.pop(1), sys.argv.pop(1)
+prctl = ctypes.CDLL(None, use_errno=True).prctl
+mdwe = mode == "mdwe" and prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0
+atexit.register(lambda: open(modules_file, "w").write(f"mdwe={{mdwe}}\\n" + "\\n".join(sorted(sys.modules))))
 from mn_secd.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def lab_profile(iccid: str = "89882110000000000018", imsi: str = "001010000000001") -> CardProfile:
-    """The world's first lab card (TS 35.208 test set 1 keys), under another ICCID/IMSI if asked."""
-    return dataclasses.replace(lab_cards()[0], iccid=iccid, imsi=imsi, impi=None, impu=(), domain=None)
-
-
-@dataclass
-class World:
-    profile: CardProfile
-    modem: ModemEmulator
-    port: str
-    bsf: ReferenceBsf
-    bsf_url: str
-    dir: Path
-    control_port: int = field(default_factory=free_udp_port)
-    psks: dict[str, bytes] = field(default_factory=dict)
-
-    def add_ae(self, identity: str, naf: str = NAF) -> str:
-        psk = os.urandom(16)
-        path = self.dir / f"{identity}.psk"
-        path.write_bytes(psk)
-        path.chmod(0o600)
-        self.psks[identity] = psk
-        return f'[[ae]]\nidentity = "{identity}"\npsk_file = "{identity}.psk"\nnaf = ["{naf}"]\n'
-
-    def write_config(self, aes: str, *, port: str | None = None) -> Path:
-        path = self.dir / "mn-secd.toml"
-        path.write_text(
-            f'[modem]\nport = "{port or self.port}"\ncommand_timeout = 3.0\n\n'
-            f'[gba]\nbsf_url = "{self.bsf_url}"\n\n'
-            f'[control]\naddresses = ["127.0.0.1"]\nport = {self.control_port}\n\n'
-            f'[log]\nlevel = "debug"\n\n{aes}'
-        )
-        return path
-
-    async def get_key(self, identity: str) -> NafKey:
-        async with KeyServiceClient(identity, self.psks[identity], "127.0.0.1", self.control_port) as client:
-            return await client.get_key(NAF)
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    profile = lab_profile()
-    modem = ModemEmulator(SoftUicc(profile))
-    port = modem.start()
-    bsf = ReferenceBsf([profile])
-    url = await bsf.start("127.0.0.1", 0)
-    try:
-        yield World(profile, modem, port, bsf, url, tmp_path)
-    finally:
-        await bsf.stop()
-        modem.stop()
-
-
-async def test_lifecycle_ready_status_watchdog_reload_and_stop(world: World) -> None:
-    config = world.write_config(world.add_ae("ae-one"))
-    daemon = await Daemon.start(config)
+async def test_lifecycle_ready_status_watchdog_reload_and_stop(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon
+) -> None:
+    local_aes.add("ae-one")
+    config = local_aes.write_config()
+    daemon = await start_daemon(config)
     try:
         ready = await daemon.notify.wait_for(lambda m: m.startswith("READY=1"))
         messages = daemon.notify.messages
@@ -108,30 +62,33 @@ async def test_lifecycle_ready_status_watchdog_reload_and_stop(world: World) -> 
         assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[:ready]), messages
         assert "001010000000001" not in "".join(messages)  # the IMPI is masked
 
-        first = await world.get_key("ae-one")
-        assert first.btid == world.bsf.last_btid
+        first = await local_aes.get_key("ae-one")
+        assert first.btid == bsf(world).last_btid
         assert len(first.key) == 32
         await daemon.notify.wait_for(lambda m: m.startswith("STATUS=bootstrapped until "))
         watchdog = await daemon.notify.wait_for(lambda m: m == "WATCHDOG=1", after=ready)
-        assert world.bsf.successes == 1
+        assert bsf(world).successes == 1
 
         # SIGHUP: a second AE appears, the session (and every key) stays.
-        config = world.write_config(world.add_ae("ae-one") + world.add_ae("ae-two"))
+        psks = [local_aes.known["ae-one"].psk]
+        local_aes.add("ae-one")
+        local_aes.add("ae-two")
+        config = local_aes.write_config()
         daemon.proc.send_signal(signal.SIGHUP)
         await daemon.wait_log("AE registry reloaded")
-        second = await world.get_key("ae-two")
+        second = await local_aes.get_key("ae-two")
         assert second.btid == first.btid
         assert second.key == first.key  # same NAF_Id, same session: the cached key, not a new one
-        assert world.bsf.successes == 1
+        assert bsf(world).successes == 1
         # ae-one's PSK changed with the rewrite: its new PSK works, the session is the same
-        again = await world.get_key("ae-one")
+        again = await local_aes.get_key("ae-one")
         assert (again.btid, again.key) == (first.btid, first.key)
 
         # A broken file on SIGHUP changes nothing: the running registry stays, and the log says why.
         config.write_text(config.read_text() + "\n[gba]\nrefresh_margin = -1\n")
         daemon.proc.send_signal(signal.SIGHUP)
         await daemon.wait_log("reload refused")
-        assert (await world.get_key("ae-two")).btid == first.btid
+        assert (await local_aes.get_key("ae-two")).btid == first.btid
 
         code = await daemon.stop()
     finally:
@@ -144,74 +101,103 @@ async def test_lifecycle_ready_status_watchdog_reload_and_stop(world: World) -> 
     assert any("keys wiped" in line for line in daemon.stderr)
     log = "\n".join(daemon.stderr + messages)
     assert first.key.hex() not in log and first.key.hex().upper() not in log
-    for psk in world.psks.values():
+    for psk in psks + [ae.psk for ae in local_aes.known.values()]:
         assert psk.hex() not in log
 
 
-async def test_daemon_is_lean_and_runs_without_writable_executable_memory(world: World, tmp_path: Path) -> None:
-    """No simulated world, no aiohttp in the daemon process; DTLS and AKA work under MDWE."""
-    modules_file = tmp_path / "modules.txt"
-    config = world.write_config(world.add_ae("ae-one"))
-    daemon = await Daemon.start(config, argv=[sys.executable, "-c", WRAPPER, str(modules_file)])
+async def _run_wrapped(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon, tmp_path: Path, mode: str
+) -> tuple[str, list[str]]:
+    """The daemon under :data:`WRAPPER` serves one key and stops cleanly; (mdwe line, its modules)."""
+    modules_file = tmp_path / f"modules-{mode}.txt"
+    local_aes.add("ae-one")
+    argv = [sys.executable, "-c", WRAPPER, str(modules_file), mode]
+    daemon = await start_daemon(local_aes.write_config(), argv=argv)
     try:
         await daemon.notify.wait_for(lambda m: m.startswith("READY=1"))
-        answer = await world.get_key("ae-one")
-        assert answer.btid == world.bsf.last_btid
+        answer = await local_aes.get_key("ae-one")
+        assert answer.btid == bsf(world).last_btid
         code = await daemon.stop()
     finally:
         await daemon.kill()
     assert code == 0, daemon.stderr
     mdwe, *modules = modules_file.read_text().split()
+    return mdwe, modules
+
+
+def _kernel_forbids_wx_memory() -> bool:
+    """PR_GET_MDWE answers on kernels that can refuse writable-and-executable memory (Linux 6.3+)."""
+    return int(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_MDWE, 0, 0, 0, 0)) >= 0
+
+
+async def test_daemon_is_lean(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """No simulated world, no aiohttp in the daemon process."""
+    _, modules = await _run_wrapped(world, local_aes, start_daemon, tmp_path, "plain")
     assert "mn_secd.daemon" in modules and "mn_secd.uicc.card" in modules and "aiocoap" in modules
     assert [m for m in modules if m == "mn_secd.sim" or m.startswith(("mn_secd.sim.", "aiohttp"))] == []
-    if mdwe != "mdwe=True":
-        pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3): ran without the W^X check")
 
 
-async def test_modem_without_a_card_degrades_then_recovers(world: World) -> None:
+@pytest.mark.skipif(not _kernel_forbids_wx_memory(), reason="this kernel has no PR_SET_MDWE (Linux < 6.3)")
+async def test_daemon_runs_without_writable_executable_memory(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """What the unit's MemoryDenyWriteExecute= enforces: DTLS and AKA work with W^X memory refused."""
+    mdwe, _ = await _run_wrapped(world, local_aes, start_daemon, tmp_path, "mdwe")
+    assert mdwe == "mdwe=True"
+
+
+async def test_modem_without_a_card_degrades_then_recovers(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon
+) -> None:
     """No SIM at start: READY after --modem-wait with STATUS=degraded, 5.03 for AEs, keys once a SIM is in."""
-    world.modem.remove_sim()
-    config = world.write_config(world.add_ae("ae-one"))
-    daemon = await Daemon.start(config, "--modem-wait", "0.5")
+    modem = world.modem
+    assert modem is not None
+    modem.remove_sim()
+    local_aes.add("ae-one")
+    daemon = await start_daemon(local_aes.write_config(), "--modem-wait", "0.5")
     try:
         ready = await daemon.notify.wait_for(lambda m: m.startswith("READY=1"))
         assert "STATUS=degraded: " in daemon.notify.messages[ready]
         with pytest.raises(KeyServiceRejected) as info:
-            await world.get_key("ae-one")
+            await local_aes.get_key("ae-one")
         assert info.value.code.startswith("5.03")
         assert info.value.kind == "uicc-absent"
-        world.modem.insert_sim(SoftUicc(world.profile))
+        modem.insert_sim(SoftUicc.from_file(world.card_paths[world.current_card]))
         await daemon.notify.wait_for(lambda m: "STATUS=card found" in m, after=ready)
-        answer = await world.get_key("ae-one")
-        assert answer.btid == world.bsf.last_btid
+        answer = await local_aes.get_key("ae-one")
+        assert answer.btid == bsf(world).last_btid
         code = await daemon.stop()
     finally:
         await daemon.kill()
     assert code == 0
 
 
-async def test_card_swap_shows_in_status_and_bootstraps_the_new_card(world: World) -> None:
-    other = lab_profile(iccid="89882110000000000026", imsi="001010000000002")
-    bsf = ReferenceBsf([world.profile, other])
-    world.bsf_url = await bsf.start("127.0.0.1", 0)
-    config = world.write_config(world.add_ae("ae-one"))
-    daemon = await Daemon.start(config)
+async def test_card_swap_shows_in_status_and_bootstraps_the_new_card(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon
+) -> None:
+    local_aes.add("ae-one")
+    daemon = await start_daemon(local_aes.write_config())
     try:
         ready = await daemon.notify.wait_for(lambda m: m.startswith("READY=1"))
-        first = await world.get_key("ae-one")
-        world.modem.remove_sim()
+        first = await local_aes.get_key("ae-one")
+        modem = world.modem
+        assert modem is not None
+        modem.remove_sim()
         removed = await daemon.notify.wait_for(lambda m: m.startswith("STATUS=degraded: card removed"), after=ready)
-        world.modem.insert_sim(SoftUicc(other))
+        world.current_card = 1  # the other lab card goes in
+        other = world.profile()
+        modem.insert_sim(SoftUicc.from_file(world.card_paths[world.current_card]))
         await daemon.notify.wait_for(lambda m: m.startswith("STATUS=card found: "), after=removed)
         await daemon.notify.wait_for(lambda m: m.startswith("STATUS=bootstrapped until "), after=removed)
-        second = await world.get_key("ae-one")
+        second = await local_aes.get_key("ae-one")
         assert second.btid != first.btid
-        assert second.btid == bsf.last_btid
-        assert bsf.bootstraps[second.btid].impi == other.effective_impi
+        assert second.btid == bsf(world).last_btid
+        assert bsf(world).bootstraps[second.btid].impi == other.effective_impi
         code = await daemon.stop()
     finally:
         await daemon.kill()
-        await bsf.stop()
     assert code == 0
 
 
@@ -251,8 +237,10 @@ async def test_bad_configs_exit_with_one_line_naming_the_key(tmp_path: Path, cas
     assert f"{config}: {key}: " in lines[0]
 
 
-async def test_check_config_accepts_a_good_file(world: World) -> None:
-    config = world.write_config(world.add_ae("ae-one") + world.add_ae("ae-two"))
+async def test_check_config_accepts_a_good_file(world: SimulatedWorld, local_aes: LocalAes) -> None:
+    local_aes.add("ae-one")
+    local_aes.add("ae-two")
+    config = local_aes.write_config()
     proc = await asyncio.create_subprocess_exec(
         MN_SECD, "check-config", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -260,4 +248,4 @@ async def test_check_config_accepts_a_good_file(world: World) -> None:
         out, err = await proc.communicate()
     assert (proc.returncode, err) == (0, b"")
     assert out.decode().count("\n") == 1
-    assert "OK" in out.decode() and "2 AEs" in out.decode() and world.port in out.decode()
+    assert "OK" in out.decode() and "2 AEs" in out.decode() and str(world.modem_link) in out.decode()

@@ -10,12 +10,12 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import PtyModem, open_test_card
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AkaSyncFailure, AuthContext
 from mn_secd.card_identity import Application, CardEvent, CardEventKind
@@ -29,7 +29,7 @@ from mn_secd.errors import (
 )
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.sim.milenage import Milenage, generate_autn, verify_auts
-from mn_secd.sim.modem import ModemEmulator, Quirks
+from mn_secd.sim.modem import Quirks
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.uicc.card import Card, open_card
@@ -63,41 +63,8 @@ def expected_keys(profile: CardProfile, rand: bytes = RAND) -> tuple[bytes, byte
     return res, ck, ik
 
 
-@dataclass
-class World:
-    modem: ModemEmulator
-    card: SoftUicc
-    path: str
-
-
-@pytest.fixture
-def make_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
-    started: list[ModemEmulator] = []
-
-    def make(profile: CardProfile = ISIM_CARD, quirks: Quirks | None = None, *, link: bool = False) -> World:
-        card = SoftUicc(profile)
-        modem = ModemEmulator(card, quirks, link=str(tmp_path / "ttyMODEM") if link else None)
-        started.append(modem)
-        return World(modem, card, modem.start())
-
-    yield make
-    for modem in started:
-        modem.stop()
-
-
-@pytest.fixture
-async def cards() -> AsyncIterator[list[Card]]:
-    """Cards opened by a test, closed afterwards whatever happened."""
-    opened: list[Card] = []
-    yield opened
-    for card in opened:
-        await card.close()
-
-
 async def opened(cards: list[Card], path: str, **kwargs: Any) -> Card:
-    card = await asyncio.wait_for(open_card(ModemConfig(path, **{**FAST, **kwargs})), 30)
-    cards.append(card)
-    return card
+    return await open_test_card(cards, path, **{**FAST, **kwargs})
 
 
 class Events:
@@ -153,9 +120,9 @@ QUIRK_SETS: dict[str, Quirks] = {
 @pytest.mark.parametrize("transport", ["csim", "cgla"])
 @pytest.mark.parametrize("quirk", list(QUIRK_SETS))
 async def test_identity_and_aka_with_each_quirk(
-    make_world: Callable[..., World], cards: list[Card], transport: str, quirk: str
+    make_modem: Callable[..., PtyModem], cards: list[Card], transport: str, quirk: str
 ) -> None:
-    world = make_world(quirks=QUIRK_SETS[quirk])
+    world = make_modem(quirks=QUIRK_SETS[quirk])
     card = await opened(cards, world.path, transport=transport)
     identity = await card.identity()
     assert (identity.iccid, identity.imsi, identity.mnc_length) == ("89882110000000000018", "001010000000001", 2)
@@ -173,10 +140,10 @@ async def test_identity_and_aka_with_each_quirk(
 
 
 async def test_auto_prefers_cgla_and_falls_back_to_csim_without_logical_channels(
-    make_world: Callable[..., World], cards: list[Card]
+    make_modem: Callable[..., PtyModem], cards: list[Card]
 ) -> None:
-    assert (await (await opened(cards, make_world().path)).identity()).transport == "cgla"
-    world = make_world(quirks=Quirks(no_logical_channels=True))
+    assert (await (await opened(cards, make_modem().path)).identity()).transport == "cgla"
+    world = make_modem(quirks=Quirks(no_logical_channels=True))
     card = await opened(cards, world.path, transport="auto")
     assert card.transport_name == "csim"
     selects = world.modem.apdu_count(INS_SELECT)
@@ -188,18 +155,18 @@ async def test_auto_prefers_cgla_and_falls_back_to_csim_without_logical_channels
 
 
 async def test_cgla_only_without_logical_channels_is_a_typed_error(
-    make_world: Callable[..., World], cards: list[Card]
+    make_modem: Callable[..., PtyModem], cards: list[Card]
 ) -> None:
-    world = make_world(quirks=Quirks(no_logical_channels=True))
+    world = make_modem(quirks=Quirks(no_logical_channels=True))
     with pytest.raises(TransportUnavailable):
         await opened(cards, world.path, transport="cgla")
 
 
 @pytest.mark.parametrize("transport", ["csim", "cgla"])
 async def test_three_digit_mnc_usim_only_card(
-    make_world: Callable[..., World], cards: list[Card], transport: str
+    make_modem: Callable[..., PtyModem], cards: list[Card], transport: str
 ) -> None:
-    world = make_world(MNC3_CARD)
+    world = make_modem(MNC3_CARD)
     card = await opened(cards, world.path, transport=transport)
     identity = await card.identity()
     assert identity.mnc_length == 3 and identity.mnc == "150" and identity.mcc == "310"
@@ -210,8 +177,8 @@ async def test_three_digit_mnc_usim_only_card(
     assert result.kc is not None  # a USIM with GSM access appends Kc
 
 
-async def test_usim_preference_on_a_card_with_isim(make_world: Callable[..., World], cards: list[Card]) -> None:
-    card = await opened(cards, make_world().path, application="usim")
+async def test_usim_preference_on_a_card_with_isim(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
+    card = await opened(cards, make_modem().path, application="usim")
     identity = await card.identity()
     assert identity.application is Application.USIM
     assert identity.impi == "001010000000001@ims.mnc001.mcc001.3gppnetwork.org"  # derived, TS 23.003
@@ -221,8 +188,8 @@ async def test_usim_preference_on_a_card_with_isim(make_world: Callable[..., Wor
 # --- AKA outcomes -------------------------------------------------------------------------------------
 
 
-async def test_mac_failure_and_resync(make_world: Callable[..., World], cards: list[Card]) -> None:
-    card = await opened(cards, make_world().path)
+async def test_mac_failure_and_resync(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
+    card = await opened(cards, make_modem().path)
     bad = bytearray(challenge(ISIM_CARD, 3))
     bad[-1] ^= 0x01
     assert isinstance(await card.authenticate(RAND, bytes(bad), AuthContext.UMTS), AkaMacFailure)
@@ -235,9 +202,9 @@ async def test_mac_failure_and_resync(make_world: Callable[..., World], cards: l
 
 @pytest.mark.parametrize(("application", "transport"), [("isim", "cgla"), ("usim", "csim")])
 async def test_gba_u_bootstrap_naf_derivation_and_gbabp(
-    make_world: Callable[..., World], cards: list[Card], application: str, transport: str
+    make_modem: Callable[..., PtyModem], cards: list[Card], application: str, transport: str
 ) -> None:
-    world = make_world()
+    world = make_modem()
     card = await opened(cards, world.path, application=application, transport=transport)
     identity = await card.identity()
     result = await card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.GBA)
@@ -266,8 +233,10 @@ def read_ef(card: SoftUicc, aid: bytes, fid: str) -> bytes:
 # --- the modem's breakage --------------------------------------------------------------------------------
 
 
-async def test_timeout_during_authenticate_is_never_resent(make_world: Callable[..., World], cards: list[Card]) -> None:
-    world = make_world(quirks=Quirks(auth_latency=2.5, internal_get_response=True))
+async def test_timeout_during_authenticate_is_never_resent(
+    make_modem: Callable[..., PtyModem], cards: list[Card]
+) -> None:
+    world = make_modem(quirks=Quirks(auth_latency=2.5, internal_get_response=True))
     card = await opened(cards, world.path, command_timeout=1.0)
     with pytest.raises(AuthenticateOutcomeUnknown):
         await card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
@@ -282,9 +251,9 @@ async def test_timeout_during_authenticate_is_never_resent(make_world: Callable[
 
 
 async def test_port_vanishing_during_authenticate_gives_an_unknown_outcome(
-    make_world: Callable[..., World], cards: list[Card]
+    make_modem: Callable[..., PtyModem], cards: list[Card]
 ) -> None:
-    world = make_world(quirks=Quirks(auth_latency=2.0), link=True)
+    world = make_modem(quirks=Quirks(auth_latency=2.0), link=True)
     card = await opened(cards, world.path)
     task = asyncio.create_task(card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS))
     async with asyncio.timeout(5):
@@ -296,22 +265,22 @@ async def test_port_vanishing_during_authenticate_gives_an_unknown_outcome(
     assert world.modem.apdu_count(INS_AUTHENTICATE) == 1
 
 
-async def test_authenticate_refused_by_the_modem(make_world: Callable[..., World], cards: list[Card]) -> None:
-    world = make_world(quirks=Quirks(refuse_authenticate=True))
+async def test_authenticate_refused_by_the_modem(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
+    world = make_modem(quirks=Quirks(refuse_authenticate=True))
     card = await opened(cards, world.path)
     with pytest.raises(AuthenticateRefused):
         await card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
 
 
-async def test_get_response_looping_forever_is_capped(make_world: Callable[..., World], cards: list[Card]) -> None:
-    world = make_world(quirks=Quirks(get_response_loop=True))
+async def test_get_response_looping_forever_is_capped(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
+    world = make_modem(quirks=Quirks(get_response_loop=True))
     with pytest.raises(GetResponseLoop):
         await asyncio.wait_for(opened(cards, world.path), 10)
     assert world.modem.apdu_count(0xC0) <= 10
 
 
-async def test_garbage_on_the_line_is_survived(make_world: Callable[..., World], cards: list[Card]) -> None:
-    world = make_world()
+async def test_garbage_on_the_line_is_survived(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
+    world = make_modem()
     card = await opened(cards, world.path)
     world.modem.post_urc("\x01\x02\xfe garbage")
     world.modem.post_urc("+CREG: 5")
@@ -323,8 +292,8 @@ async def test_garbage_on_the_line_is_survived(make_world: Callable[..., World],
 # --- card and port events ------------------------------------------------------------------------------
 
 
-async def test_sim_removed_inserted_and_changed(make_world: Callable[..., World], cards: list[Card]) -> None:
-    world = make_world()
+async def test_sim_removed_inserted_and_changed(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
+    world = make_modem()
     card = await opened(cards, world.path)
     events = Events(card)
     first = await card.identity()
@@ -353,9 +322,9 @@ async def test_sim_removed_inserted_and_changed(make_world: Callable[..., World]
 
 
 @pytest.mark.parametrize("urc", ["+CPIN: SIM REMOVED", "+CPIN: NOT INSERTED", "+SIMCARD: NOT AVAILABLE"])
-async def test_a_removal_urc_alone_is_noticed(make_world: Callable[..., World], cards: list[Card], urc: str) -> None:
+async def test_a_removal_urc_alone_is_noticed(make_modem: Callable[..., PtyModem], cards: list[Card], urc: str) -> None:
     """A modem that says the SIM went in one URC only (no command fails until the card is used)."""
-    world = make_world()
+    world = make_modem()
     card = await opened(cards, world.path)
     events = Events(card)
     await card.identity()
@@ -369,9 +338,9 @@ async def test_a_removal_urc_alone_is_noticed(make_world: Callable[..., World], 
 
 
 async def test_no_sim_at_start_is_a_typed_error_and_nothing_stays_open(
-    make_world: Callable[..., World], cards: list[Card]
+    make_modem: Callable[..., PtyModem], cards: list[Card]
 ) -> None:
-    world = make_world()
+    world = make_modem()
     world.modem.remove_sim()
     with pytest.raises(UiccAbsent):
         await opened(cards, world.path)
@@ -380,8 +349,8 @@ async def test_no_sim_at_start_is_a_typed_error_and_nothing_stays_open(
     assert (await card.identity()).iccid == ISIM_CARD.iccid
 
 
-async def test_port_vanishes_and_comes_back(make_world: Callable[..., World], cards: list[Card]) -> None:
-    world = make_world(link=True)
+async def test_port_vanishes_and_comes_back(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
+    world = make_modem(link=True)
     card = await opened(cards, world.path)
     events = Events(card)
     first = await card.identity()
@@ -421,8 +390,8 @@ def fields(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("transport", ["auto", "csim"])
-async def test_cli_info(make_world: Callable[..., World], transport: str) -> None:
-    world = make_world(quirks=Quirks(echo=True, urcs_inside=True))
+async def test_cli_info(make_modem: Callable[..., PtyModem], transport: str) -> None:
+    world = make_modem(quirks=Quirks(echo=True, urcs_inside=True))
     proc = await asyncio.to_thread(mn_secd, "uicc", "info", "--port", world.path, "--transport", transport)
     assert proc.returncode == 0, proc.stderr
     out = fields(proc.stdout)
@@ -434,8 +403,8 @@ async def test_cli_info(make_world: Callable[..., World], transport: str) -> Non
     assert world.modem.apdu_count(INS_AUTHENTICATE) == 0
 
 
-async def test_cli_auth_success_sync_failure_and_mac_failure(make_world: Callable[..., World]) -> None:
-    world = make_world()
+async def test_cli_auth_success_sync_failure_and_mac_failure(make_modem: Callable[..., PtyModem]) -> None:
+    world = make_modem()
     auth = ("uicc", "auth", "--port", world.path, "--rand", RAND.hex())
     proc = await asyncio.to_thread(mn_secd, *auth, "--autn", challenge(ISIM_CARD, 2).hex())
     assert proc.returncode == 0, proc.stderr
@@ -457,8 +426,8 @@ async def test_cli_auth_success_sync_failure_and_mac_failure(make_world: Callabl
     assert world.modem.apdu_count(INS_AUTHENTICATE) == 3  # one per run, never a retry
 
 
-async def test_cli_errors_are_one_typed_line(make_world: Callable[..., World], tmp_path: Path) -> None:
-    world = make_world()
+async def test_cli_errors_are_one_typed_line(make_modem: Callable[..., PtyModem], tmp_path: Path) -> None:
+    world = make_modem()
     world.modem.remove_sim()
     proc = await asyncio.to_thread(mn_secd, "uicc", "info", "--port", world.path)
     assert proc.returncode == 1 and "uicc-absent" in proc.stderr and len(proc.stderr.splitlines()) == 1
