@@ -8,7 +8,8 @@ Runs the simulated world (software UICC behind the pty modem, reference BSF) in 
 * the daemon's RSS at rest, then with N AEs (default 200) each holding a DTLS session and a key;
   target 40 MB;
 * the daemon's CPU time and context switches (a proxy for wakeups) over an idle period with the
-  sessions still held (default 60 s), with the watchdog at the unit's WatchdogSec=30.
+  sessions still held (default 60 s), with the watchdog at the unit's WatchdogSec=30; target at
+  most 0.5 % CPU and 1 wakeup/s: an idle daemon on a gateway should cost nothing measurable.
 
     .venv/bin/python tests/bench/bench_daemon.py [--aes 200] [--idle 60] [--starts 5]
 """
@@ -26,6 +27,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from targets import EXACTLY, Targets
 
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.sim.bsf import ReferenceBsf
@@ -145,6 +148,7 @@ class Daemon:
 
 
 async def main(args: argparse.Namespace) -> None:
+    targets = Targets()
     with tempfile.TemporaryDirectory(prefix="mn-secd-bench-") as tmp:
         async with Bench(Path(tmp), args.aes) as bench:
             config = bench.write_config()
@@ -157,13 +161,16 @@ async def main(args: argparse.Namespace) -> None:
                 await daemon.stop()
             print(f"start to READY=1 ({args.aes} AEs configured, {args.starts} starts, first bootstrap excluded):")
             median, low, high = statistics.median(times), min(times), max(times)
-            print(f"  median {median:.3f} s, min {low:.3f} s, max {high:.3f} s (target 0.5 s)")
+            verdict = targets.check("start to READY=1, median", round(median, 3), 0.5, "s")
+            print(f"  median {median:.3f} s, min {low:.3f} s, max {high:.3f} s {verdict}")
 
             daemon, _ = await bench.start_daemon(config)
             clients: list[KeyServiceClient] = []
             try:
                 await asyncio.sleep(1.0)
-                print(f"RSS at rest (card up, bootstrapped, no AE connected): {rss_mb(daemon.pid):.1f} MB")
+                rest = round(rss_mb(daemon.pid), 1)
+                verdict = targets.check("RSS at rest", rest, 40.0, "MB")
+                print(f"RSS at rest (card up, bootstrapped, no AE connected): {rest:.1f} MB {verdict}")
                 clients = [
                     KeyServiceClient(identity, psk, "127.0.0.1", bench.control_port)
                     for identity, psk in bench.psks.items()
@@ -173,9 +180,11 @@ async def main(args: argparse.Namespace) -> None:
                     await asyncio.gather(*(c.get_key(NAF) for c in clients[batch : batch + 20]))
                 connect = time.perf_counter() - started
                 await asyncio.sleep(2.0)
+                loaded = round(rss_mb(daemon.pid), 1)
+                verdict = targets.check(f"RSS with {len(clients)} AEs", loaded, 40.0, "MB")
                 print(
-                    f"RSS with {len(clients)} AEs holding DTLS sessions and keys: {rss_mb(daemon.pid):.1f} MB "
-                    f"(target 40 MB; sessions set up in {connect:.2f} s; BSF bootstraps: {bench.bsf.successes})"
+                    f"RSS with {len(clients)} AEs holding DTLS sessions and keys: {loaded:.1f} MB {verdict}; "
+                    f"sessions set up in {connect:.2f} s; BSF bootstraps: {bench.bsf.successes}"
                 )
 
                 cpu0, (vol0, invol0, threads), t0 = (
@@ -187,16 +196,19 @@ async def main(args: argparse.Namespace) -> None:
                 cpu1, (vol1, invol1, _), t1 = cpu_seconds(daemon.pid), context_switches(daemon.pid), time.perf_counter()
                 period = t1 - t0
                 print(f"idle for {period:.0f} s with the sessions held (watchdog every 15 s, card presence poll):")
+                cpu_share = round(100 * (cpu1 - cpu0) / period, 2)
+                wakeups = round((vol1 - vol0) / period, 1)
+                print(f"  CPU {cpu1 - cpu0:.2f} s ({cpu_share:.2f} %) {targets.check('idle CPU', cpu_share, 0.5, '%')}")
                 print(
-                    f"  CPU {cpu1 - cpu0:.2f} s ({100 * (cpu1 - cpu0) / period:.2f} %), "
-                    f"{vol1 - vol0} voluntary + {invol1 - invol0} involuntary context switches over {threads} threads "
-                    f"({(vol1 - vol0) / period:.1f} wakeups/s)"
+                    f"  {vol1 - vol0} voluntary + {invol1 - invol0} involuntary context switches over {threads} "
+                    f"threads ({wakeups:.1f} wakeups/s) {targets.check('idle wakeups', wakeups, 1.0, 'wakeups/s')}"
                 )
             finally:
                 for client in clients:
                     await client.close()
                 code = await daemon.stop()
-            print(f"daemon exit status after SIGTERM: {code}")
+            print(f"daemon exit status after SIGTERM: {code} {targets.check('exit status', code, 0, compare=EXACTLY)}")
+            print(targets.summary())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """UICC layer benchmark over a real pty: AT commands and APDUs per AUTHENTICATE, and AT round-trip times.
 
 Run: ``.venv/bin/python tests/bench/bench_uicc.py [--runs N]``. Prints, for each transport and modem
-behaviour, what one AUTHENTICATE costs on the wire once the card is up (target: 1 AT command when the
-modem hands back the answer directly, 2 with the host's GET RESPONSE, and no re-SELECT on a logical
-channel), then the round-trip time of a bare ``AT`` and of a whole AUTHENTICATE (median, p99).
+behaviour, what one AUTHENTICATE costs on the wire once the card is up, then the round-trip time of
+a bare ``AT`` and of a whole AUTHENTICATE (median, p99), each next to its target:
+
+* AT commands per AUTHENTICATE: 1 when the modem hands back the answer, 2 with the host's GET
+  RESPONSE, 3 on the basic channel (the application selected again first); no SELECT on a logical
+  channel -- the physical minimum of each case;
+* AUTHENTICATE round trip, median, at most 5 ms, and a bare ``AT``, median, at most 1 ms: the
+  emulated card and modem answer at once, so this is the daemon's own cost, which must stay small
+  next to a real card's 0.3-2 s per AUTHENTICATE.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import asyncio
 import statistics
 import time
 from collections.abc import Sequence
+
+from targets import EXACTLY, Targets
 
 from mn_secd.aka import AkaSuccess, AuthContext
 from mn_secd.sim.milenage import Milenage, generate_autn
@@ -24,13 +32,16 @@ from mn_secd.uicc.card import open_card
 from mn_secd.uicc.options import ModemConfig
 
 PROFILE = lab_cards()[0]
-CASES: list[tuple[str, str, Quirks]] = [
-    ("cgla", "modem returns the answer", Quirks(internal_get_response=True)),
-    ("cgla", "host GET RESPONSE (61xx)", Quirks()),
-    ("csim", "modem returns the answer", Quirks(internal_get_response=True)),
-    ("csim", "host GET RESPONSE (61xx)", Quirks()),
-    ("csim", "basic channel (no logical channels)", Quirks(no_logical_channels=True)),
+#: (transport, behaviour, quirks, AT commands per AUTHENTICATE, SELECTs per AUTHENTICATE): the minimum
+CASES: list[tuple[str, str, Quirks, int, int]] = [
+    ("cgla", "modem returns the answer", Quirks(internal_get_response=True), 1, 0),
+    ("cgla", "host GET RESPONSE (61xx)", Quirks(), 2, 0),
+    ("csim", "modem returns the answer", Quirks(internal_get_response=True), 1, 0),
+    ("csim", "host GET RESPONSE (61xx)", Quirks(), 2, 0),
+    ("csim", "basic channel (no logical channels)", Quirks(no_logical_channels=True), 3, 1),
 ]
+AUTHENTICATE_MEDIAN_MS = 5.0
+AT_MEDIAN_MS = 1.0
 INS_NAMES = {0x88: "AUTHENTICATE", 0xC0: "GET RESPONSE", 0xA4: "SELECT"}
 
 
@@ -76,15 +87,25 @@ async def run_case(
 
 
 async def main(runs: int) -> None:
+    targets = Targets()
     print(f"UICC over a pty: {runs} AUTHENTICATEs (3G context) after start-up, per case\n")
     all_rtts: list[float] = []
-    for transport, behaviour, quirks in CASES:
+    for transport, behaviour, quirks, at_minimum, select_minimum in CASES:
         at_per_auth, apdus, auth_times, rtts = await run_case(transport, quirks, runs)
         all_rtts += rtts
         apdu_text = ", ".join(f"{name} {count:g}" for name, count in apdus.items())
-        print(f"{transport:4}  {behaviour:38}  AT commands/AUTHENTICATE {at_per_auth:g}   APDUs: {apdu_text}")
-        print(f"{'':4}  {'AUTHENTICATE round trip':38}  {ms(auth_times)}")
-    print(f"\nAT round trip (bare 'AT', {len(all_rtts)} commands): {ms(all_rtts)}")
+        case = f"{transport} {behaviour}"
+        print(f"{transport:4}  {behaviour:38}  AT commands/AUTHENTICATE {at_per_auth:g} ", end="")
+        print(targets.check(f"{case}: AT commands per AUTHENTICATE", at_per_auth, at_minimum, compare=EXACTLY))
+        print(f"{'':4}  {'':38}  APDUs: {apdu_text} ", end="")
+        print(targets.check(f"{case}: SELECTs per AUTHENTICATE", apdus["SELECT"], select_minimum, compare=EXACTLY))
+        median = statistics.median(auth_times) * 1000
+        print(f"{'':4}  {'AUTHENTICATE round trip':38}  {ms(auth_times)} ", end="")
+        print(targets.check(f"{case}: AUTHENTICATE median", round(median, 2), AUTHENTICATE_MEDIAN_MS, "ms"))
+    median = statistics.median(all_rtts) * 1000
+    print(f"\nAT round trip (bare 'AT', {len(all_rtts)} commands): {ms(all_rtts)} ", end="")
+    print(targets.check("bare AT median", round(median, 2), AT_MEDIAN_MS, "ms"))
+    print(targets.summary())
 
 
 if __name__ == "__main__":
