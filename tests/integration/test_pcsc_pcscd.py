@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from mn_secd.aka import AkaSuccess, AkaSyncFailure, AuthContext
 from mn_secd.errors import ApduOutcomeUnknown, PcscUnavailable, ReaderGone, ReaderNotFound, UiccAbsent
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.sim.milenage import Milenage, build_auts, generate_autn, verify_auts
@@ -31,9 +32,6 @@ from mn_secd.sim.usim import USIM_AID, SoftUicc
 from mn_secd.sim.vicc import UICC_ATR, ViccClient, VirtualCard
 from mn_secd.uicc.apdu import Apdu, parse_apdu
 from mn_secd.uicc.auth import (
-    AkaSuccess,
-    AkaSyncFailure,
-    AuthContext,
     build_authenticate,
     build_gba_naf_derivation,
     parse_authenticate_response,
