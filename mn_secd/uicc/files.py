@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mn_secd.card_identity import Application
 from mn_secd.errors import ApduParseError, ApplicationNotFound
 from mn_secd.uicc.apdu import find_tlv, parse_tlvs
+from mn_secd.uicc.options import ApplicationChoice
 
 # File identifiers: TS 102 221 clause 13, TS 31.102 and TS 31.103 clause 4 (``docs/UICC.md``).
 FID_MF = 0x3F00
@@ -136,11 +137,12 @@ def applications(entries: list[DirEntry]) -> tuple[tuple[Application, bytes], ..
     return tuple(found)
 
 
-def choose_application(apps: tuple[tuple[Application, bytes], ...], preference: str) -> tuple[Application, bytes]:
+def choose_application(
+    apps: tuple[tuple[Application, bytes], ...], preference: ApplicationChoice
+) -> tuple[Application, bytes]:
     """``auto``: the ISIM when there is one, else the USIM; ``isim`` / ``usim``: that one or an error."""
-    if preference not in ("auto", "isim", "usim"):
-        raise ValueError(f"application preference must be auto, isim or usim, not {preference!r}")
-    order = [Application.ISIM, Application.USIM] if preference == "auto" else [Application(preference)]
+    choice = ApplicationChoice(preference)  # ValueError for anything else
+    order = [Application.ISIM, Application.USIM] if choice is ApplicationChoice.AUTO else [Application(choice.value)]
     for wanted in order:
         for app, aid in apps:
             if app is wanted:
