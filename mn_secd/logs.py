@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
@@ -197,3 +198,32 @@ def setup_logging(
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     return handler
+
+
+class LogLimiter:
+    """At most one log line per key (an AE, a peer) per ``interval`` seconds, counting what it held back.
+
+    A misbehaving peer can send thousands of bad datagrams or requests a second; one warning each
+    would flood the journal and cost every other peer CPU. Callers ask :meth:`allow` before logging
+    and mention the count it returns ("and 312 more since"). The number of keys remembered is
+    bounded; the clock is passed in.
+    """
+
+    def __init__(self, interval: float, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 1024) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._last: dict[object, tuple[float, int]] = {}  # key -> (time of the last line, held back since)
+
+    def allow(self, key: object) -> int | None:
+        """The number of lines held back since the last one if a line may be written now, else None."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._last) >= self._max_keys:
+            del self._last[next(iter(self._last))]
+        self._last.pop(key, None)
+        self._last[key] = (now, 0)
+        return 0 if last is None else last[1]

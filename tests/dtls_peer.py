@@ -135,3 +135,27 @@ def coap_request(code: Code, path: list[str], *, mid: int, token: bytes = b"t1",
     msg.mid = mid
     msg.token = token
     return msg
+
+
+_client_hellos: list[bytes] = []
+
+
+def client_hello() -> bytes:
+    """A ClientHello without a cookie, as tinydtls's client sends first (made once, then reused).
+
+    A server answers it with a HelloVerifyRequest and, done right, keeps nothing: what a flood of
+    ClientHellos from a local user costs.
+    """
+    if not _client_hellos:
+        sent: list[bytes] = []
+        context = dtls.DTLS(
+            read=lambda *_: 0,
+            write=lambda _, data: sent.append(data) or len(data),
+            event=lambda *_: None,
+            pskId=b"flood",
+            pskStore={b"flood": b"flood-psk"},
+        )
+        session = context.connect("::1", 1234)
+        context.resetPeer(session)  # never free a context holding a peer (see DtlsPeer.close)
+        _client_hellos.append(sent[0])
+    return _client_hellos[0]

@@ -13,9 +13,11 @@ one bootstrap per request at most, and the daemon rate-limits those.
 
 Failures are fast and typed. The NAF answers an unknown identity with a fatal alert at once, but
 tinydtls drops a handshake with a wrong key silently, and aiocoap would only give up after its
-CoAP retransmissions (about 90 s); every exchange here is bounded by ``timeout`` instead. No answer
-while the DTLS handshake is still unfinished means the handshake failed
-(:class:`~mn_secd.errors.NafHandshakeFailed`); no answer on an established session is
+CoAP retransmissions (about 90 s); every exchange here is bounded by ``timeout`` instead. A NAF
+that sent its ServerHello and then nothing within it did not take our key
+(:class:`~mn_secd.errors.NafHandshakeFailed`, which re-keys once); a NAF that never answered the
+handshake at all, or only its cookie exchange, is not there or busy (:class:`~mn_secd.errors.NafError`,
+no re-key: a new key would not help); no answer on an established session is
 :class:`~mn_secd.errors.NafTimeout` (the session is dropped, so the next request handshakes anew).
 """
 
@@ -174,8 +176,7 @@ class NafAssociation:
         psk = dtls.check_psk(dtls_psk(answer.key))
         if len(identity) > dtls.MAX_IDENTITY_LENGTH:
             raise NafError(f"this B-TID is {len(identity)} octets, more than our tinydtls carries")
-        dtls.apply()  # the client side fix: a close_notify from the NAF ends the session
-        context = await aiocoap.Context.create_client_context(transports=["tinydtls"])
+        context = await dtls.create_dtls_client_context()
         context.client_credentials.load_from_dict(
             {self.base_uri + "/*": {"dtls": {"psk": psk, "client-identity": identity}}}
         )
@@ -202,13 +203,19 @@ class NafAssociation:
             async with asyncio.timeout(self.timeout):
                 response: aiocoap.Message = await session.context.request(message).response
         except TimeoutError:
-            established = dtls.client_session_state(session.context, self.host, self.port, session.identity)
+            progress = dtls.client_handshake_progress(session.context, self.host, self.port, session.identity)
             await self._drop_session()  # whatever went wrong, the next attempt starts a fresh session
-            if established:
+            if progress is dtls.HandshakeProgress.CONNECTED:
                 raise NafTimeout(f"no answer from the NAF within {self.timeout:g} s") from None
-            raise NafHandshakeFailed(
-                f"no DTLS handshake with the NAF within {self.timeout:g} s: it holds another key for"
-                " this B-TID (e.g. one derived for another NAF_Id), or it is not there"
+            if progress is dtls.HandshakeProgress.SERVER_HELLO:
+                raise NafHandshakeFailed(
+                    f"no DTLS handshake with the NAF within {self.timeout:g} s: it holds another key for"
+                    " this B-TID (e.g. one derived for another NAF_Id)"
+                ) from None
+            heard = "only its cookie exchange" if progress is dtls.HandshakeProgress.COOKIE else "nothing"
+            raise NafError(
+                f"no DTLS handshake with the NAF at {self.base_uri} within {self.timeout:g} s, {heard} came back:"
+                " it is not there, or too busy"
             ) from None
         except aiocoap.error.NetworkError as exc:
             await self._drop_session()

@@ -10,9 +10,12 @@ and asks for NAF keys::
 
 Failures are typed and fast. A DTLS server drops a handshake with a wrong PSK without a word, and
 aiocoap's client would retransmit for about 90 s; here the handshake gets ``handshake_timeout``
-(5 s) and then :class:`~mn_secd.errors.KeyServiceTimeout` names the likely cause. An unknown
-identity is refused at once (:class:`~mn_secd.errors.KeyServiceRefused`), nothing listening is
-:class:`~mn_secd.errors.KeyServiceUnreachable`, and an error answer is
+(5 s) and then :class:`~mn_secd.errors.KeyServiceTimeout` names the likely cause from how far the
+handshake got: no answer at all (the daemon is not running there, or too busy to answer), the
+cookie exchange and then silence (busy), or the daemon's ServerHello and then silence (most likely
+a wrong PSK). An unknown identity is refused at once (:class:`~mn_secd.errors.KeyServiceRefused`),
+nothing listening is :class:`~mn_secd.errors.KeyServiceUnreachable`, as is a handshake the daemon
+ended because too many were under way at once, and an error answer is
 :class:`~mn_secd.errors.KeyServiceRejected` with the server's error kind, culprit and retry hint.
 Once the session is up, an answer may take as long as a bootstrap does (``timeout``).
 """
@@ -137,6 +140,8 @@ class KeyServiceClient:
         self.handshake_timeout = handshake_timeout
         self.timeout = timeout
         self._context: aiocoap.Context | None = None
+        #: How far the last handshake got, for the error message when it fails.
+        self._progress: dtls.HandshakeProgress | None = None
 
     def __repr__(self) -> str:
         return f"KeyServiceClient({self.identity.decode(errors='replace')!r}, {self.base_uri})"
@@ -210,8 +215,7 @@ class KeyServiceClient:
 
     async def _context_ready(self) -> aiocoap.Context:
         if self._context is None:
-            dtls.apply()  # the client half: a close_notify from the server ends the session
-            context = await aiocoap.Context.create_client_context(transports=["tinydtls"])
+            context = await dtls.create_dtls_client_context()
             context.client_credentials.load_from_dict(
                 {f"{self.base_uri}/*": {"dtls": {"psk": self._psk, "client-identity": self.identity}}}
             )
@@ -236,15 +240,15 @@ class KeyServiceClient:
         loop = asyncio.get_running_loop()
         try:
             deadline = loop.time() + self.handshake_timeout
-            while not task.done() and not dtls.client_session_state(context, self.host, self.port, self.identity):
+            self._progress = None
+            while not task.done():
+                progress = dtls.client_handshake_progress(context, self.host, self.port, self.identity)
+                self._progress = progress if progress is not None else self._progress
+                if progress is dtls.HandshakeProgress.CONNECTED:
+                    break
                 if loop.time() >= deadline:
                     await self.close()
-                    raise KeyServiceTimeout(
-                        f"no DTLS session with the key service at {self.base_uri} within "
-                        f"{self.handshake_timeout:g} s: most likely a wrong PSK for identity "
-                        f"{self.identity.decode(errors='replace')!r} (a wrong key is dropped silently), "
-                        "or no key service on that address"
-                    )
+                    raise self._handshake_timeout(self._progress)
                 await asyncio.wait({task}, timeout=0.01)
             try:
                 return await asyncio.wait_for(asyncio.shield(task), self.timeout)
@@ -256,6 +260,24 @@ class KeyServiceClient:
         finally:
             task.cancel()
 
+    def _handshake_timeout(self, progress: dtls.HandshakeProgress | None) -> KeyServiceTimeout:
+        within = f"within {self.handshake_timeout:g} s"
+        who = self.identity.decode(errors="replace")
+        if progress is None or progress is dtls.HandshakeProgress.SILENT:
+            return KeyServiceTimeout(
+                f"no answer at all from the key service at {self.base_uri} {within}: it is not running there,"
+                " or too busy to answer"
+            )
+        if progress is dtls.HandshakeProgress.COOKIE:
+            return KeyServiceTimeout(
+                f"the key service at {self.base_uri} answered the DTLS cookie exchange, then nothing {within}:"
+                " it is busy; try again"
+            )
+        return KeyServiceTimeout(
+            f"no DTLS session with the key service at {self.base_uri} {within}: most likely a wrong PSK for"
+            f" identity {who!r} (a wrong key is dropped silently)"
+        )
+
     def _network_error(self, exc: aiocoap.error.NetworkError) -> KeyServiceError:
         cause = exc.__cause__
         who = self.identity.decode(errors="replace")
@@ -263,6 +285,11 @@ class KeyServiceClient:
             return KeyServiceRefused(
                 f"the key service at {self.base_uri} refused the DTLS handshake: "
                 f"it most likely does not know the PSK identity {who!r}"
+            )
+        if isinstance(cause, tinydtls.CloseNotifyReceived) and self._progress is not dtls.HandshakeProgress.CONNECTED:
+            return KeyServiceUnreachable(
+                f"the key service at {self.base_uri} ended the DTLS handshake before it completed:"
+                " too many handshakes at once; try again"
             )
         if isinstance(cause, ConnectionRefusedError):
             return KeyServiceUnreachable(f"nothing listens at {self.base_uri}: is the mn-secd daemon running?")

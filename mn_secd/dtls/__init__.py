@@ -1,37 +1,33 @@
 """DTLS plumbing shared by the key service, the NAF library and the AE client.
 
-aiocoap's DTLS transports (tinydtls through DTLSSocket) need local fixes to serve a long-running
-daemon; they live in this package, and the rest of mn_secd uses only the names exported here.
+mn_secd speaks CoAP over DTLS-PSK through aiocoap with its own server and client transports
+(:mod:`.server` over :mod:`.table` and :mod:`.session`; :mod:`.client`), installed only on the
+contexts made here; aiocoap contexts made anywhere else in the process keep upstream's transports,
+untouched. :mod:`.upstream` pins the upstream code those transports are written against. The
+sans-IO parts: :mod:`.budget` (which peers stay), :mod:`.records` (DTLS record headers),
+:mod:`.coap_screen` (RFC 7252 message checks), :mod:`.messages` (bounded deduplication). The rest
+of mn_secd uses only the names exported here.
 """
 
-from mn_secd.dtls.fixes import (
-    MAX_IDENTITY_LENGTH,
-    MAX_PSK_LENGTH,
-    Session,
-    SessionEnded,
-    apply,
-    authenticated_claim,
-    bound_address,
-    check_psk,
-    check_upstream,
-    client_session_state,
-    create_dtls_server_contexts,
-    evict_sessions,
-    peer_table,
-)
+from mn_secd.dtls.client import HandshakeProgress, client_handshake_progress, create_dtls_client_context
+from mn_secd.dtls.server import bound_address, create_dtls_server_contexts, evict_sessions, peer_table
+from mn_secd.dtls.session import Session, SessionEnded, authenticated_claim, hold_session
+from mn_secd.dtls.upstream import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH, check_psk, check_upstream
 
 __all__ = [
     "MAX_IDENTITY_LENGTH",
     "MAX_PSK_LENGTH",
+    "HandshakeProgress",
     "Session",
     "SessionEnded",
-    "apply",
     "authenticated_claim",
     "bound_address",
     "check_psk",
     "check_upstream",
-    "client_session_state",
+    "client_handshake_progress",
+    "create_dtls_client_context",
     "create_dtls_server_contexts",
     "evict_sessions",
+    "hold_session",
     "peer_table",
 ]

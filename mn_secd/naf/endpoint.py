@@ -1,6 +1,6 @@
 """A GBA-keyed CoAP/DTLS-PSK server for an IN-CSE: one call puts any aiocoap site behind it.
 
-The server is DTLS only (plain CoAP is never bound), uses the local fixes to aiocoap's DTLS server
+The server is DTLS only (plain CoAP is never bound), uses mn_secd's own DTLS server transport
 (:mod:`mn_secd.dtls`), and answers each psk_identity with the key the BSF vouches for
 over Zn. Resources find who they talk to with :func:`peer_claim`.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -195,3 +196,13 @@ async def test_nobody_listening_is_not_a_reason_to_bootstrap(keys: Keys) -> None
             await assoc.request(aiocoap.GET, ("x",))
     assert not isinstance(info.value, NafHandshakeFailed)
     assert keys.calls == [False]
+
+
+async def test_a_silent_naf_is_not_a_reason_to_bootstrap(keys: Keys) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mute:  # bound, never answers
+        mute.bind(("127.0.0.1", 0))
+        async with NafAssociation(keys, FQDN, host="127.0.0.1", port=mute.getsockname()[1], timeout=1.0) as assoc:
+            with pytest.raises(NafError, match="nothing came back") as info:
+                await assoc.request(aiocoap.GET, ("x",))
+    assert not isinstance(info.value, NafHandshakeFailed)
+    assert keys.calls == [False]  # no re-key, no forced bootstrap: a new key would not make it answer

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from mn_secd.client import KeyServiceClient
 from mn_secd.control.registry import AeEntry, AeRegistry
 from mn_secd.control.server import ControlServer, start_control_server
-from mn_secd.dtls import fixes as dtls_fix
+from mn_secd.dtls import table as dtls_table
 from mn_secd.errors import Culprit, KeyServiceRefused, KeyServiceRejected, KeyServiceTimeout
 from mn_secd.gba.keystore import KeyStore
 from mn_secd.gba.ub import UbClient
@@ -243,9 +243,9 @@ async def test_peer_table_stays_bounded_through_10000_handshakes(make_chain: Cha
         await asyncio.gather(*(one() for _ in range(8)))
     elapsed = time.monotonic() - started
     assert len(used) == 10000
-    assert high_water <= 64
+    assert high_water <= 64 + 8  # at most 64 sessions, and the 8 handshakes under way
     gc.collect()
-    assert sum(isinstance(o, dtls_fix.Peer) for o in gc.get_objects()) <= 64 + 8
+    assert sum(isinstance(o, dtls_table._Peer) for o in gc.get_objects()) <= 64 + 8
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     print(f"10000 handshakes in {elapsed:.1f} s; peer table high water {high_water}; max RSS grew {grown_mib:.1f} MiB")
     assert grown_mib < 64

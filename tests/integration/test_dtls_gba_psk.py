@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from mn_secd.dtls import fixes as dtls_fix
+from mn_secd.dtls import upstream
 
 PROBE = Path(__file__).resolve().parent.parent / "dtls_gba_probe.py"
 
@@ -32,8 +32,8 @@ async def probe(*cases: str) -> list[str]:
 
 
 def test_the_patched_build_is_installed() -> None:
-    assert importlib.metadata.version("DTLSSocket") == dtls_fix.PATCHED_DTLSSOCKET == "0.2.3+mnsecd.gbapsk"
-    assert (dtls_fix.MAX_IDENTITY_LENGTH, dtls_fix.MAX_PSK_LENGTH) == (128, 64)
+    assert importlib.metadata.version("DTLSSocket") == upstream.PATCHED_DTLSSOCKET == "0.2.3+mnsecd.gbapsk"
+    assert (upstream.MAX_IDENTITY_LENGTH, upstream.MAX_PSK_LENGTH) == (128, 64)
 
 
 async def test_a_btid_and_a_32_octet_key_complete_a_handshake() -> None:

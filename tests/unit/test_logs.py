@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from mn_secd.logs import (
+    LogLimiter,
     RedactionFilter,
     StderrFormatter,
     StructuredJournalHandler,
@@ -148,3 +149,15 @@ def test_http_library_chatter_is_kept_out() -> None:
     logging.getLogger("mn_secd.gba.ub").debug("Ub challenge")
     assert out.getvalue().count("\n") == 2
     assert "something odd" in out.getvalue() and "Ub challenge" in out.getvalue()
+
+
+def test_log_limiter_lets_one_line_a_minute_through_per_key_and_counts_the_rest() -> None:
+    now = [0.0]
+    limiter = LogLimiter(60.0, clock=lambda: now[0], max_keys=2)
+    assert limiter.allow("ae-a") == 0
+    assert [limiter.allow("ae-a") for _ in range(5)] == [None] * 5
+    assert limiter.allow("ae-b") == 0  # another key has its own allowance
+    now[0] = 60.0
+    assert limiter.allow("ae-a") == 5  # and the next line says how many were held back
+    assert limiter.allow("ae-c") == 0  # a third key: the oldest is forgotten, the memory stays bounded
+    assert limiter.allow("ae-b") == 0
