@@ -52,8 +52,10 @@ class GbaConfig:
 class ControlConfig:
     addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     port: int = 5684
-    max_peers: int = 256
+    max_peers: int = 256  # established DTLS sessions per address
     idle_timeout: float = 300.0
+    max_handshakes: int = 256  # DTLS handshakes in progress per address (cookie verified)
+    max_observations: int = 8  # observations of /key per AE
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ def _control(t: _Table) -> ControlConfig:
         port=t.integer("port", ControlConfig.port, minimum=1, maximum=65535),
         max_peers=t.integer("max_peers", ControlConfig.max_peers, minimum=1),
         idle_timeout=t.number("idle_timeout", ControlConfig.idle_timeout, positive=True),
+        max_handshakes=t.integer("max_handshakes", ControlConfig.max_handshakes, minimum=1),
+        max_observations=t.integer("max_observations", ControlConfig.max_observations, minimum=0),
     )
     t.finish()
     return control

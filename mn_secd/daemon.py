@@ -233,7 +233,9 @@ class Daemon:
                 control.addresses,
                 control.port,
                 max_peers=control.max_peers,
+                max_handshakes=control.max_handshakes,
                 idle_timeout=control.idle_timeout,
+                max_observations=control.max_observations,
             )
         except OSError as exc:
             where = f"{', '.join(control.addresses)} port {control.port}"

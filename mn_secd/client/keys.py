@@ -182,7 +182,9 @@ class KeyServiceClient:
     async def observe_key(self, naf_fqdn: str, ua: str | UaId = "dtls-psk") -> AsyncIterator[KeyAnswer]:
         """The key now, then again after every refresh or wipe; an error answer ends it (raised).
 
-        Stop iterating (or ``aclose()`` the iterator) to cancel the observation.
+        Stop iterating (or ``aclose()`` the iterator) to cancel the observation. The daemon holds a
+        few observations per AE (``[control] max_observations``); beyond that it answers once, and
+        the next iteration raises :class:`~mn_secd.errors.KeyServiceError`.
         """
         message = self._key_request(naf_fqdn, ua, False, aiocoap.FETCH)
         message.opt.observe = 0
@@ -191,6 +193,11 @@ class KeyServiceClient:
         try:
             first = await self._await(context, request.response)
             yield self._decode(first, decode_key_answer)
+            if first.opt.observe is None:
+                raise KeyServiceError(
+                    f"the key service at {self.base_uri} answered without Observe: this AE already holds as many"
+                    " observations as the daemon allows ([control] max_observations)"
+                )
             if request.observation is None:
                 return
             async for notification in request.observation:

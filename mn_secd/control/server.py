@@ -12,7 +12,11 @@ Resources (all behind DTLS; an AE is whoever completed the handshake with its PS
                by the keystore, 4.29 with Max-Age when too soon); answers with the new status.
 ``/.well-known/core`` lists them.
 
-Failures are answered as CoAP errors with a diagnostic payload (:func:`payloads.error_answer`).
+Failures are answered as CoAP errors with a diagnostic payload (:func:`payloads.error_answer`),
+logged at most once a minute per AE and kind of error (a misbehaving AE must not flood the journal).
+Each AE may hold ``max_observations`` observations at once (RFC 7641 4.1: beyond that, a request
+with Observe is answered once, without the option); they end with its DTLS session, and a session
+that holds one does not end for idleness.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +50,7 @@ from mn_secd.control.payloads import (
 from mn_secd.control.registry import AeRegistry, RegistryCredentials
 from mn_secd.errors import MnSecdError, NotAuthorised, OperationTimeout, RequestError
 from mn_secd.interfaces import KeyProvider
+from mn_secd.logs import LogLimiter
 from mn_secd.naf_keys import KeyEvent, KeyEventKind, NafKey
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,12 @@ DEFAULT_ADDRESSES = ("127.0.0.1", "::1")
 DEFAULT_PORT = 5684
 #: Upper bound on one key request (the keystore has its own, shorter, timeouts per step).
 REQUEST_TIMEOUT = 60.0
+#: Observations one AE may hold at once (``[control] max_observations``).
+MAX_OBSERVATIONS = 8
+#: At most one log line per AE and kind of refusal in this many seconds.
+LOG_INTERVAL = 60.0
+
+_limiter = LogLimiter(LOG_INTERVAL)
 
 _CT = f"{CBOR} {JSON}"
 
@@ -104,36 +116,65 @@ class _KeyService:
             raise OperationTimeout(f"no key within {self.request_timeout:.0f} s") from None
 
 
-def _error_message(exc: BaseException) -> aiocoap.Message:
+def _error_message(exc: BaseException, request: aiocoap.Message, *, quiet: bool = False) -> aiocoap.Message:
+    """The CoAP answer for a failure, logged (rate-limited per AE); ``quiet`` logs only unexpected ones."""
     if not isinstance(exc, MnSecdError):
-        log.exception("unexpected failure in the key service", exc_info=exc, extra={"event": "control.internal"})
+        _log_refusal(request, "internal", "unexpected failure in the key service", exc)
         return aiocoap.Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal: unexpected failure")
     answer = error_answer(exc)
-    log.info("request refused: %s", answer.diagnostic.decode(), extra={"event": "control.error", "kind": exc.kind})
+    if not quiet:
+        _log_refusal(request, exc.kind, f"request refused: {answer.diagnostic.decode()}")
     message = aiocoap.Message(code=answer.code, payload=answer.diagnostic)
     if answer.max_age is not None:
         message.opt.max_age = answer.max_age
     return message
 
 
-async def _answering(request: aiocoap.Message, work: Callable[[], Any]) -> aiocoap.Message:
+def _log_refusal(request: aiocoap.Message, kind: str, text: str, exc: BaseException | None = None) -> None:
+    claim = dtls.authenticated_claim(request.remote)
+    ae = claim if isinstance(claim, str) else "?"
+    held_back = _limiter.allow((ae, kind))
+    if held_back is None:
+        return
+    if held_back:
+        text += f" ({held_back} more from this AE since the last report)"
+    extra = {"event": "control.internal" if exc is not None else "control.error", "kind": kind, "ae": ae}
+    if exc is not None:
+        log.error("%s", text, exc_info=exc, extra=extra)
+    else:
+        log.info("%s", text, extra=extra)
+
+
+async def _answering(request: aiocoap.Message, work: Callable[[], Any], *, quiet: bool = False) -> aiocoap.Message:
     try:
         check_critical_options([int(option.number) for option in request.opt.option_list()])
         if request.opt.block1 is not None:
             raise RequestError("block-wise requests are not supported: every request here fits one datagram")
         result: aiocoap.Message = await work()
     except Exception as exc:  # every failure becomes a CoAP answer; unexpected ones are logged
-        return _error_message(exc)
+        return _error_message(exc, request, quiet=quiet)
     return result
 
 
 @dataclass
 class _Observation:
     request: aiocoap.Message
+    ae: str
+    release: Callable[[], None]  # lets the DTLS session end for idleness again
     btid: str | None = None  # of the key the observer holds
     #: Set once the first answer went out: notifications are computed after it, so they compare
     #: against the key the observer really holds.
     answered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _decline(serverobservation: Any) -> None:
+    """Answer an observation request once, without Observe.
+
+    aiocoap calls the cancellation callback whether or not the observation was accepted (and
+    fails if there is none), so it is accepted and withdrawn before the answer goes out.
+    """
+    serverobservation.accept(lambda: None)
+    serverobservation.deregister()
 
 
 class _Leaf:
@@ -149,11 +190,17 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
     ct = _CT
     rt = "mn-secd.key"
 
-    def __init__(self, service: _KeyService) -> None:
+    def __init__(self, service: _KeyService, max_observations: int = MAX_OBSERVATIONS) -> None:
         super().__init__()
         self._service = service
+        self.max_observations = max_observations
         self._observers: dict[Any, _Observation] = {}
+        self._per_ae: Counter[str] = Counter()
         self._notifications: set[asyncio.Task[None]] = set()
+
+    @property
+    def observation_count(self) -> int:
+        return len(self._observers)
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._first_answer(
@@ -191,28 +238,65 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
         return record
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
-        if request.code not in (Code.GET, Code.FETCH):
-            # A POST is answered once. aiocoap calls the cancellation callback in any case, so the
-            # observation is accepted and withdrawn before the answer goes out.
-            serverobservation.accept(lambda: None)
-            serverobservation.deregister()
+        claim = dtls.authenticated_claim(request.remote)
+        if request.code not in (Code.GET, Code.FETCH) or not isinstance(claim, str):
+            # Answered once: a POST, or a request that is refused anyway (not an AE).
+            _decline(serverobservation)
             return
-        self._observers[serverobservation] = _Observation(request)
-        serverobservation.accept(lambda: self._observers.pop(serverobservation, None))
+        if self._per_ae[claim] >= self.max_observations:
+            # RFC 7641 4.1: not added to the observers, the request is answered like a plain GET.
+            _decline(serverobservation)
+            held_back = _limiter.allow((claim, "observations"))
+            if held_back is not None:
+                more = f" ({held_back} more since the last report)" if held_back else ""
+                log.warning(
+                    "AE %s already holds %d observations (max_observations); answering without Observe%s",
+                    claim,
+                    self.max_observations,
+                    more,
+                    extra={"event": "control.observe-limit", "ae": claim},
+                )
+            return
+        self._per_ae[claim] += 1
+        self._observers[serverobservation] = _Observation(request, claim, dtls.hold_session(request.remote))
+        serverobservation.accept(lambda: self._ended(serverobservation))
+
+    def _ended(self, serverobservation: Any) -> None:
+        observation = self._observers.pop(serverobservation, None)
+        if observation is None:
+            return
+        observation.release()
+        self._per_ae[observation.ae] -= 1
+        if self._per_ae[observation.ae] <= 0:
+            del self._per_ae[observation.ae]
 
     def key_event(self, event: KeyEvent) -> None:
         """A refresh or wipe: re-answer every observer (never forcing a bootstrap again).
 
         A refresh an observer already holds the key of (the bootstrap its own request caused) is
-        not news, and is skipped.
+        not news, and is skipped. One log line sums up the event, whatever the number of observers.
         """
-        for servobs, observation in list(self._observers.items()):
-            if event.kind is KeyEventKind.REFRESHED and event.btid is not None and event.btid == observation.btid:
-                continue
-            task = asyncio.get_running_loop().create_task(self._notify(servobs, observation, event))
-            self._notifications.add(task)
-            task.add_done_callback(self._notifications.discard)
-        log.debug("key event %s: %d observers", event.kind, len(self._observers), extra={"event": "control.notify"})
+        targets = [
+            (servobs, observation)
+            for servobs, observation in self._observers.items()
+            if not (event.kind is KeyEventKind.REFRESHED and event.btid is not None and event.btid == observation.btid)
+        ]
+        if not targets:
+            return
+        task = asyncio.get_running_loop().create_task(self._notify_all(event, targets))
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
+    async def _notify_all(self, event: KeyEvent, targets: list[tuple[Any, _Observation]]) -> None:
+        outcomes = await asyncio.gather(*(self._notify(servobs, obs, event) for servobs, obs in targets))
+        ended = Counter(outcome for outcome in outcomes if outcome is not None)
+        log.info(
+            "key event %s: %d observers notified%s",
+            event.kind,
+            len(targets),
+            "".join(f", {count} ended with {code}" for code, count in ended.items()),
+            extra={"event": "control.notify", "observers": len(targets)},
+        )
 
     def revalidate(self) -> None:
         """After a registry reload: end observations whose AE may no longer see that key."""
@@ -223,9 +307,10 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
                     self._service.identity(observation.request), key_request.naf_fqdn, key_request.ua
                 )
             except MnSecdError as exc:
-                servobs.trigger(_error_message(exc))
+                servobs.trigger(_error_message(exc, observation.request))
 
-    async def _notify(self, servobs: Any, observation: _Observation, event: KeyEvent) -> None:
+    async def _notify(self, servobs: Any, observation: _Observation, event: KeyEvent) -> str | None:
+        """Send one notification; returns the error code if it ended the observation."""
         await observation.answered.wait()
         held = observation.btid
         delivered: list[NafKey] = []
@@ -235,14 +320,15 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
             unforced = KeyRequest(key_request.naf_fqdn, key_request.ua, force=False)
             return await self._service.answer(observation.request, unforced, delivered.append)
 
-        response = await _answering(observation.request, work)
+        response = await _answering(observation.request, work, quiet=True)
         if servobs not in self._observers:
-            return
+            return None
         if event.kind is KeyEventKind.REFRESHED and delivered and delivered[0].btid == held:
-            return  # the observer already holds this key
+            return None  # the observer already holds this key
         if delivered:
             observation.btid = delivered[0].btid
         servobs.trigger(response)
+        return None if response.code.is_successful() else str(response.code)
 
     @staticmethod
     def _parse(request: aiocoap.Message) -> KeyRequest:
@@ -330,8 +416,13 @@ class ControlServer:
 
     @property
     def peer_count(self) -> int:
-        """DTLS peers currently held (bounded by ``max_peers`` per address)."""
+        """DTLS peers currently held: sessions (at most ``max_peers``) and handshakes, all addresses."""
         return sum(len(dtls.peer_table(ctx)) for ctx in self._contexts)
+
+    @property
+    def observation_count(self) -> int:
+        """Observations of ``/key`` currently held (at most ``max_observations`` per AE)."""
+        return self._key_resource.observation_count
 
     def reload_registry(self, registry: AeRegistry) -> None:
         """Swap the AE registry (SIGHUP): new handshakes and requests see it at once.
@@ -382,9 +473,9 @@ class _WellKnownCore(_Leaf, resource.WKCResource):  # type: ignore[misc]
         return await _answering(request, lambda: parent(request))
 
 
-def _build_site(service: _KeyService) -> tuple[resource.Site, KeyResource]:
+def _build_site(service: _KeyService, max_observations: int) -> tuple[resource.Site, KeyResource]:
     site = _Site()
-    key_resource = KeyResource(service)
+    key_resource = KeyResource(service, max_observations)
     site.add_resource(["key"], key_resource)
     site.add_resource(["status"], StatusResource(service))
     site.add_resource(["bootstrap"], BootstrapResource(service))
@@ -399,19 +490,31 @@ async def start_control_server(
     port: int = DEFAULT_PORT,
     *,
     max_peers: int = 256,
+    max_handshakes: int | None = None,
     idle_timeout: float = 300.0,
     request_timeout: float = REQUEST_TIMEOUT,
+    max_observations: int = MAX_OBSERVATIONS,
 ) -> ControlServer:
     """Serve the key service over DTLS-PSK on each address (port 0: ephemeral, see ``addresses``).
 
-    Raises :class:`mn_secd.errors.BindError` (also an ``OSError``) if an address cannot
-    be bound; nothing is left listening then.
+    ``max_peers`` bounds the established DTLS sessions per address and ``max_handshakes`` (default:
+    the same) the handshakes in progress; ``max_observations`` the observations per AE. Raises
+    :class:`mn_secd.errors.BindError` (also an ``OSError``) if an address cannot be bound; nothing
+    is left listening then.
     """
+    if max_observations < 0:
+        raise ValueError("max_observations must not be negative")
     service = _KeyService(keys, registry, request_timeout)
     credentials = RegistryCredentials(registry)
-    site, key_resource = _build_site(service)
+    site, key_resource = _build_site(service, max_observations)
     contexts = await dtls.create_dtls_server_contexts(
-        site, credentials, addresses, port, max_peers=max_peers, idle_timeout=idle_timeout
+        site,
+        credentials,
+        addresses,
+        port,
+        max_peers=max_peers,
+        max_handshakes=max_handshakes,
+        idle_timeout=idle_timeout,
     )
     unsubscribe = keys.subscribe(key_resource.key_event)
     server = ControlServer(service, credentials, key_resource, contexts, unsubscribe)

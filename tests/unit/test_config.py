@@ -93,6 +93,8 @@ addresses = ["127.0.0.1"]
 port = 15684
 max_peers = 8
 idle_timeout = 30
+max_handshakes = 16
+max_observations = 2
 
 [log]
 level = "debug"
@@ -113,7 +115,7 @@ naf = ["x.example.org"]
     )
     assert config.modem == ModemConfig("/dev/null", 9600, "cgla", "usim", 2.0)
     assert config.gba == GbaConfig(GbaPolicy.GBA_U_ONLY, "https://bsf.example.net:8443/", 10.0, 0.0, 1.5, 3.0, 0)
-    assert config.control == ControlConfig(("127.0.0.1",), 15684, 8, 30.0)
+    assert config.control == ControlConfig(("127.0.0.1",), 15684, 8, 30.0, 16, 2)
     assert config.log.level == "debug"
     assert config.aes[0].naf == ("naf.example.org", "*.iot.example.net")
     assert config.aes[0].ua == ("010001c0a8", "tls-psk")

@@ -27,6 +27,7 @@ from mn_secd.control.server import ControlServer, start_control_server
 from mn_secd.errors import (
     BootstrapRateLimited,
     Culprit,
+    KeyServiceError,
     KeyServiceRefused,
     KeyServiceRejected,
     KeyServiceTimeout,
@@ -352,3 +353,35 @@ async def test_default_addresses_serve_ipv4_and_ipv6(keys: FakeKeys) -> None:
                 assert (await ae.get_key(NAF)).naf_fqdn == NAF
     finally:
         await srv.close()
+
+
+async def test_observations_are_bounded_per_ae_and_end_with_the_session(keys: FakeKeys) -> None:
+    srv = await start_control_server(keys, registry(), ["127.0.0.1"], 0, max_observations=2)
+    try:
+        async with client(srv) as ae:
+            held = [ae.observe_key(NAF) for _ in range(2)]
+            for observation in held:
+                await anext(observation)
+            assert srv.observation_count == 2
+            refused = ae.observe_key(NAF)
+            assert (await anext(refused)).naf_fqdn == NAF  # answered once (RFC 7641) ...
+            with pytest.raises(KeyServiceError, match="max_observations"):  # ... and the AE is told
+                await anext(refused)
+            assert srv.observation_count == 2
+            keys.emit(KeyEvent(KeyEventKind.WIPED))
+            assert [(await anext(o)).btid for o in held] == ["btid-1@bsf.example"] * 2  # still notified
+        await asyncio.sleep(0.2)  # the client's close_notify ends its session ...
+        assert srv.observation_count == 0  # ... and the observations with it
+    finally:
+        await srv.close()
+
+
+async def test_observations_end_when_the_server_ends_the_session(server: ControlServer) -> None:
+    async with client(server) as ae:
+        observation = ae.observe_key(NAF)
+        await anext(observation)
+        assert server.observation_count == 1
+        server.reload_registry(registry(psk_a=b"a-new-psk-for-ae-a"))  # re-keyed: its session is evicted
+        with pytest.raises(KeyServiceError):
+            await asyncio.wait_for(anext(observation), 5)
+        assert server.observation_count == 0 and server.peer_count == 0
