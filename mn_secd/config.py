@@ -8,8 +8,9 @@ exactly the kind of mistake that only shows up months later.
 
 Secrets never live in this file. Each AE's pre-shared key is in its own file, found in
 ``$CREDENTIALS_DIRECTORY`` first (systemd ``LoadCredential=``) and then next to the config file,
-and refused when group or others could read it. This module checks where the file is and who may
-read it; the key service (:mod:`mn_secd.control.registry`) reads its contents.
+and refused when anyone else could read or replace it (:mod:`mn_secd.control.pskfile`). This
+module checks where the file is and who may read it; the key service
+(:mod:`mn_secd.control.registry`) reads its contents.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mn_secd.control import pskfile
 from mn_secd.errors import ConfigError, InvalidNafId, UnsupportedUaProtocol
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.ua import UaId, normalise_fqdn
@@ -247,17 +249,17 @@ def _psk_file(t: _Table, config_dir: Path) -> Path:
         where = ", ".join(str(p) for p in tried)
         raise t.error("psk_file", f"no such file (looked for {where})")
     try:
-        st = found.stat()
+        fd = os.open(found, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
-        raise t.error("psk_file", f"cannot stat {found}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise t.error("psk_file", f"not a regular file: {found}")
-    if st.st_mode & 0o077:
-        mode = f"{stat.S_IMODE(st.st_mode):04o}"
-        raise t.error("psk_file", f"{found} is accessible by group or others (mode {mode}); chmod 600 it")
-    if not os.access(found, os.R_OK):
-        raise t.error("psk_file", f"{found} is not readable by this user")
-    if st.st_size == 0:
+        raise t.error("psk_file", f"cannot open {found}: {exc.strerror or exc}") from None
+    try:
+        problem = pskfile.file_problem(fd, found)
+        empty = os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+    if problem is not None:
+        raise t.error("psk_file", f"{found}: {problem}")
+    if empty:
         raise t.error("psk_file", f"{found} is empty")
     return found
 

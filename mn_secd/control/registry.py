@@ -11,13 +11,11 @@ server looks PSKs up through :class:`RegistryCredentials`, which always reads th
 
 PSK files hold the key verbatim (binary-safe, no trailing newline is stripped), 1 to 64 octets:
 64 is what our patched tinydtls can hold (see :mod:`mn_secd.dtls`; upstream's held
-16). A file that group or others may access is refused, as is anything but a regular file.
+16). A file others could read or replace is refused (:mod:`mn_secd.control.pskfile`).
 """
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,8 @@ from typing import Protocol
 
 from aiocoap.credentials import CredentialsMap
 
-from mn_secd.dtls import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH
+from mn_secd.control.pskfile import read_psk_file as read_psk_file
+from mn_secd.dtls import MAX_IDENTITY_LENGTH
 from mn_secd.errors import ConfigError, InvalidNafId, NotAuthorised, UnsupportedUaProtocol
 from mn_secd.ua import UaId, normalise_fqdn
 
@@ -169,29 +168,6 @@ def load_registry(aes: Sequence[AeSpec], *, source: str = "configuration") -> Ae
             )
         )
     return AeRegistry(entries)
-
-
-def read_psk_file(path: Path, key: str = "psk_file") -> bytes:
-    """Read a PSK file, refusing anything group or others may access (checked on the open file)."""
-    file = str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise ConfigError(file, key, f"cannot open the PSK file: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(file, key, "the PSK file is not a regular file")
-        if st.st_mode & 0o077:
-            mode = f"{stat.S_IMODE(st.st_mode):04o}"
-            raise ConfigError(file, key, f"the PSK file is accessible by group or others (mode {mode}); chmod 600 it")
-        psk = os.read(fd, MAX_PSK_LENGTH + 1)
-    finally:
-        os.close(fd)
-    if not 1 <= len(psk) <= MAX_PSK_LENGTH:
-        size = "empty" if not psk else f"longer than {MAX_PSK_LENGTH} octets"
-        raise ConfigError(file, key, f"the PSK file is {size}; a DTLS PSK here is 1 to {MAX_PSK_LENGTH} octets")
-    return psk
 
 
 def _naf_pattern(source: str, key: str, pattern: str) -> str:
