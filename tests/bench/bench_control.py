@@ -10,8 +10,15 @@ client is aiocoap's DTLS client in this process. Printed:
 * key requests per second over one DTLS session (sequential, and 8 outstanding), p50/p99 latency;
 * the DTLS handshake plus first answer of a fresh session;
 * the same client, same GET loop, against libcoap's ``coap-server-openssl`` serving its static
-  resource over DTLS-PSK, and the ratio of the two (target: at least 0.5);
-* the daemon's RSS idle and with ``--aes`` AEs connected, each holding a session and a key.
+  resource over DTLS-PSK, and the ratio of the two (target: at least 0.5 each);
+* the daemon's RSS idle and with ``--aes`` AEs connected, each holding a session and a key;
+* a flood of ClientHellos from another process (``--flood-rate`` per second for ``--flood-seconds``,
+  from 16 source ports; the rate reached is printed): the key latency of an AE with an established
+  session meanwhile, and whether its Observe on ``key`` is still alive afterwards (a forced
+  bootstrap must reach it);
+* ``--observations`` Observe requests from one AE on one session: how many the daemon accepted, its
+  RSS before and after, and, once the SIM is pulled with those observers registered, how fast
+  another AE gets ``status`` and how many lines the daemon logged (this ends the run: no card).
 
 The daemon logs at "warning" here: at "info" every key handed out is one log line.
 """
@@ -24,6 +31,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -35,10 +43,19 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 
 from mn_secd.client.keys import KeyServiceClient
+from mn_secd.dtls import create_dtls_client_context
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dtls_peer import client_hello  # the tests' ClientHello, without a cookie
+from targets import AT_LEAST, EXACTLY, Targets
+
+#: The verdicts of this run (tests/bench/targets.py), summed up on the last line.
+TARGETS = Targets()
 
 BIN = Path(sys.executable).parent
 PSK = b"bench-psk-000001"  # ASCII: libcoap's -k takes text
+OTHER_PSK = b"bench-psk-000002"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,23 +119,27 @@ async def timed(
     return rate
 
 
-async def main(requests: int, handshakes: int, aes: int) -> None:
+async def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory(prefix="bench-control-") as tmp:
         workdir = Path(tmp)
         async with SimulatedWorld(workdir) as world:
             bench_ae = AeCredential("bench", PSK)
-            crowd = [AeCredential(f"ae-{i:03d}", os.urandom(16)) for i in range(aes)]
+            other_ae = AeCredential("bench-other", OTHER_PSK)
+            crowd = [AeCredential(f"ae-{i:03d}", os.urandom(16)) for i in range(args.aes)]
             port = free_udp_port()
-            config = world.write_daemon_config([bench_ae, *crowd], control_port=port, log_level="warning")
+            config = world.write_daemon_config([bench_ae, other_ae, *crowd], control_port=port, log_level="warning")
             log = workdir / "daemon.log"
             with log.open("wb") as out:
                 daemon = await asyncio.create_subprocess_exec(
                     BIN / "mn-secd", "run", "--config", str(config), "--modem-wait", "15", stderr=out
                 )
             try:
-                await run(world, port, daemon.pid, bench_ae, crowd, requests, handshakes)
+                await run(world, port, daemon.pid, bench_ae, crowd, args.requests, args.handshakes)
+                await flood_section(port, daemon.pid, bench_ae, other_ae, args.flood_rate, args.flood_seconds)
+                await observation_section(world, port, daemon.pid, bench_ae, other_ae, args.observations, log)
+                print(TARGETS.summary())
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     daemon.terminate()
@@ -220,13 +241,154 @@ async def libcoap_side_by_side(requests: int, ours: float, ours8: float) -> None
     finally:
         server.terminate()
         await server.wait()
-    print(f"  ratio ours/libcoap: sequential {ours / theirs:.2f}, 8 outstanding {ours8 / theirs8:.2f} (target >= 0.5)")
+    sequential, outstanding = ours / theirs, ours8 / theirs8
+    print(
+        f"  ratio ours/libcoap, sequential {sequential:.2f} {TARGETS.check('ratio', sequential, 0.5, compare=AT_LEAST)}"
+    )
+    verdict = TARGETS.check("ratio, 8 outstanding", outstanding, 0.5, compare=AT_LEAST)
+    print(f"  ratio ours/libcoap, 8 outstanding {outstanding:.2f} {verdict}")
+
+
+# --- hostile load -----------------------------------------------------------------------------------------
+
+
+def flood(port: int, rate: int, seconds: float, sockets: int = 16) -> None:
+    """ClientHellos from ``sockets`` source ports, paced in batches; prints "sent answered seconds"."""
+    hello = client_hello()
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(sockets)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+    sent = answered = 0
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        for _ in range(int(elapsed * rate) - sent):
+            with contextlib.suppress(BlockingIOError):
+                socks[sent % sockets].sendto(hello, ("127.0.0.1", port))
+            sent += 1
+        for sock in socks:
+            with contextlib.suppress(BlockingIOError):
+                while sock.recv(2048):
+                    answered += 1
+        time.sleep(0.002)
+    print(sent, answered, time.perf_counter() - started)
+
+
+async def flood_section(
+    port: int, pid: int, bench_ae: AeCredential, other_ae: AeCredential, rate: int, seconds: float
+) -> None:
+    print(f"ClientHello flood, {rate}/s for {seconds:g} s from another process:")
+    async with (
+        KeyServiceClient(bench_ae.identity, bench_ae.psk, port=port) as keys,
+        KeyServiceClient(other_ae.identity, other_ae.psk, port=port) as other,
+    ):
+        first = await keys.get_key(DEFAULT_NAF_FQDN)
+        observation = keys.observe_key(DEFAULT_NAF_FQDN)
+        await anext(observation)
+        cpu_before = cpu_seconds(pid)
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--flood", str(port), str(rate), str(seconds), stdout=asyncio.subprocess.PIPE
+        )
+        latencies: list[float] = []
+        failures = 0
+        reading = asyncio.ensure_future(flooder.communicate())
+        while not reading.done():
+            started = time.perf_counter()
+            try:
+                await keys.get_key(DEFAULT_NAF_FQDN)
+                latencies.append(time.perf_counter() - started)
+            except Exception:
+                failures += 1
+            await asyncio.sleep(0.01)
+        out, _ = await reading
+        sent, answered, elapsed = out.decode().split()
+        cpu = (cpu_seconds(pid) - cpu_before) / float(elapsed)
+        reached = int(sent) / float(elapsed)
+        verdict = TARGETS.check("flood rate reached", round(reached), round(0.9 * rate), "/s", compare=AT_LEAST)
+        print(f"  flood: {reached:.0f} ClientHellos/s reached {verdict}")
+        print(f"    ({sent} sent, {answered} answered with a HelloVerifyRequest; daemon CPU {cpu * 100:.0f} %)")
+        failed = TARGETS.check("keys failed during the flood", failures, 0, compare=EXACTLY)
+        print(f"  legitimate AE meanwhile: {len(latencies)} keys, {failures} failed {failed}")
+        p99 = round(pct(latencies, 0.99), 2)
+        print(
+            f"    key latency p50 {pct(latencies, 0.5):.2f} ms, p99 {p99:.2f} ms"
+            f" {TARGETS.check('key latency p99 during the flood', p99, 100, 'ms')}"
+        )
+        await asyncio.sleep(1.0)  # min_forced_interval of the generated configuration
+        await other.force_bootstrap()
+        try:
+            fresh = await asyncio.wait_for(anext(observation), 10)
+            alive = "yes" if fresh.btid != first.btid else "no (no new key)"
+        except Exception as exc:
+            alive = f"no ({type(exc).__name__})"
+        verdict = TARGETS.check("Observe alive after the flood", int(alive == "yes"), 1, compare=EXACTLY)
+        print(f"  its Observe on key alive after the flood (notified of a forced bootstrap): {alive} {verdict}")
+        await observation.aclose()
+
+
+async def observation_section(
+    world: SimulatedWorld,
+    port: int,
+    pid: int,
+    bench_ae: AeCredential,
+    other_ae: AeCredential,
+    count: int,
+    log: Path,
+) -> None:
+    print(f"{count} Observe requests for key from one AE on one session:")
+    context = await create_dtls_client_context()
+    uri = f"coaps://127.0.0.1:{port}/key?naf={DEFAULT_NAF_FQDN}"
+    context.client_credentials.load_from_dict(
+        {f"coaps://127.0.0.1:{port}/*": {"dtls": {"psk": bench_ae.psk, "client-identity": bench_ae.identity.encode()}}}
+    )
+    rss_before = rss_mib(pid)
+    accepted = 0
+    requests = []
+    for start in range(0, count, 100):
+        batch = [
+            context.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+            for _ in range(start, min(count, start + 100))
+        ]
+        for request in batch:
+            response = await asyncio.wait_for(request.response, 30)
+            accepted += response.opt.observe is not None
+        requests += batch
+    rss_after = rss_mib(pid)
+    print(f"  accepted {accepted} {TARGETS.check('observations accepted', accepted, 8, compare=EXACTLY)}")
+    grown = round(rss_after - rss_before, 1)
+    print(
+        f"  daemon RSS {rss_before:.1f} -> {rss_after:.1f} MiB, +{grown:.1f}"
+        f" {TARGETS.check('RSS growth', grown, 10, 'MiB')} (unbounded: about 54 MiB for 5000)"
+    )
+    async with KeyServiceClient(other_ae.identity, other_ae.psk, port=port) as other:
+        await other.status()
+        lines_before = len(log.read_bytes().splitlines())
+        assert world.modem is not None
+        world.modem.remove_sim()
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        status = await other.status()
+        took = (time.perf_counter() - started) * 1000
+        await asyncio.sleep(0.5)
+        lines = len(log.read_bytes().splitlines()) - lines_before
+    print(
+        f"  SIM pulled with them registered (card present: {status.card_present}): another AE's status in"
+        f" {took:.1f} ms {TARGETS.check('status after the wipe', round(took, 1), 100, 'ms')}"
+    )
+    print(f"    daemon log lines at warning level meanwhile: {lines} {TARGETS.check('log lines', lines, 5)}")
+    await context.shutdown()
+    print(f"  daemon RSS after the observing session ended: {rss_mib(pid):.1f} MiB")
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--flood"]:
+        flood(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--handshakes", type=int, default=50)
     parser.add_argument("--aes", type=int, default=200)
-    args = parser.parse_args()
-    asyncio.run(main(args.requests, args.handshakes, args.aes))
+    parser.add_argument("--flood-rate", type=int, default=5000)
+    parser.add_argument("--flood-seconds", type=float, default=5.0)
+    parser.add_argument("--observations", type=int, default=5000)
+    asyncio.run(main(parser.parse_args()))
