@@ -6,7 +6,8 @@ contexts made here; aiocoap contexts made anywhere else in the process keep upst
 untouched. :mod:`.upstream` pins the upstream code those transports are written against. The
 sans-IO parts: :mod:`.budget` (which peers stay), :mod:`.records` (DTLS record headers),
 :mod:`.coap_screen` (RFC 7252 message checks), :mod:`.messages` (bounded deduplication). The rest
-of mn_secd uses only the names exported here.
+of mn_secd uses only the names exported here. ``docs/DTLS.md`` gathers what tinydtls and aiocoap
+do that these modules rely on.
 """
 
 from mn_secd.dtls.client import HandshakeProgress, client_handshake_progress, create_dtls_client_context

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +72,17 @@ def collect_garbage() -> Iterator[None]:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    async with SimulatedWorld(tmp_path) as world:
-        port = free_udp_port()
-        aes = [AeCredential("ae-a", PSK_A), AeCredential("ae-b", PSK_B)]
-        config = world.write_daemon_config(aes, control_port=port, log_level="info")
-        config.write_text(config.read_text().replace("[control]\n", "[control]\n" + LIMITS))
-        daemon = await DaemonProcess.start(config, "--modem-wait", "15", log_file=tmp_path / "daemon.log")
-        try:
-            await daemon.wait_ready()
-            yield Rig(world, daemon, port)
-        finally:
-            await daemon.stop()
+async def rig(
+    world: SimulatedWorld, start_daemon: Callable[..., Awaitable[DaemonProcess]], tmp_path: Path
+) -> AsyncIterator[Rig]:
+    port = free_udp_port()
+    aes = [AeCredential("ae-a", PSK_A), AeCredential("ae-b", PSK_B)]
+    config = world.write_daemon_config(aes, control_port=port, log_level="info")
+    config.write_text(config.read_text().replace("[control]\n", "[control]\n" + LIMITS))
+    daemon = await start_daemon(config, "--modem-wait", "15", log_file=tmp_path / "daemon.log")
+    await daemon.wait_ready()
+    yield Rig(world, daemon, port)
+    await daemon.stop()
     assert not [line for line in daemon.stderr if "Traceback" in line or "SystemError" in line], daemon.stderr
 
 
