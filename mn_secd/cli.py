@@ -32,7 +32,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            importlib.import_module(module).configure(p, name)
+            try:
+                configure = importlib.import_module(module).configure
+            except ModuleNotFoundError as exc:
+                # e.g. `sim`/`demo` in the Debian package, which ships no [sim] extra (aiohttp)
+                parser.error(f"{name}: needs the Python package {exc.name!r}, which is not installed here")
+            configure(p, name)
     return parser
 
 

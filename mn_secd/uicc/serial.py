@@ -44,6 +44,21 @@ def _command_name(command: at.Command) -> str:
     return text[:cut]
 
 
+def _denied_hint(path: str, exc: Exception) -> str:
+    """Under systemd, EPERM on open is the unit's device policy, not file permissions (EACCES).
+
+    ``DevicePolicy=closed`` refuses every device node not listed in ``DeviceAllow=``, and a
+    ``char-ttyUSB`` class pattern matches nothing when the USB-serial driver was loaded after the
+    service started; ``$INVOCATION_ID`` is set for every process systemd starts as a unit.
+    """
+    if getattr(exc, "errno", None) != errno.EPERM or "INVOCATION_ID" not in os.environ:
+        return ""
+    return (
+        f" (the service's DeviceAllow= does not list this device: add 'DeviceAllow={path} rw' in a drop-in,"
+        " or let mn-secd-generator write it from [modem] port; see docs/INSTALL.md)"
+    )
+
+
 class AtCommandPort(Protocol):
     """What the card and the APDU transports need of an AT port (implemented by :class:`AtPort`)."""
 
@@ -140,7 +155,7 @@ class AtPort:
         try:
             port = serial.Serial(self.path, self.baud, timeout=0, write_timeout=0)
         except (serial.SerialException, OSError, ValueError) as exc:
-            raise PortGoneError(f"{self.path}: cannot open: {exc}") from exc
+            raise PortGoneError(f"{self.path}: cannot open: {exc}{_denied_hint(self.path, exc)}") from exc
         fd = port.fileno()
         try:
             # VMIN 1: with pyserial's VMIN 0 a read with no data returns 0 bytes, the same as end of
