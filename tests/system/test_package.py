@@ -329,6 +329,7 @@ def test_a_missing_modem_port_is_a_clear_error(lab: Lab) -> None:
     lab.restart_with("/dev/pts/77")
     text = lab.wait_journal(r"modem\.port: no such device: /dev/pts/77", since=since)
     assert "Traceback" not in text
+    lab.wait_journal(r"(?i)scheduled restart job|restart counter", since=since, timeout=20)  # Restart=on-failure
 
 
 def test_a_port_outside_the_device_policy_names_deviceallow(lab: Lab) -> None:
