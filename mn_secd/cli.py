@@ -32,12 +32,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            try:
-                configure = importlib.import_module(module).configure
-            except ModuleNotFoundError as exc:
-                # e.g. `sim`/`demo` in the Debian package, which ships no [sim] extra (aiohttp)
-                parser.error(f"{name}: needs the Python package {exc.name!r}, which is not installed here")
-            configure(p, name)
+            importlib.import_module(module).configure(p, name)
     return parser
 
 
@@ -45,12 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Each ``configure(parser, name)`` sets ``handler``: a function of the parsed args returning the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = args_list[0] if args_list and args_list[0] in COMMANDS else None
-    args = build_parser(command).parse_args(args_list)
     try:
+        args = build_parser(command).parse_args(args_list)
         code: int = args.handler(args)
     except MnSecdError as exc:
-        print(f"mn-secd {args.command}: {exc.kind}: {exc}", file=sys.stderr)
+        print(f"mn-secd {command}: {exc.kind}: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] == "mn_secd":
+            raise
+        # An optional extra that is not installed, e.g. aiohttp for the simulated BSF and the demo
+        # in the Debian package, which ships the daemon without [sim].
+        print(f"mn-secd {command}: needs the Python package {exc.name!r}, which is not installed here", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return code

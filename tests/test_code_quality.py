@@ -59,7 +59,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("mn_secd.dtls",),  # 3: aiocoap's DTLS with mn_secd's fixes
     ("mn_secd.control", "mn_secd.naf", "mn_secd.client"),  # 4: the key service, the NAF side, the AE side
     # 5: the composition root
-    ("mn_secd.config", "mn_secd.daemon", "mn_secd.notify", "mn_secd.cli", "mn_secd.commands", "mn_secd.__main__"),
+    (
+        "mn_secd.config",
+        "mn_secd.daemon",
+        "mn_secd.notify",
+        "mn_secd.cli",
+        "mn_secd.commands",
+        "mn_secd.__main__",
+        "mn_secd.systemd_generator",  # run by systemd, beside the daemon; standard library only
+    ),
 )
 LEAF, ROOT_LAYER = 0, len(LAYERS) - 1
 #: Sideways imports within layer 4 that are deliberate: the AE-side client speaks the key service's

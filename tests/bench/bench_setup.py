@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from targets import Targets
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_S = 180.0
 
@@ -63,9 +65,12 @@ def main() -> int:
         print(f"  apt              {apt:6.1f} s   (excluded from the target)")
         print(f"  pip              {pip:6.1f} s")
         print(f"  DTLSSocket build {dtls:6.1f} s   (sdist, hash check, patch, wheel)")
-        print(f"  set-up, apt excluded: {pip + dtls:6.1f} s (target {TARGET_S:.0f} s); whole command {wall:.1f} s")
+        targets = Targets()
+        verdict = targets.check("set-up, apt excluded", round(pip + dtls, 1), TARGET_S, "s")
+        print(f"  set-up, apt excluded: {pip + dtls:6.1f} s {verdict}; whole command {wall:.1f} s")
         if args.keep:
             print(f"  the copy: {work}")
+        print(targets.summary())
         return 0
     finally:
         if not args.keep:

@@ -158,7 +158,7 @@ def test_install_does_not_start_an_unconfigured_daemon(lab: Lab) -> None:
     for tool in ("gcc", "cc", "make", "autoconf", "pip"):
         assert m.run("sh", "-c", f"command -v {tool}", check=False).returncode != 0, tool
     assert m.run("mn-secd", "--help").stdout.startswith("usage: mn-secd")
-    lab_only = m.run("mn-secd", "sim", "modem", "--card", "x", check=False)  # no [sim] extra in the package
+    lab_only = m.run("mn-secd", "sim", "bsf", "--subscribers", "x", check=False)  # no [sim] extra in the package
     assert lab_only.returncode == 2 and "needs the Python package 'aiohttp'" in lab_only.stderr, lab_only.stderr
     assert m.path("/usr/share/man/man1/mn-secd.1.gz").exists()
     assert m.path("/usr/share/mn-secd/udev/90-mn-secd-modem.rules").exists()
