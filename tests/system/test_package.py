@@ -161,6 +161,10 @@ def test_install_does_not_start_an_unconfigured_daemon(lab: Lab) -> None:
     lab_only = m.run("mn-secd", "sim", "bsf", "--subscribers", "x", check=False)  # no [sim] extra in the package
     assert lab_only.returncode == 2 and "needs the Python package 'aiohttp'" in lab_only.stderr, lab_only.stderr
     assert m.path("/usr/share/man/man1/mn-secd.1.gz").exists()
+    documentation = m.show(UNIT, "Documentation")["Documentation"]
+    assert documentation.startswith("file:/"), documentation
+    for link in documentation.split():
+        assert m.path(link.removeprefix("file:")).is_file(), link  # the unit's docs are where it says
     assert m.path("/usr/share/mn-secd/udev/90-mn-secd-modem.rules").exists()
     assert m.run("dpkg-query", "-W", "-f=${Conffiles}", "mn-secd").stdout.strip().startswith(CONFIG)
     # The shipped configuration, left as it is, is refused with one line naming the key at fault.
