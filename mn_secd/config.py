@@ -27,14 +27,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mn_secd.control import pskfile
-from mn_secd.errors import ConfigError, InvalidNafId, UnsupportedUaProtocol
+from mn_secd.errors import ConfigError, InvalidNafId, PcscUnavailable, UnsupportedUaProtocol
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.ua import UaId, normalise_fqdn
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
+from mn_secd.uicc.pcsc import load_pyscard
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The [modem] keys a file may set; ModemConfig's polling and reopening pace keep their defaults.
-MODEM_KEYS = ("port", "baud", "transport", "application", "command_timeout")
+MODEM_KEYS = ("port", "baud", "transport", "application", "command_timeout", "reader")
 #: Used when an ``[[ae]]`` entry has no ``ua`` key: oneM2M's mandatory DTLS suite.
 DEFAULT_UA = ("dtls-psk",)
 
@@ -112,9 +113,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def check_modem_port(config: Config) -> None:
     """The serial port must exist when the daemon starts (a typo here is a config error).
 
-    A modem that exists but does not answer yet is a different matter: the daemon waits for it.
+    A modem that exists but does not answer yet is a different matter: the daemon waits for it. With
+    a PC/SC reader there is no port: pyscard must be installed instead (a reader that is not plugged
+    in yet, or a pcscd that is not running yet, is waited for like a silent modem).
     """
+    if config.modem.uses_reader:
+        try:
+            load_pyscard()
+        except PcscUnavailable as exc:
+            raise ConfigError(str(config.path), "modem.transport", str(exc)) from None
+        return
     port = config.modem.port
+    assert port is not None  # ModemConfig requires it for every AT transport
     if not os.path.exists(port):
         raise ConfigError(str(config.path), "modem.port", f"no such device: {port}")
     mode = os.stat(port).st_mode
@@ -143,13 +153,25 @@ def resolve_psk_file(name: str, config_dir: Path) -> list[Path]:
 
 
 def _modem(t: _Table) -> ModemConfig:
-    port = t.required_string("port", hint="the modem's AT port, e.g. /dev/ttyUSB2")
+    transport = TransportChoice(t.choice("transport", ModemConfig.transport, tuple(TransportChoice)))
+    if transport is TransportChoice.PCSC:
+        reader: str | None = t.required_string("reader", hint='a part of the PC/SC reader\'s name, e.g. "uTrust 3700"')
+        for key in ("port", "baud"):
+            if t.data.get(key) is not None:
+                raise t.error(key, 'not used with transport = "pcsc" (the card is in a PC/SC reader)')
+        port = None
+    else:
+        port = t.required_string("port", hint="the modem's AT port, e.g. /dev/ttyUSB2")
+        if t.data.get("reader") is not None:
+            raise t.error("reader", 'only used with transport = "pcsc"')
+        reader = None
     modem = ModemConfig(
         port=port,
         baud=t.integer("baud", ModemConfig.baud, minimum=1),
-        transport=TransportChoice(t.choice("transport", ModemConfig.transport, tuple(TransportChoice))),
+        transport=transport,
         application=ApplicationChoice(t.choice("application", ModemConfig.application, tuple(ApplicationChoice))),
         command_timeout=t.number("command_timeout", ModemConfig.command_timeout, positive=True),
+        reader=reader,
     )
     t.finish()
     return modem

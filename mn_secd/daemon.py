@@ -4,9 +4,9 @@ Start-up, in order:
 
 1. the AE registry and the control socket (CoAP over DTLS-PSK), so AEs get *answers* from the first
    second on: 5.03 with a reason while there is no card yet, never a silent timeout;
-2. the card: the modem's AT port is opened and the card's identity read, retrying with a capped
-   exponential back-off; while the modem may still be booting the daemon asks systemd for more
-   start-up time (EXTEND_TIMEOUT_USEC);
+2. the card: the modem's AT port (or, with ``transport = "pcsc"``, the PC/SC reader) is opened and
+   the card's identity read, retrying with a capped exponential back-off; while the modem may still
+   be booting the daemon asks systemd for more start-up time (EXTEND_TIMEOUT_USEC);
 3. READY=1 as soon as the control socket is up and the card has answered. The first GBA bootstrap
    is *not* awaited: it starts right away in the background, and the first key request joins it.
 
@@ -17,8 +17,10 @@ gateway's modem often comes up after the services that need it, and exiting woul
 back-off for systemd's restart limit, which eventually gives up for good. After ``modem_wait``
 seconds without a card the daemon reports READY=1 anyway with ``STATUS=degraded: ...`` (so that
 start-up finishes and dependent units run), keeps serving 5.03 on the control socket and keeps
-retrying. Once the card is open, :mod:`mn_secd.uicc.card` itself follows removals, swaps and a
-vanishing port; this module only reflects them in STATUS= and the log.
+retrying. The same holds for a PC/SC reader that is not plugged in yet or a pcscd that is not
+running yet; only a missing pyscard is a configuration error (``modem.transport``). Once the card
+is open, :mod:`mn_secd.uicc.card` itself follows removals, swaps and a vanishing port or reader;
+this module only reflects them in STATUS= and the log.
 
 Signals: SIGHUP re-reads the configuration file and swaps the AE registry in (keys are kept; other
 sections need a restart and a warning says so); SIGTERM and SIGINT send STOPPING=1, wipe every
@@ -145,7 +147,7 @@ class Daemon:
         self.config = config
         self.notifier = notifier
         self.modem_wait = modem_wait
-        self.keys = KeyStoreSlot(UiccAbsent(f"waiting for the modem on {config.modem.port}"))
+        self.keys = KeyStoreSlot(UiccAbsent(f"waiting for {config.modem.where}"))
         self.server: ControlServer | None = None
         self.card: Card | None = None
         self.ub: UbClient | None = None
@@ -256,7 +258,7 @@ class Daemon:
         modem = self.config.modem
         deadline = time.monotonic() + self.modem_wait
         delay = RETRY_FIRST
-        self.notifier.status(f"waiting for the modem on {modem.port}")
+        self.notifier.status(f"waiting for {modem.where}")
         self.notifier.extend_timeout(self.modem_wait + EXTEND_MARGIN)
         while True:
             try:
@@ -313,7 +315,8 @@ class Daemon:
 
     def _on_card_event(self, event: CardEvent) -> None:
         if event.kind is CardEventKind.REMOVED:
-            self._degraded("card removed or modem gone; keys wiped", "card.removed")
+            path = "reader" if self.config.modem.uses_reader else "modem"
+            self._degraded(f"card removed or {path} gone; keys wiped", "card.removed")
             return
         if event.identity is not None:
             self._card_found(event.identity)

@@ -1,8 +1,8 @@
 """``mn-secd check-config``: validate a configuration file without starting anything.
 
 Meant for package post-install scripts and operators before a reload: it runs exactly the checks
-``mn-secd run`` runs at start (the file, the modem's port exists, every AE's PSK file loads into
-the registry) and answers in one line either way.
+``mn-secd run`` runs at start (the file, the modem's port exists -- or pyscard is installed for a
+PC/SC reader --, every AE's PSK file loads into the registry) and answers in one line either way.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ def summary(config: Config) -> str:
     bsf = config.gba.bsf_url or "derived from the IMSI"
     addresses = ", ".join(config.control.addresses)
     n = len(config.aes)
+    modem = config.modem
+    card = f"reader {modem.reader!r}" if modem.uses_reader else f"modem {modem.port}"
     return (
-        f"{config.path}: OK: modem {config.modem.port} ({config.modem.transport}/{config.modem.application}), "
+        f"{config.path}: OK: {card} ({modem.transport}/{modem.application}), "
         f"GBA {config.gba.mode.value}, BSF {bsf}, control on {addresses} port {config.control.port}, "
         f"{n} AE{'' if n == 1 else 's'}"
     )

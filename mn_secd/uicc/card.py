@@ -1,18 +1,23 @@
-"""The card behind a modem's AT port: start-up, card events, and one operation at a time.
+"""The card, whichever way it is reached: start-up, card events, and one operation at a time.
 
-What only an AT port has lives here: ``AT+CPIN?`` before anything else, the transport probe over
-AT+CGLA / AT+CSIM (:func:`~mn_secd.uicc.transport.open_transport`), ``AT+CIMI`` for the IMSI of an
-ISIM-only card, URCs that say the SIM went or came, and a port that vanishes and returns. The
-card's files and AUTHENTICATE are APDUs on the chosen transport, in
-:class:`~mn_secd.uicc.channel.CardChannel`, which any other way of reaching a card can reuse.
+A :class:`Card` reaches its UICC through a :class:`CardSource`: the modem's AT port
+(:class:`ModemSource`, here) or a PC/SC card reader (:class:`mn_secd.uicc.reader.ReaderSource`).
+The source opens an APDU transport to a card that is there and says when the card goes and may be
+back; the card's files and AUTHENTICATE are APDUs on that transport, in
+:class:`~mn_secd.uicc.channel.CardChannel`, the same for every source.
 
-Start-up (and every re-insertion or port return) runs once: ``AT+CPIN?``; a transport from the
-probe; then the channel reads the identity and leaves the application selected.
+What only an AT port has stays in :class:`ModemSource`: ``AT+CPIN?`` before anything else, the
+transport probe over AT+CGLA / AT+CSIM (:func:`~mn_secd.uicc.transport.open_transport`),
+``AT+CIMI`` for the IMSI of an ISIM-only card, URCs that say the SIM went or came, and a port that
+vanishes and returns.
 
-Card events: REMOVED on a SIM-removed URC, when the card answers as absent (``+CME ERROR: 10``) or
-when the port goes; then the card is looked for again (at once on an insertion URC or when the port
-returns, else by polling ``AT+CPIN?``) and INSERTED or CHANGED is sent once its identity has been
-re-read.
+Start-up (and every re-insertion, or return of the port or reader) runs once: a transport from
+the source; then the channel reads the identity and leaves the application selected.
+
+Card events: REMOVED when the source says the card went (a SIM-removed URC, the port gone, the
+reader's card pulled or the reader gone) or when the card answers as absent; then the card is
+looked for again (at once when the source says it may be back, else every ``presence_poll``
+seconds) and INSERTED or CHANGED is sent once its identity has been re-read.
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from mn_secd.aka import AkaResult, AuthContext
 from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity
 from mn_secd.errors import AtCommandError, MnSecdError, PortGoneError, UiccAbsent, UiccLocked
 from mn_secd.observers import Subscribers
 from mn_secd.uicc import at, files
-from mn_secd.uicc.channel import CardChannel
+from mn_secd.uicc.channel import CardChannel, ImsiSource
 from mn_secd.uicc.options import ModemConfig
+from mn_secd.uicc.reader import ReaderSource
 from mn_secd.uicc.serial import AtCommandPort, AtPort
-from mn_secd.uicc.transport import check_absent, open_transport
+from mn_secd.uicc.transport import ApduTransport, check_absent, open_transport
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +59,46 @@ def urc_presence(line: str) -> bool | None:
     return None
 
 
-class Card:
-    """The UICC behind ``port`` (a modem's AT port); implements :class:`mn_secd.interfaces.CardAccess`.
+class CardSource(Protocol):
+    """How a :class:`Card` reaches its UICC, and who tells it that the card went or may be back."""
 
-    :func:`open_card` builds the port from ``config`` and starts the card. ``config`` gives the
-    transport and application wanted and how often to look for an absent card; the port is the
-    caller's to build (the card listens to its URCs and port state from now on) and the card's to
-    open and close.
+    @property
+    def connected(self) -> bool:
+        """The way to the card is there (the AT port is open; pcscd runs and the reader is plugged in)."""
+
+    @property
+    def imsi_source(self) -> ImsiSource | None:
+        """Who tells the IMSI of an ISIM-only card (a modem: ``AT+CIMI``); None when nobody can."""
+
+    def listen(self, on_presence: Callable[[bool, str], None]) -> None:
+        """``on_presence(False, why)`` when the card went; ``(True, why)`` when it may be back."""
+
+    async def open(self) -> None:
+        """Start reaching the card (open the port, watch the reader); raises if that cannot start."""
+
+    async def close(self) -> None:
+        """Stop, and release whatever is held (the port, the reader, the transport)."""
+
+    async def open_transport(self) -> ApduTransport:
+        """A transport to the card, once whatever must come first has said it is there and usable."""
+
+    def unreachable(self, detail: str | None = None) -> MnSecdError:
+        """The error for "the way to the card is gone" (PortGoneError, ReaderGone), with ``detail``."""
+
+
+class Card:
+    """The UICC reached through ``source``; implements :class:`mn_secd.interfaces.CardAccess`.
+
+    :func:`open_card` builds the source from ``config`` and starts the card. ``config`` gives the
+    application wanted and how often to look for an absent card; the source is the caller's to
+    build (the card listens to it from now on) and the card's to open and close.
     """
 
-    def __init__(self, port: AtCommandPort, config: ModemConfig) -> None:
+    def __init__(self, source: CardSource, config: ModemConfig) -> None:
         self._config = config
-        self._port = port
-        port.listen(on_urc=self._on_urc, on_state=self._on_port_state)
-        self._lock = asyncio.Lock()  # one card operation (several AT commands) at a time
+        self._source = source
+        source.listen(self._on_presence)
+        self._lock = asyncio.Lock()  # one card operation (several commands) at a time
         self._channel: CardChannel | None = None
         self._identity: CardIdentity | None = None
         self._last_identity: CardIdentity | None = None
@@ -78,18 +111,18 @@ class Card:
     # --- life cycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the port and bring the card up; on failure nothing is left open."""
-        await self._port.open()
+        """Open the source and bring the card up; on failure nothing is left open."""
+        await self._source.open()
         try:
             async with self._lock:
                 await self._bring_up(emit=False)
         except BaseException:
-            await self._port.close()
+            await self._source.close()
             raise
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def close(self) -> None:
-        """Give the logical channel back and release the port."""
+        """Give the logical channel back and release the source."""
         if self._closed:
             return
         self._closed = True
@@ -99,19 +132,19 @@ class Card:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         channel, self._channel = self._channel, None
-        if channel is not None and self._port.connected:
+        if channel is not None and self._source.connected:
             async with self._lock:
                 await channel.transport.close()
-        await self._port.close()
+        await self._source.close()
 
     @property
     def transport_name(self) -> str | None:
         return self._channel.transport.name if self._channel is not None else None
 
     @property
-    def port(self) -> AtCommandPort:
-        """The AT port (read-only use: diagnostics and the benchmark count commands on it)."""
-        return self._port
+    def source(self) -> CardSource:
+        """The way to the card (read-only use: diagnostics, and benchmarks that count commands on it)."""
+        return self._source
 
     # --- CardAccess ---------------------------------------------------------------------------------
 
@@ -119,7 +152,7 @@ class Card:
         """The identity read at start-up or at the last insertion; looks for the card once if absent."""
         if self._identity is not None:
             return self._identity
-        self._require_port()
+        self._require_source()
         async with self._lock:
             if self._identity is None:
                 await self._bring_up(emit=True)
@@ -158,7 +191,7 @@ class Card:
 
     def _mark_absent(self, reason: str) -> None:
         self._generation += 1
-        self._channel = None  # its channel went with the card (or the modem)
+        self._channel = None  # its channel went with the card (or the modem, or the reader)
         was_present, self._identity = self._identity is not None, None
         if was_present:
             logger.info("card gone: %s", reason, extra={"event": "uicc.card_gone"})
@@ -167,28 +200,21 @@ class Card:
 
     @contextlib.asynccontextmanager
     async def _absence_noticed(self) -> AsyncIterator[None]:
-        """A card that answers as absent (``+CME ERROR: 10``) is gone, whatever the URCs said."""
+        """A card that answers as absent (``+CME ERROR: 10``, an empty reader) is gone, whatever was said."""
         try:
             yield
         except UiccAbsent as exc:
             self._mark_absent(str(exc))
             raise
 
-    def _on_urc(self, line: str) -> None:
-        presence = urc_presence(line)
-        if presence is False:
-            self._mark_absent(f"URC {line}")
-        elif presence is True and self._identity is None:
+    def _on_presence(self, present: bool, why: str) -> None:
+        if not present:
+            self._mark_absent(why)
+        elif self._identity is None:
             self._wake.set()
-
-    def _on_port_state(self, up: bool) -> None:
-        if up:
-            self._wake.set()
-        else:
-            self._mark_absent("port gone")
 
     async def _supervise(self) -> None:
-        """While the card is away: look for it on a hint (URC, port back) or every ``presence_poll`` s."""
+        """While the card is away: look for it on a hint from the source or every ``presence_poll`` s."""
         while not self._closed:
             if self._identity is not None:
                 self._wake.clear()
@@ -198,7 +224,7 @@ class Card:
                 async with asyncio.timeout(self._config.presence_poll):
                     await self._wake.wait()
             self._wake.clear()
-            if not self._port.connected:
+            if not self._source.connected:
                 continue
             try:
                 async with self._lock:
@@ -212,12 +238,11 @@ class Card:
     async def _bring_up(self, *, emit: bool) -> None:
         """Find the card, open a transport, read the identity (caller holds the lock)."""
         generation = self._generation
-        await self._check_pin()
-        transport = await open_transport(self._port, self._config.transport, files.USIM_AID_PREFIX)
+        transport = await self._source.open_transport()
         channel = CardChannel(transport)
         try:
             async with self._absence_noticed():
-                identity = await channel.read_identity(self._config.application, imsi_source=self._imsi_from_modem)
+                identity = await channel.read_identity(self._config.application, imsi_source=self._source.imsi_source)
         except BaseException:
             with contextlib.suppress(Exception):
                 await transport.close()
@@ -237,9 +262,72 @@ class Card:
             same = previous is None or (previous.iccid, previous.impi) == (identity.iccid, identity.impi)
             self._emit(CardEvent(CardEventKind.INSERTED if same else CardEventKind.CHANGED, identity))
 
+    def _require_source(self) -> None:
+        if self._closed:
+            raise self._source.unreachable("card closed")
+        if not self._source.connected:
+            raise self._source.unreachable()
+
+    def _ready(self) -> tuple[CardChannel, CardIdentity]:
+        self._require_source()
+        if self._channel is None or self._identity is None:
+            raise UiccAbsent(f"no usable card in {self._config.where}")
+        return self._channel, self._identity
+
+
+class ModemSource:
+    """A :class:`CardSource`: the card behind a modem's AT port.
+
+    Before a transport: ``AT+CPIN?`` (a locked card is :class:`~mn_secd.errors.UiccLocked`, an
+    absent one :class:`~mn_secd.errors.UiccAbsent`), then the transport probe. The IMSI of an
+    ISIM-only card comes from ``AT+CIMI``. URCs and the port's comings and goings tell the card.
+    """
+
+    def __init__(self, port: AtCommandPort, config: ModemConfig) -> None:
+        self.port = port
+        self._config = config
+        self._on_presence: Callable[[bool, str], None] | None = None
+        port.listen(on_urc=self._on_urc, on_state=self._on_port_state)
+
+    @property
+    def connected(self) -> bool:
+        return self.port.connected
+
+    @property
+    def imsi_source(self) -> ImsiSource:
+        return self._imsi_from_modem
+
+    def listen(self, on_presence: Callable[[bool, str], None]) -> None:
+        self._on_presence = on_presence
+
+    async def open(self) -> None:
+        await self.port.open()
+
+    async def close(self) -> None:
+        await self.port.close()
+
+    async def open_transport(self) -> ApduTransport:
+        await self._check_pin()
+        return await open_transport(self.port, self._config.transport, files.USIM_AID_PREFIX)
+
+    def unreachable(self, detail: str | None = None) -> PortGoneError:
+        return PortGoneError(f"{self.port.path}: {detail or 'port gone'}")
+
+    def _tell(self, present: bool, why: str) -> None:
+        if self._on_presence is not None:
+            self._on_presence(present, why)
+
+    def _on_urc(self, line: str) -> None:
+        presence = urc_presence(line)
+        if presence is not None:
+            self._tell(presence, f"URC {line}")
+
+    def _on_port_state(self, up: bool) -> None:
+        self._tell(up, "port back" if up else "port gone")
+
     async def _check_pin(self) -> None:
         try:
-            state = at.parse_cpin(await self._port.command(at.query("AT+CPIN?", "+CPIN:")))
+            state = at.parse_cpin(await self.port.command(at.query("AT+CPIN?", "+CPIN:")))
         except AtCommandError as exc:
             check_absent(exc)
             raise
@@ -250,29 +338,27 @@ class Card:
 
     async def _imsi_from_modem(self) -> str:
         """An ISIM-only card has no EF_IMSI; the modem still knows the IMSI."""
-        return at.parse_cimi(await self._port.command(at.cimi()))
-
-    def _require_port(self) -> None:
-        if self._closed:
-            raise PortGoneError(f"{self._port.path}: card closed")
-        if not self._port.connected:
-            raise PortGoneError(f"{self._port.path}: port gone")
-
-    def _ready(self) -> tuple[CardChannel, CardIdentity]:
-        self._require_port()
-        if self._channel is None or self._identity is None:
-            raise UiccAbsent("no usable card in the modem")
-        return self._channel, self._identity
+        return at.parse_cimi(await self.port.command(at.cimi()))
 
 
 async def open_card(config: ModemConfig) -> Card:
-    """Open the modem's AT port and bring the card up (identity read, application selected on our channel).
+    """Reach the card as ``config`` says and bring it up (identity read, application selected on our channel).
 
-    Whatever stops start-up raises and leaves nothing open (PortGoneError, UiccAbsent, UiccLocked,
+    The modem's AT port, or with ``transport = "pcsc"`` the PC/SC reader whose name contains
+    ``config.reader`` (:mod:`mn_secd.uicc.reader`). Whatever stops start-up raises and leaves
+    nothing open (PortGoneError, ReaderNotFound, PcscUnavailable, UiccAbsent, UiccLocked,
     TransportUnavailable, ApplicationNotFound, ...): the caller retries with its own back-off. Once
-    open, the Card follows removals, insertions and a vanishing port by itself (card events).
+    open, the Card follows removals, insertions and a vanishing port or reader by itself (card events).
     """
-    port = AtPort(config.port, baud=config.baud, command_timeout=config.command_timeout, reopen_max=config.reopen_max)
-    card = Card(port, config)
+    source: CardSource
+    if config.uses_reader:
+        source = ReaderSource(config)  # pyscard is loaded only now
+    else:
+        assert config.port is not None  # ModemConfig requires it for every AT transport
+        port = AtPort(
+            config.port, baud=config.baud, command_timeout=config.command_timeout, reopen_max=config.reopen_max
+        )
+        source = ModemSource(port, config)
+    card = Card(source, config)
     await card.start()
     return card

@@ -13,9 +13,12 @@ This transport keeps the :class:`~mn_secd.uicc.transport.ApduTransport` contract
   T=0 a case-4 command goes out without Le (ISO/IEC 7816-3 §12.2.5: the card answers ``61xx``).
 * pyscard blocks, so every call runs on the transport's own worker thread with a timeout. A
   command that was handed to pcscd and got no answer (card pulled, reader gone, timeout, an
-  empty answer) raises :class:`~mn_secd.errors.ApduOutcomeUnknown`: it is never sent again, and
-  the transport is dead from then on (:class:`~mn_secd.errors.UiccAbsent` or
-  :class:`~mn_secd.errors.ReaderGone` without sending anything).
+  empty answer) raises :class:`~mn_secd.errors.ApduOutcomeUnknown` -- for an AUTHENTICATE,
+  :meth:`PcscTransport.one_shot_error` makes that
+  :class:`~mn_secd.errors.AuthenticateOutcomeUnknown`: it is never sent again, and the transport
+  is dead from then on (:class:`~mn_secd.errors.UiccAbsent` or
+  :class:`~mn_secd.errors.ReaderGone` without sending anything; its owner hears of the death
+  through ``on_dead``).
 * :class:`ReaderWatcher` follows the reader and its card with ``SCardGetStatusChange`` (bounded
   waits on its own context and thread) and reports card removal/insertion and the reader's
   disappearance/return as :class:`ReaderEvent`; when pcscd itself goes, it looks again with a
@@ -28,19 +31,22 @@ imported only when PC/SC is asked for, and its absence is :class:`~mn_secd.error
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import importlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
 from mn_secd.errors import (
     ApduOutcomeUnknown,
+    AuthenticateOutcomeUnknown,
+    Culprit,
+    MnSecdError,
     PcscUnavailable,
     ReaderError,
     ReaderGone,
@@ -176,12 +182,20 @@ class _Worker:
     """One thread for one PC/SC context's blocking calls, each awaited with a timeout."""
 
     def __init__(self, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._calls: list[concurrent.futures.Future[Any]] = []
+
+    @property
+    def busy(self) -> bool:
+        """True while a call still runs (or waits) on the thread, also one we stopped waiting for."""
+        self._calls = [call for call in self._calls if not call.done()]
+        return bool(self._calls)
 
     async def call(self, timeout: float, function: Callable[..., T], *args: Any, always: bool = False) -> T:
         """``function(*args)`` on the thread; ``always``: it still runs if we stop waiting (releases)."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, function, *args)
+        call = self._executor.submit(function, *args)
+        self._calls.append(call)
+        future = asyncio.wrap_future(call)
         return await asyncio.wait_for(asyncio.shield(future) if always else future, timeout)
 
     def shutdown(self) -> None:
@@ -210,6 +224,7 @@ class PcscTransport:
         *,
         exclusive: bool,
         timeout: float,
+        on_dead: Callable[[UiccAbsent | ReaderError], None] | None = None,
     ) -> None:
         self._scard = scard
         self._worker = worker
@@ -222,6 +237,7 @@ class PcscTransport:
         self._timeout = timeout
         self._channel = 0
         self._dead: UiccAbsent | ReaderError | None = None
+        self._on_dead = on_dead
         self._closed = False
 
     @property
@@ -237,6 +253,16 @@ class PcscTransport:
     def t0(self) -> bool:
         return bool(self._protocol == self._scard.SCARD_PROTOCOL_T0)
 
+    @property
+    def dead(self) -> bool:
+        """True once a command went unanswered or the card or reader went: nothing is sent any more."""
+        return self._dead is not None
+
+    @property
+    def stuck(self) -> bool:
+        """True while a command that got no answer in time is still running inside pcscd."""
+        return self._worker.busy
+
     @classmethod
     async def open(
         cls,
@@ -245,12 +271,14 @@ class PcscTransport:
         exclusive: bool = True,
         logical_channel: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
+        on_dead: Callable[[UiccAbsent | ReaderError], None] | None = None,
     ) -> PcscTransport:
         """Connect to the card in the reader whose name contains ``reader``; ask for a logical channel.
 
         Raises :class:`PcscUnavailable` (no pyscard, no pcscd), :class:`ReaderNotFound`,
         :class:`UiccAbsent` (reader empty), :class:`ReaderGone` (reader vanished or held by another
-        program). Nothing stays open when it raises.
+        program). Nothing stays open when it raises. ``on_dead`` hears, once, why the transport died
+        (a command without an answer, the card or reader gone); never after :meth:`close`.
         """
         scard = load_pyscard()
         worker = _Worker("pcsc")
@@ -269,7 +297,9 @@ class PcscTransport:
                 await _release(worker, scard, context)
             worker.shutdown()
             raise
-        transport = cls(scard, worker, context, handle, protocol, name, atr, exclusive=exclusive, timeout=timeout)
+        transport = cls(
+            scard, worker, context, handle, protocol, name, atr, exclusive=exclusive, timeout=timeout, on_dead=on_dead
+        )
         logger.info(
             "card in %r (T=%d)", name, 0 if transport.t0 else 1, extra={"event": "uicc.pcsc_connected", "reader": name}
         )
@@ -323,11 +353,29 @@ class PcscTransport:
             raise ApduOutcomeUnknown(f"INS {apdu.ins:02X} sent to {self.reader!r}, answer of {len(raw)} octets")
         return raw
 
+    def one_shot_error(self, exc: MnSecdError, what: str) -> MnSecdError:
+        """:meth:`ApduTransport.one_shot_error <mn_secd.uicc.transport.ApduTransport.one_shot_error>`.
+
+        A command pcscd took and never answered (:class:`~mn_secd.errors.ApduOutcomeUnknown`) may
+        have run on the card: an unknown outcome, blamed on the reader path. Anything else never
+        reached the card (pcscd refused it, or the transport was already dead) and stays what it is.
+        """
+        if isinstance(exc, ApduOutcomeUnknown):
+            unknown = AuthenticateOutcomeUnknown(f"{what} sent to {self.reader!r}, no usable answer: {exc}")
+            unknown.culprit = Culprit.READER
+            return unknown
+        return exc
+
     async def _die(self, error: UiccAbsent | ReaderError, *, release_timeout: float | None = None) -> None:
         """No more commands; give the reader back at once (an exclusive handle would lock out the next card)."""
+        first = self._dead is None
         self._dead = error
         self._channel = 0
         await self._release_all(release_timeout)
+        on_dead = self._on_dead
+        if first and on_dead is not None:
+            self._on_dead = None
+            on_dead(error)
 
     async def _release_all(self, timeout: float | None = None) -> None:
         if self._closed:
@@ -347,6 +395,7 @@ class PcscTransport:
 
     async def close(self) -> None:
         """Close our logical channel (best effort), release the card and the PC/SC context."""
+        self._on_dead = None  # whoever closes knows
         if self._channel and not self._closed:
             channel = self._channel
             try:

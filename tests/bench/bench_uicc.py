@@ -28,7 +28,7 @@ from mn_secd.sim.modem import ModemEmulator, Quirks
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import lab_cards
 from mn_secd.uicc import at
-from mn_secd.uicc.card import open_card
+from mn_secd.uicc.card import ModemSource, open_card
 from mn_secd.uicc.options import ModemConfig
 
 PROFILE = lab_cards()[0]
@@ -75,9 +75,11 @@ async def run_case(
             at_per_auth = len(modem.log) / runs
             apdus = {name: modem.apdu_count(ins) / runs for ins, name in INS_NAMES.items()}
             rtts: list[float] = []
+            source = card.source
+            assert isinstance(source, ModemSource)
             for _ in range(runs * 5):
                 start = time.perf_counter()
-                await card.port.command(at.plain("AT"))
+                await source.port.command(at.plain("AT"))
                 rtts.append(time.perf_counter() - start)
         finally:
             await card.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,13 @@ BAD = [
     ("[modem]\nport = '/dev/null'\n[log]\nlevel = 'loud'\n", "log.level", "expected one of"),
     ("[modem]\nport = '/dev/null'\nae = 3\n", "modem.ae", "unknown key"),
     ("ae = 3\n[modem]\nport = '/dev/null'\n", "ae", "expected [[ae]] entries"),
+    # a card in a PC/SC reader: a reader instead of a port, never both
+    ("[modem]\ntransport = 'pcsc'\n", "modem.reader", "missing (a part of the PC/SC reader's name"),
+    ("[modem]\ntransport = 'pcsc'\nreader = '  '\n", "modem.reader", "must not be empty"),
+    ("[modem]\ntransport = 'pcsc'\nreader = 'uTrust'\nport = '/dev/null'\n", "modem.port", "not used with"),
+    ("[modem]\ntransport = 'pcsc'\nreader = 'uTrust'\nbaud = 9600\n", "modem.baud", "not used with"),
+    ("[modem]\nport = '/dev/null'\nreader = 'uTrust'\n", "modem.reader", 'only used with transport = "pcsc"'),
+    ("[modem]\nreader = 'uTrust'\n", "modem.port", "missing"),
 ]
 
 
@@ -261,6 +269,28 @@ def test_check_modem_port(cfg_dir: Path) -> None:
             check_modem_port(config)
         assert info.value.key == "modem.port"
         assert problem in info.value.problem
+
+
+def test_a_card_in_a_pcsc_reader(cfg_dir: Path) -> None:
+    text = MINIMAL.replace('port = "/dev/null"', 'transport = "PCSC"\nreader = " uTrust 3700 "\ncommand_timeout = 3')
+    config = load_text(cfg_dir, text)
+    assert config.modem == ModemConfig(transport="pcsc", reader="uTrust 3700", command_timeout=3.0)
+    assert config.modem.port is None and config.modem.uses_reader
+    assert config.modem.where == "the PC/SC reader 'uTrust 3700'"
+    check_modem_port(config)  # pyscard is installed here: no port to check
+    assert not load_text(cfg_dir, MINIMAL).modem.uses_reader
+
+
+def test_a_reader_without_pyscard_is_a_config_error_naming_the_fix(
+    cfg_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_text(cfg_dir, MINIMAL.replace('port = "/dev/null"', 'transport = "pcsc"\nreader = "x"'))
+    monkeypatch.setitem(sys.modules, "smartcard", None)
+    monkeypatch.setitem(sys.modules, "smartcard.scard", None)
+    with pytest.raises(ConfigError) as info:
+        check_modem_port(config)
+    assert info.value.key == "modem.transport"
+    assert "pip install 'mn-secd[pcsc]'" in info.value.problem and "python3-pyscard" in info.value.problem
 
 
 def test_the_shipped_example_documents_every_key_and_loads(cfg_dir: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from mn_secd.card_identity import CardEvent
 from mn_secd.errors import AtCommandError, PortGoneError, UiccAbsent, UiccLocked
 from mn_secd.uicc import at
-from mn_secd.uicc.card import Card, urc_presence
+from mn_secd.uicc.card import Card, ModemSource, urc_presence
 from mn_secd.uicc.options import ModemConfig
 
 
@@ -43,6 +43,22 @@ def test_bad_preferences_are_refused_before_any_io() -> None:
         ModemConfig("/dev/null", application="csim")
     with pytest.raises(ValueError):
         ModemConfig("/dev/null", command_timeout=0.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"transport": "pcsc"}, "needs a reader"),
+        ({"transport": "pcsc", "reader": " "}, "needs a reader"),
+        ({"transport": "pcsc", "reader": "uTrust", "port": "/dev/null"}, "not a serial port"),
+        ({"reader": "uTrust", "port": "/dev/null"}, 'only used with transport "pcsc"'),
+        ({}, "needs the modem's AT port"),
+        ({"transport": "csim", "reader": "uTrust"}, "needs the modem's AT port"),
+    ],
+)
+def test_a_port_for_at_transports_a_reader_for_pcsc(options: dict[str, str], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ModemConfig(**options)
 
 
 class ScriptedPort:
@@ -83,7 +99,8 @@ class ScriptedPort:
 
 async def test_the_card_listens_to_the_port_it_is_given() -> None:
     port = ScriptedPort(["+CPIN: READY"])
-    card = Card(port, ModemConfig(port.path))
+    config = ModemConfig(port.path)
+    card = Card(ModemSource(port, config), config)
     events: list[CardEvent] = []
     card.subscribe(events.append)
     assert port.on_urc is not None and port.on_state is not None
@@ -105,7 +122,8 @@ async def test_a_card_that_is_locked_or_absent_fails_start_up_and_leaves_the_por
     cpin: list[str] | AtCommandError, error: type[Exception]
 ) -> None:
     port = ScriptedPort(cpin)
-    card = Card(port, ModemConfig(port.path))
+    config = ModemConfig(port.path)
+    card = Card(ModemSource(port, config), config)
     with pytest.raises(error):
         await card.start()
     assert not port.connected
@@ -115,5 +133,6 @@ async def test_a_card_that_is_locked_or_absent_fails_start_up_and_leaves_the_por
 async def test_a_port_that_does_not_open_is_port_gone() -> None:
     port = ScriptedPort(["+CPIN: READY"], opens=False)
     with pytest.raises(PortGoneError):
-        await Card(port, ModemConfig(port.path)).start()
+        config = ModemConfig(port.path)
+        await Card(ModemSource(port, config), config).start()
     assert port.sent == []
