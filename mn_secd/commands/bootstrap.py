@@ -2,11 +2,13 @@
 
 For commissioning and field diagnosis: it exercises the whole chain the daemon depends on (AT port,
 card, BSF) once and says which part failed, in one line. Either from the daemon's configuration
-(``--config``) or, on a gateway without one yet, straight from ``--port`` and ``--bsf``; a flag
-given together with ``--config`` overrides the file's value.
+(``--config``) or, on a gateway without one yet, straight from ``--port`` (or ``--reader`` for a
+card in a PC/SC reader) and ``--bsf``; a flag given together with ``--config`` overrides the
+file's value.
 
 The daemon must not be running on the same AT port: two processes talking AT on one port corrupt
-each other's answers. Each run costs one AKA run on the card (two after a resynchronisation).
+each other's answers. (A reader is opened exclusively: while the daemon holds it, this command is
+refused with ``reader-gone``.) Each run costs one AKA run on the card (two after a resynchronisation).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import time
 from dataclasses import replace
+from typing import Any
 
 from mn_secd.config import GbaConfig, load_config
 from mn_secd.errors import ConfigError
@@ -29,7 +32,9 @@ MODES = {p.value: p for p in GbaPolicy}
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--config", help="the daemon's configuration file ([modem] and [gba] are used)")
-    parser.add_argument("--port", help="the modem's AT port (overrides the config)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port", help="the modem's AT port (overrides the config)")
+    where.add_argument("--reader", metavar="NAME", help="a part of a PC/SC reader's name (overrides the config)")
     parser.add_argument("--bsf", metavar="URL", help="BSF base URL (default: derived from the IMSI)")
     parser.add_argument("--mode", choices=sorted(MODES), help="GBA mode policy (default: auto)")
     parser.add_argument(
@@ -49,16 +54,28 @@ def settings(args: argparse.Namespace) -> tuple[ModemConfig, GbaConfig]:
     if args.config is not None:
         config = load_config(args.config)
         modem, gba = config.modem, config.gba
-    elif args.port is None:
-        raise ConfigError("(command line)", "--port", "give --config FILE, or --port PATH (and usually --bsf URL)")
-    else:
+    elif args.port is not None:
         modem, gba = ModemConfig(args.port), GbaConfig()
-    modem = replace(
-        modem,
-        port=args.port or modem.port,
-        transport=args.transport or modem.transport,
-        application=args.application or modem.application,
-    )
+    elif args.reader is not None:
+        modem, gba = ModemConfig(reader=args.reader, transport=TransportChoice.PCSC), GbaConfig()
+    else:
+        raise ConfigError(
+            "(command line)", "--port", "give --config FILE, or --port PATH or --reader NAME (and usually --bsf URL)"
+        )
+    changes: dict[str, Any] = {}
+    if args.reader is not None:  # a reader instead of the file's modem (or another reader)
+        changes.update(port=None, reader=args.reader, transport=TransportChoice.PCSC)
+    elif args.port is not None:  # a modem instead of the file's reader (or another port)
+        transport = TransportChoice.AUTO if modem.uses_reader else modem.transport
+        changes.update(port=args.port, reader=None, transport=transport)
+    if args.transport is not None:
+        changes["transport"] = args.transport
+    if args.application is not None:
+        changes["application"] = args.application
+    try:
+        modem = replace(modem, **changes)
+    except ValueError as exc:  # e.g. --transport pcsc with --port
+        raise ConfigError("(command line)", "--transport", str(exc)) from None
     gba = replace(gba, mode=MODES[args.mode] if args.mode else gba.mode, bsf_url=args.bsf or gba.bsf_url)
     return modem, gba
 

@@ -1,14 +1,17 @@
-"""``mn-secd uicc info|auth``: look at the UICC through the modem's AT port, as the daemon would.
+"""``mn-secd uicc info|auth|readers``: look at the UICC through a modem's AT port or a reader, as the daemon would.
 
-``info`` is the first thing to run on a new gateway: it proves the AT port, the transport, the
-application discovery and the identity in one go, with nothing secret in its output.
+``info`` is the first thing to run on a new gateway: it proves the AT port (``--port``) or the
+reader (``--reader``), the transport, the application discovery and the identity in one go, with
+nothing secret in its output. ``readers`` lists what pcscd sees, to find the text for ``--reader``
+and ``[modem] reader``.
 
 ``auth`` is a lab tool: it runs exactly one AUTHENTICATE (3G context) with a RAND and AUTN given on
 the command line and prints RES, CK and IK -- key material, printed only because the operator asked
 for it by name. Each run consumes a sequence number on the card; it is never retried.
 
-Exit codes: 0 done (``auth``: success, or sync failure with AUTS printed), 1 error (typed, one line),
-2 usage, 3 ``auth`` MAC failure (the AUTN did not come from the card's home network).
+Exit codes: 0 done (``auth``: success, or sync failure with AUTS printed), 1 error (typed, one line;
+``readers --reader NAME``: NAME picks no reader holding a card), 2 usage, 3 ``auth`` MAC failure
+(the AUTN did not come from the card's home network).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from collections.abc import Callable
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AuthContext
 from mn_secd.card_identity import CardIdentity
-from mn_secd.uicc.card import Card, open_card
+from mn_secd.uicc.card import Card, ModemSource, open_card
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
+from mn_secd.uicc.reader import ReaderSource, survey_readers
 
 EXIT_MAC_FAILURE = 3
 
@@ -59,32 +63,71 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         f"Exit status: 0 success or sync failure, 1 error, 2 usage, {EXIT_MAC_FAILURE} MAC failure.",
     )
     for p in (info, auth):
-        p.add_argument("--port", required=True, help="the modem's AT port, e.g. /dev/ttyUSB2")
-        p.add_argument("--baud", type=_positive(int), default=115200, help="speed (default 115200)")
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--port", help="the modem's AT port, e.g. /dev/ttyUSB2")
+        where.add_argument(
+            "--reader", metavar="NAME", help="a part of a PC/SC reader's name (`mn-secd uicc readers` lists them)"
+        )
+        p.add_argument("--baud", type=_positive(int), help="speed of the AT port (default 115200)")
         p.add_argument(
-            "--transport", type=TransportChoice, choices=list(TransportChoice), default="auto", help="APDU transport"
+            "--transport",
+            type=TransportChoice,
+            choices=list(TransportChoice),
+            help="APDU transport (default: auto with --port, pcsc with --reader)",
         )
         p.add_argument(
             "--application", type=ApplicationChoice, choices=list(ApplicationChoice), default="auto", help="application"
         )
-        p.add_argument("--timeout", type=_positive(float), default=5.0, help="seconds per AT command (default 5)")
+        p.add_argument(
+            "--timeout", type=_positive(float), default=5.0, help="seconds per AT command or APDU (default 5)"
+        )
+        p.set_defaults(parser=p)
     auth.add_argument("--rand", type=_hex16, required=True, help="RAND, 32 hex digits")
     auth.add_argument("--autn", type=_hex16, required=True, help="AUTN, 32 hex digits")
+    readers = sub.add_parser("readers", help="list the PC/SC readers pcscd sees, whether each holds a card, its ATR")
+    readers.add_argument("--reader", metavar="NAME", help="also say which reader NAME picks, as the daemon would")
     info.set_defaults(handler=lambda args: asyncio.run(_info(args)))
     auth.set_defaults(handler=lambda args: asyncio.run(_auth(args)))
+    readers.set_defaults(handler=lambda args: asyncio.run(_readers(args)))
+
+
+def modem_config(args: argparse.Namespace) -> ModemConfig:
+    """``--port`` or ``--reader`` and the options that go with it; a mismatch is a usage error (exit 2)."""
+    parser: argparse.ArgumentParser = args.parser
+    if args.reader is not None:
+        if args.transport not in (None, TransportChoice.PCSC) or args.baud is not None:
+            parser.error("--transport and --baud are for --port; a reader is always reached over pcsc")
+        return ModemConfig(
+            reader=args.reader,
+            transport=TransportChoice.PCSC,
+            application=args.application,
+            command_timeout=args.timeout,
+        )
+    if args.transport is TransportChoice.PCSC:
+        parser.error("--transport pcsc goes with --reader NAME, not --port")
+    return ModemConfig(
+        args.port,
+        baud=args.baud or ModemConfig.baud,
+        transport=args.transport or TransportChoice.AUTO,
+        application=args.application,
+        command_timeout=args.timeout,
+    )
 
 
 async def _open(args: argparse.Namespace) -> Card:
-    config = ModemConfig(
-        args.port, baud=args.baud, transport=args.transport, application=args.application, command_timeout=args.timeout
-    )
-    return await open_card(config)
+    return await open_card(modem_config(args))
 
 
-def _describe(port: str, identity: CardIdentity) -> list[str]:
+def _describe(card: Card, identity: CardIdentity) -> list[str]:
     apps = ", ".join(f"{app.value} {aid.hex().upper()}" for app, aid in identity.applications)
+    source = card.source
+    where: list[str] = []
+    if isinstance(source, ReaderSource) and source.transport is not None:
+        where = [f"reader:       {source.transport.reader}", f"ATR:          {source.transport.atr.hex().upper()}"]
+    elif isinstance(source, ModemSource):
+        where = [f"port:         {source.port.path}"]
     return [
-        f"port:         {port}",
+        *where,
         f"transport:    {identity.transport}",
         f"ICCID:        {identity.iccid}",
         f"IMSI:         {identity.imsi}",
@@ -100,9 +143,28 @@ async def _info(args: argparse.Namespace) -> int:
     card = await _open(args)
     try:
         identity = await card.identity()
+        lines = _describe(card, identity)
     finally:
         await card.close()
-    print("\n".join(_describe(args.port, identity)))
+    print("\n".join(lines))
+    return 0
+
+
+async def _readers(args: argparse.Namespace) -> int:
+    survey = await survey_readers(args.reader)
+    if not survey.readers:
+        print("no PC/SC readers (pcscd runs, but sees none)")
+    width = max((len(r.name) for r in survey.readers), default=0)
+    for reader in survey.readers:
+        card = f"card, ATR {reader.atr.hex().upper()}" if reader.card_present else "empty"
+        print(f"{reader.name:{width}}  {card}")
+    if args.reader is None:
+        return 0
+    if survey.problem is not None:
+        print(f"--reader {args.reader!r}: {survey.problem.kind}: {survey.problem}")
+        return 1
+    assert survey.chosen is not None
+    print(f"--reader {args.reader!r} picks {survey.chosen.name!r}")
     return 0
 
 
