@@ -1,5 +1,5 @@
-"""The integration tests' one harness: the modem on a pty, the simulated world, and the daemon as
-systemd runs it.
+"""The integration tests' one harness: the modem on a pty, the simulated world, a private pcscd, and
+the daemon as systemd runs it.
 
 Everything here is real: the emulator serves a pseudo-terminal, the reference BSF listens on
 loopback HTTP, the daemon is a subprocess with its own notify socket. Each fixture stops what it
@@ -8,6 +8,7 @@ started, whatever the test did, so a failing test leaves no port, pty or process
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from harness import LocalAes, PtyModem
 
 from mn_secd.sim.launcher import DaemonProcess
 from mn_secd.sim.modem import ModemEmulator, Quirks
+from mn_secd.sim.pcscd import PrivatePcscd
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import SimulatedWorld, lab_cards
@@ -74,6 +76,31 @@ async def make_world(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Si
 async def world(make_world: Callable[..., Awaitable[SimulatedWorld]]) -> SimulatedWorld:
     """The lab cards, the modem with the first card in it, and the reference BSF."""
     return await make_world()
+
+
+# --- a private pcscd with the vpcd reader --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivatePcscd]:
+    """The test process's one private pcscd (its vpcd reader holds virtual cards: mn_secd.sim.vicc).
+
+    One per process: libpcsclite reads PCSCLITE_CSOCK_NAME once, so the socket path never changes.
+    Tests that make the reader vanish stop this pcscd and start it again on the same socket.
+    Subprocesses (the daemon, the CLI) find it through the same variable in their environment.
+    """
+    daemon = PrivatePcscd(tmp_path_factory.mktemp("pcscd"))
+    saved = os.environ.get("PCSCLITE_CSOCK_NAME")
+    os.environ.update(daemon.env)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+        if saved is None:
+            os.environ.pop("PCSCLITE_CSOCK_NAME", None)
+        else:
+            os.environ["PCSCLITE_CSOCK_NAME"] = saved
 
 
 # --- the daemon as systemd runs it -------------------------------------------------------------------------

@@ -8,13 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.naf_keys import NafKey
+from mn_secd.sim.bsf import ZN_PATH
 from mn_secd.sim.modem import ModemEmulator
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
+from mn_secd.ua import UaId
 from mn_secd.uicc.card import Card, open_card
 from mn_secd.uicc.options import ModemConfig
+from mn_secd.uicc.pcsc import list_readers
 
 
 @dataclass
@@ -31,6 +36,23 @@ async def open_test_card(cards: list[Card], path: str, **options: Any) -> Card:
     card = await asyncio.wait_for(open_card(ModemConfig(path, **options)), 30)
     cards.append(card)
     return card
+
+
+async def zn(bsf_url: str, btid: str, fqdn: str, ua: UaId, *, gba_u_aware: bool = False) -> dict[str, Any]:
+    """The NAF's side: ask the BSF's Zn endpoint over HTTP for the key of (B-TID, NAF_Id)."""
+    body = {"btId": btid, "nafId": {"nafFqdn": fqdn, "uaSecProtId": ua.hex}, "gbaUAware": gba_u_aware}
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        response = await client.post(bsf_url + ZN_PATH, json=body)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def reader_holds_card(reader: str, present: bool, timeout: float = 10.0) -> None:
+    """Until pcscd shows ``reader`` with (or without) a card: it polls its slots about every 400 ms."""
+    async with asyncio.timeout(timeout):
+        while not any(r.name == reader and r.card_present == present for r in await list_readers()):
+            await asyncio.sleep(0.05)
 
 
 @dataclass

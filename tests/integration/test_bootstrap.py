@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from harness import zn
 
 from mn_secd.card_identity import Application, CardEvent, CardEventKind
 from mn_secd.errors import (
@@ -35,7 +35,7 @@ from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.keystore import KeyStore
 from mn_secd.gba.ub import UbClient
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
-from mn_secd.sim.bsf import GARBAGE_CHALLENGE, ZN_PATH, ReferenceBsf
+from mn_secd.sim.bsf import GARBAGE_CHALLENGE, ReferenceBsf
 from mn_secd.sim.modem import Quirks
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.sqn import SqnState
@@ -116,16 +116,6 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
     async with stack:
         yield make
-
-
-async def zn(bsf_url: str, btid: str, fqdn: str, ua: UaId, *, gba_u_aware: bool = False) -> dict[str, Any]:
-    """The NAF's side: ask the BSF's Zn endpoint over HTTP for the key of (B-TID, NAF_Id)."""
-    body = {"btId": btid, "nafId": {"nafFqdn": fqdn, "uaSecProtId": ua.hex}, "gbaUAware": gba_u_aware}
-    async with httpx.AsyncClient(timeout=5.0) as client:
-        response = await client.post(bsf_url + ZN_PATH, json=body)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
 
 
 def read_gbabp(card: SoftUicc, aid: bytes, application: Application) -> tuple[bytes, str, str]:

@@ -1,8 +1,8 @@
 """The PC/SC transport through a real pcscd, whose vpcd reader holds the software UICC (mn_secd.sim.vicc).
 
-One private pcscd serves the whole module (libpcsclite reads PCSCLITE_CSOCK_NAME once per process,
-so its socket path never changes); tests that make the reader vanish stop and restart that same
-pcscd. Skipped only when pcscd or the vpcd driver is not installed (./dev installs both).
+The private pcscd is the test process's one (``conftest.pcscd``: libpcsclite reads
+PCSCLITE_CSOCK_NAME once per process); tests that make the reader vanish stop and restart it.
+Skipped only when pcscd or the vpcd driver is not installed (./dev installs both).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import reader_holds_card
 
 from mn_secd.aka import AkaSuccess, AkaSyncFailure, AuthContext
 from mn_secd.errors import ApduOutcomeUnknown, PcscUnavailable, ReaderGone, ReaderNotFound, UiccAbsent
@@ -64,22 +65,6 @@ def challenge(profile: CardProfile, seq: int, rand: bytes = RAND) -> bytes:
     return generate_autn(Milenage(profile.k, profile.opc), rand, (seq << 5).to_bytes(6, "big"), profile.amf)
 
 
-@pytest.fixture(scope="module")
-def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivatePcscd]:
-    daemon = PrivatePcscd(tmp_path_factory.mktemp("pcscd"))
-    saved = os.environ.get("PCSCLITE_CSOCK_NAME")
-    os.environ.update(daemon.env)
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.close()
-        if saved is None:
-            os.environ.pop("PCSCLITE_CSOCK_NAME", None)
-        else:
-            os.environ["PCSCLITE_CSOCK_NAME"] = saved
-
-
 @dataclass
 class Lab:
     pcscd: PrivatePcscd
@@ -122,9 +107,7 @@ class Lab:
 
 
 async def card_in_reader(present: bool, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not any(r.name == READER and r.card_present == present for r in await list_readers()):
-            await asyncio.sleep(0.05)
+    await reader_holds_card(READER, present, timeout)
 
 
 @pytest.fixture
