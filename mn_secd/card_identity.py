@@ -1,7 +1,7 @@
 """What the rest of mn_secd knows about a UICC: its applications, its identity, and its comings and goings.
 
-Whatever reaches the card (a modem's AT port today, a PC/SC reader tomorrow) reports in these
-terms, and the keystore and the daemon act on them without knowing how the card was reached.
+Whatever reaches the card (a modem's AT port, a PC/SC reader) reports in these terms, and the
+keystore and the daemon act on them without knowing how the card was reached.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class CardIdentity:
     application: Application
     aid: bytes
     gba_u: bool  # the card offers the GBA security context (UST service 68 / IST service 2)
-    transport: str  # how APDUs reach the card: "csim" or "cgla"
+    transport: str  # how APDUs reach the card: "csim", "cgla" (a modem's AT port) or "pcsc" (a reader)
     applications: tuple[tuple[Application, bytes], ...] = ()  # every 3GPP application found in EF_DIR
 
     @property

@@ -211,8 +211,9 @@ class ReaderGone(ReaderError):
 class ApduOutcomeUnknown(UiccError):
     """A command reached the reader but no answer came back (card pulled, reader gone, timeout).
 
-    The card may have acted on it, so the transport never sends it again: for an AUTHENTICATE the
-    sequence number may be spent, and the caller starts over with a fresh challenge.
+    The card may have acted on it, so the transport never sends it again. An AUTHENTICATE that ends
+    this way is reported as :class:`AuthenticateOutcomeUnknown` (its sequence number may be spent,
+    and the caller starts over with a fresh challenge).
     """
 
     kind = "apdu-outcome-unknown"

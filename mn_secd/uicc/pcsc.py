@@ -254,11 +254,6 @@ class PcscTransport:
         return bool(self._protocol == self._scard.SCARD_PROTOCOL_T0)
 
     @property
-    def dead(self) -> bool:
-        """True once a command went unanswered or the card or reader went: nothing is sent any more."""
-        return self._dead is not None
-
-    @property
     def stuck(self) -> bool:
         """True while a command that got no answer in time is still running inside pcscd."""
         return self._worker.busy
@@ -361,7 +356,7 @@ class PcscTransport:
         reached the card (pcscd refused it, or the transport was already dead) and stays what it is.
         """
         if isinstance(exc, ApduOutcomeUnknown):
-            unknown = AuthenticateOutcomeUnknown(f"{what} sent to {self.reader!r}, no usable answer: {exc}")
+            unknown = AuthenticateOutcomeUnknown(f"{what} sent, no usable answer: {exc}")
             unknown.culprit = Culprit.READER
             return unknown
         return exc

@@ -55,7 +55,7 @@ class ApduTransport(Protocol):
     interprets for a command that must not be resent.
     """
 
-    name: str  # "csim" or "cgla"
+    name: str  # "csim" or "cgla"; "pcsc" for a reader (mn_secd.uicc.pcsc)
 
     @property
     def channel(self) -> int:
