@@ -62,6 +62,10 @@ def settings(args: argparse.Namespace) -> tuple[ModemConfig, GbaConfig]:
         raise ConfigError(
             "(command line)", "--port", "give --config FILE, or --port PATH or --reader NAME (and usually --bsf URL)"
         )
+    if args.reader is not None and args.transport not in (None, TransportChoice.PCSC):
+        raise ConfigError("(command line)", "--transport", "a reader is always reached over pcsc")
+    if args.port is not None and args.transport is TransportChoice.PCSC:
+        raise ConfigError("(command line)", "--transport", '"pcsc" goes with --reader NAME, not --port')
     changes: dict[str, Any] = {}
     if args.reader is not None:  # a reader instead of the file's modem (or another reader)
         changes.update(port=None, reader=args.reader, transport=TransportChoice.PCSC)
@@ -74,7 +78,7 @@ def settings(args: argparse.Namespace) -> tuple[ModemConfig, GbaConfig]:
         changes["application"] = args.application
     try:
         modem = replace(modem, **changes)
-    except ValueError as exc:  # e.g. --transport pcsc with --port
+    except ValueError as exc:  # e.g. --transport csim on a file that names a reader
         raise ConfigError("(command line)", "--transport", str(exc)) from None
     gba = replace(gba, mode=MODES[args.mode] if args.mode else gba.mode, bsf_url=args.bsf or gba.bsf_url)
     return modem, gba

@@ -347,6 +347,9 @@ async def test_uicc_info_auth_and_readers_with_a_reader(make_rig: Callable[..., 
     rig: Rig = await make_rig(ISIM_CARD)
     await reader_holds_card(READER, True)
 
+    code, out, err = await run_cli("uicc", "readers")
+    assert code == 0, err
+    assert out.splitlines() == [f"{READER}  card, ATR {UICC_ATR.hex().upper()}", "mn-secd vicc 00 01  empty"]
     code, out, err = await run_cli("uicc", "readers", "--reader", "vicc 00")
     assert code == 0, err
     assert f"{READER}  card, ATR {UICC_ATR.hex().upper()}" in out
@@ -517,10 +520,15 @@ async def test_the_daemon_waits_for_a_reader_that_is_not_there_yet(
             await vicc.stop()
 
 
-def test_check_config_and_run_without_pyscard_name_the_fix(tmp_path: Path) -> None:
+def test_check_config_with_a_reader_and_without_pyscard(tmp_path: Path) -> None:
     """pyscard is optional: asking for a reader without it is one line naming the install command."""
     config = tmp_path / "mn-secd.toml"
     config.write_text('[modem]\ntransport = "pcsc"\nreader = "uTrust"\n')
+    result = subprocess.run(
+        [*mn_secd_command(), "check-config", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{config}: OK: reader 'uTrust' (pcsc/auto), ")
     wrapper = "import sys; sys.modules['smartcard'] = None; from mn_secd.cli import main; sys.exit(main(sys.argv[1:]))"
     for command in ("check-config", "run"):
         result = subprocess.run(
