@@ -10,12 +10,20 @@ a bare ``AT`` and of a whole AUTHENTICATE (median, p99), each next to its target
 * AUTHENTICATE round trip, median, at most 5 ms, and a bare ``AT``, median, at most 1 ms: the
   emulated card and modem answer at once, so this is the daemon's own cost, which must stay small
   next to a real card's 0.3-2 s per AUTHENTICATE.
+
+Then the same AUTHENTICATEs with the card in a PC/SC reader, through a private pcscd whose vpcd
+reader holds the software UICC (skipped, and said so, when pcscd or vsmartcard-vpcd is missing):
+APDUs per AUTHENTICATE on the wire between pcscd and the card, exactly 2 over T=0 (AUTHENTICATE
+and GET RESPONSE, no SELECT on our logical channel), and the round trip, median at most
+``PCSC_AUTHENTICATE_MEDIAN_MS``: pcscd, its vpcd driver and a loopback TCP hop to the card, still
+small next to a real card.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -23,12 +31,15 @@ from collections.abc import Sequence
 from targets import EXACTLY, Targets
 
 from mn_secd.aka import AkaSuccess, AuthContext
+from mn_secd.errors import UiccAbsent
 from mn_secd.sim.milenage import Milenage, generate_autn
 from mn_secd.sim.modem import ModemEmulator, Quirks
+from mn_secd.sim.pcscd import PrivatePcscd, missing_tools
 from mn_secd.sim.usim import SoftUicc
+from mn_secd.sim.vicc import ViccClient, VirtualCard
 from mn_secd.sim.world import lab_cards
 from mn_secd.uicc import at
-from mn_secd.uicc.card import ModemSource, open_card
+from mn_secd.uicc.card import Card, ModemSource, open_card
 from mn_secd.uicc.options import ModemConfig
 
 PROFILE = lab_cards()[0]
@@ -42,6 +53,7 @@ CASES: list[tuple[str, str, Quirks, int, int]] = [
 ]
 AUTHENTICATE_MEDIAN_MS = 5.0
 AT_MEDIAN_MS = 1.0
+PCSC_AUTHENTICATE_MEDIAN_MS = 5.0
 INS_NAMES = {0x88: "AUTHENTICATE", 0xC0: "GET RESPONSE", 0xA4: "SELECT"}
 
 
@@ -88,6 +100,44 @@ async def run_case(
     return at_per_auth, apdus, auth_times, rtts
 
 
+async def run_pcsc_case(runs: int) -> tuple[dict[str, float], list[float]]:
+    """AUTHENTICATEs with the card in a private pcscd's vpcd reader: APDUs each on the wire, and times."""
+    with PrivatePcscd() as pcscd:
+        os.environ.update(pcscd.env)  # read once by libpcsclite, at this process's first PC/SC call
+        card = VirtualCard(SoftUicc(PROFILE))
+        vicc = ViccClient(card, "127.0.0.1", pcscd.port)
+        await vicc.start()
+        try:
+            config = ModemConfig(transport="pcsc", reader=pcscd.readers[0])
+            opened = await asyncio.wait_for(_open_when_present(config), 30)
+            try:
+                milenage = Milenage(PROFILE.k, PROFILE.opc)
+                card.clear_log()
+                auth_times: list[float] = []
+                for seq in range(1, runs + 1):
+                    rand = seq.to_bytes(16, "big")
+                    autn = generate_autn(milenage, rand, (seq << 5).to_bytes(6, "big"), PROFILE.amf)
+                    start = time.perf_counter()
+                    result = await opened.authenticate(rand, autn, AuthContext.UMTS)
+                    auth_times.append(time.perf_counter() - start)
+                    assert isinstance(result, AkaSuccess)
+                apdus = {name: card.count(ins) / runs for ins, name in INS_NAMES.items()}
+            finally:
+                await opened.close()
+        finally:
+            await vicc.stop()
+    return apdus, auth_times
+
+
+async def _open_when_present(config: ModemConfig) -> Card:
+    """pcscd polls its slots about every 400 ms: the card is there once it has seen it."""
+    while True:
+        try:
+            return await open_card(config)
+        except UiccAbsent:
+            await asyncio.sleep(0.1)
+
+
 async def main(runs: int) -> None:
     targets = Targets()
     print(f"UICC over a pty: {runs} AUTHENTICATEs (3G context) after start-up, per case\n")
@@ -107,6 +157,17 @@ async def main(runs: int) -> None:
     median = statistics.median(all_rtts) * 1000
     print(f"\nAT round trip (bare 'AT', {len(all_rtts)} commands): {ms(all_rtts)} ", end="")
     print(targets.check("bare AT median", round(median, 2), AT_MEDIAN_MS, "ms"))
+    missing = missing_tools()
+    if missing:
+        print(f"\nPC/SC reader: skipped, missing {', '.join(missing)}")
+    else:
+        apdus, auth_times = await run_pcsc_case(runs)
+        apdu_text = ", ".join(f"{name} {count:g}" for name, count in apdus.items())
+        print(f"\npcsc  {'card in a reader, through pcscd':38}  APDUs: {apdu_text} ", end="")
+        print(targets.check("pcsc: APDUs per AUTHENTICATE", sum(apdus.values()), 2, compare=EXACTLY))
+        median = statistics.median(auth_times) * 1000
+        print(f"{'':4}  {'AUTHENTICATE round trip':38}  {ms(auth_times)} ", end="")
+        print(targets.check("pcsc: AUTHENTICATE median", round(median, 2), PCSC_AUTHENTICATE_MEDIAN_MS, "ms"))
     print(targets.summary())
 
 
