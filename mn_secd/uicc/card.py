@@ -352,7 +352,7 @@ async def open_card(config: ModemConfig) -> Card:
     """
     source: CardSource
     if config.uses_reader:
-        source = ReaderSource(config)  # pyscard is loaded only now
+        source = ReaderSource(config)  # pyscard is imported when it opens, not before
     else:
         assert config.port is not None  # ModemConfig requires it for every AT transport
         port = AtPort(
