@@ -20,7 +20,8 @@ from mn_secd.card_identity import Application, CardEvent, CardEventKind, CardIde
 from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaModeUnavailable, UiccAbsent
 from mn_secd.gba.kdf import ks_naf
-from mn_secd.gba.keystore import MAX_CACHED_KEYS, BootstrapPlanner, Due, KeyStore
+from mn_secd.gba.keystore import MAX_CACHED_KEYS, KeyStore
+from mn_secd.gba.planner import BootstrapPlanner, Due
 from mn_secd.gba.session import BootstrapSession, SecretBytes, choose_mode
 from mn_secd.gba.ub import AkaCallback, UbResult
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
