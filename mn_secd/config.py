@@ -1,7 +1,7 @@
 """The daemon's configuration: one TOML file, validated up front, with errors that name the key.
 
 An operator editing ``/etc/mn-secd/mn-secd.toml`` on a gateway gets exactly one line back when
-something is wrong (``mn-secd.toml: gba.refresh_margin: expected a number, got "soon"``), so every
+something is wrong (``mn-secd.toml: gba.http_timeout: expected a number, got "soon"``), so every
 check here raises :class:`~mn_secd.errors.ConfigError` with the file and the dotted key. Unknown
 keys are errors, not warnings: a misspelt ``refresh_margn`` silently falling back to the default is
 exactly the kind of mistake that only shows up months later.
@@ -19,6 +19,7 @@ import difflib
 import ipaddress
 import json
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass, fields
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 
 from mn_secd.control import pskfile
 from mn_secd.errors import ConfigError, InvalidNafId, PcscUnavailable, UnsupportedUaProtocol
+from mn_secd.gba.planner import BootstrapTiming, Span
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.ua import UaId, normalise_fqdn
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
@@ -36,19 +38,36 @@ from mn_secd.uicc.pcsc import load_pyscard
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The [modem] keys a file may set; ModemConfig's polling and reopening pace keep their defaults.
 MODEM_KEYS = ("port", "baud", "transport", "application", "command_timeout", "reader")
+#: A share of the key lifetime in the configuration: "33%", "12.5 %".
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 #: Used when an ``[[ae]]`` entry has no ``ua`` key: oneM2M's mandatory DTLS suite.
 DEFAULT_UA = ("dtls-psk",)
+
+
+_TIMING = BootstrapTiming()
 
 
 @dataclass(frozen=True)
 class GbaConfig:
     mode: GbaPolicy = GbaPolicy.AUTO
     bsf_url: str | None = None  # None: derived from the IMSI (bsf.mncXXX.mccYYY.pub.3gppnetwork.org)
-    refresh_margin: float = 300.0
-    refresh_jitter: float = 60.0
-    min_forced_interval: float = 30.0
+    refresh_margin: Span = _TIMING.refresh_margin
+    refresh_jitter: Span = _TIMING.refresh_jitter
+    retry_interval: Span = _TIMING.retry_interval
+    max_retry_interval: float = _TIMING.max_retry_interval
+    min_forced_interval: float = _TIMING.min_forced_interval
     http_timeout: float = 10.0
     retries: int = 3
+
+    def timing(self) -> BootstrapTiming:
+        """The keystore's bootstrap timing from this section (the rest keeps the planner's defaults)."""
+        return BootstrapTiming(
+            refresh_margin=self.refresh_margin,
+            refresh_jitter=self.refresh_jitter,
+            retry_interval=self.retry_interval,
+            max_retry_interval=self.max_retry_interval,
+            min_forced_interval=self.min_forced_interval,
+        )
 
 
 @dataclass(frozen=True)
@@ -187,8 +206,10 @@ def _gba(t: _Table) -> GbaConfig:
     gba = GbaConfig(
         mode=mode,
         bsf_url=bsf_url,
-        refresh_margin=t.number("refresh_margin", GbaConfig.refresh_margin),
-        refresh_jitter=t.number("refresh_jitter", GbaConfig.refresh_jitter),
+        refresh_margin=t.span("refresh_margin", GbaConfig.refresh_margin),
+        refresh_jitter=t.span("refresh_jitter", GbaConfig.refresh_jitter),
+        retry_interval=t.span("retry_interval", GbaConfig.retry_interval),
+        max_retry_interval=t.number("max_retry_interval", GbaConfig.max_retry_interval, positive=True),
         min_forced_interval=t.number("min_forced_interval", GbaConfig.min_forced_interval),
         http_timeout=t.number("http_timeout", GbaConfig.http_timeout, positive=True),
         retries=t.integer("retries", GbaConfig.retries, minimum=0),
@@ -366,6 +387,21 @@ class _Table:
         if number < 0:
             raise self.error(name, f"must not be negative, got {_show(value)}")
         return number
+
+    def span(self, name: str, default: Span) -> Span:
+        """Seconds (a number), or a share of the key lifetime (a string such as ``"33%"``)."""
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            match = _PERCENT.fullmatch(value.strip())
+            if match is None:
+                raise self.error(name, f'expected a number of seconds or a share such as "33%", got {_show(value)}')
+            share = float(match[1]) / 100.0
+            if share > 1.0:
+                raise self.error(name, f"a share of the key lifetime cannot exceed 100%, got {_show(value)}")
+            return Span(share=share)
+        return Span(seconds=self.number(name, 0.0))
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         value = self._get(name)

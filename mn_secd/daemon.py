@@ -279,14 +279,7 @@ class Daemon:
             self.config.gba.bsf_url, timeout=self.config.gba.http_timeout, retries=self.config.gba.retries
         )
         gba = self.config.gba
-        store = KeyStore(
-            card,
-            self.ub,
-            gba.mode,
-            refresh_margin=gba.refresh_margin,
-            refresh_jitter=gba.refresh_jitter,
-            min_forced_interval=gba.min_forced_interval,
-        )
+        store = KeyStore(card, self.ub, gba.mode, timing=gba.timing())
         self.keys.attach(store)
         store.subscribe(self._on_key_event)
         self._unsubscribe_card = card.subscribe(self._on_card_event)
@@ -336,7 +329,7 @@ class Daemon:
         try:
             await store.ensure_bootstrapped()
         except MnSecdError as exc:
-            self._degraded(f"bootstrap failed ({_describe(exc)}); retried on the next key request", "gba.failed")
+            self._degraded(f"bootstrap failed ({_describe(exc)}); retrying by itself", "gba.failed")
 
     def _on_key_event(self, event: KeyEvent) -> None:
         store = self.keys.store

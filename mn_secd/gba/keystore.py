@@ -2,13 +2,15 @@
 
 It answers :meth:`KeyStore.get_key` from a cache keyed by NAF_Id, or after one bootstrap shared by
 every concurrent caller (single-flight), and keeps the session fresh by itself: a refresh is due a
-configurable margin plus a random jitter before Ks expires, so a fleet of gateways that booted
-together does not hit the BSF in step. Subscribers are told when keys were refreshed or wiped.
+margin plus a random jitter before Ks expires, so a fleet of gateways that booted together does not
+hit the BSF in step. Subscribers are told when keys were refreshed or wiped.
 
 Every bootstrap costs an AKA run on the card and a sequence number, so no caller can cause them at
 will: a forced re-bootstrap (a NAF rejected the B-TID) has a minimum interval
-(:class:`~mn_secd.errors.BootstrapRateLimited`), and after a failure further bootstraps wait for an
-exponentially growing back-off, during which callers get the last failure again.
+(:class:`~mn_secd.errors.BootstrapRateLimited`), and after a failure further bootstraps wait for the
+planner's retry time, during which callers get the last failure again. When that time comes the
+keystore retries by itself (unless the card is gone or cannot do the GBA mode asked for), so a
+gateway gets its key back after a BSF outage without waiting for an AE to ask.
 
 Keys are bound to the card that made them: on card removal or change, and on :meth:`KeyStore.close`,
 Ks is overwritten and every NAF key dropped.
@@ -36,8 +38,8 @@ from typing import Any, TypeVar
 
 from mn_secd.card_identity import CardEvent, CardEventKind
 from mn_secd.clock import SYSTEM_CLOCK, Clock
-from mn_secd.errors import BootstrapRateLimited, GbaError, MnSecdError, UiccAbsent
-from mn_secd.gba.planner import BootstrapPlanner, Due
+from mn_secd.errors import BootstrapRateLimited, GbaError, GbaModeUnavailable, MnSecdError, UiccAbsent
+from mn_secd.gba.planner import BootstrapPlanner, BootstrapTiming, Due
 from mn_secd.gba.session import BootstrapSession, bootstrap, derive_naf_key
 from mn_secd.gba.ub import UbRunner
 from mn_secd.interfaces import CardAccess
@@ -57,13 +59,20 @@ MAX_CACHED_KEYS = 1024
 MAX_SESSION_SWITCHES = 3
 
 
+_DUE_MESSAGES = {
+    Due.REFRESH: "refreshing Ks before it expires",
+    Due.RETRY: "retrying the bootstrap after a failure",
+    Due.START: "bootstrapping at start-up",
+}
+
+
 class KeyStore:
     """:class:`~mn_secd.interfaces.KeyProvider` over a card and a Ub client.
 
     The keystore does not own ``card`` or ``ub``: :meth:`close` wipes its keys and stops its timer,
-    the caller closes the card and the Ub client. ``clock`` is what the keystore both decides and
-    sleeps on (a test or a simulated fleet passes its own); ``rng`` draws the refresh and back-off
-    jitter.
+    the caller closes the card and the Ub client. ``timing`` is the planner's (its defaults are what
+    the fleet simulation recommends); ``clock`` is what the keystore both decides and sleeps on (a
+    test passes its own); ``rng`` draws the refresh and retry jitter.
     """
 
     def __init__(
@@ -72,11 +81,7 @@ class KeyStore:
         ub: UbRunner,
         policy: GbaPolicy = GbaPolicy.AUTO,
         *,
-        refresh_margin: float = 300.0,
-        refresh_jitter: float = 60.0,
-        min_forced_interval: float = 30.0,
-        failure_backoff: float = 5.0,
-        max_failure_backoff: float = 600.0,
+        timing: BootstrapTiming | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
@@ -84,14 +89,7 @@ class KeyStore:
         self._ub = ub
         self._policy = policy
         self._clock = clock
-        self.planner = BootstrapPlanner(
-            refresh_margin=refresh_margin,
-            refresh_jitter=refresh_jitter,
-            min_forced_interval=min_forced_interval,
-            failure_backoff=failure_backoff,
-            max_failure_backoff=max_failure_backoff,
-            rng=rng or random.Random(),
-        )
+        self.planner = BootstrapPlanner(timing or BootstrapTiming(), rng or random.Random())
         self._session: BootstrapSession | None = None
         self._cache: dict[bytes, NafKey] = {}
         self._inflight: asyncio.Task[BootstrapSession] | None = None
@@ -253,7 +251,10 @@ class KeyStore:
         except Exception as exc:
             error = exc if isinstance(exc, MnSecdError) else GbaError(f"bootstrap failed: {type(exc).__name__}")
             if generation == self._generation and not self._closed:
-                retry_at = self.planner.bootstrap_failed(self._clock.time())
+                # The card gone or a policy the card cannot meet will not mend with time: the card's
+                # next event, or a caller, asks again. Anything else is retried on the planner's time.
+                transient = not isinstance(error, (UiccAbsent, GbaModeUnavailable))
+                retry_at = self.planner.bootstrap_failed(self._clock.time(), retry=transient)
                 self._last_failure = error
                 log.warning(
                     "bootstrap failed",
@@ -264,6 +265,7 @@ class KeyStore:
                     },
                     exc_info=error is not exc,
                 )
+                self._ensure_timer()
                 self._wake()
             if error is exc:
                 raise
@@ -301,8 +303,7 @@ class KeyStore:
                 "refresh_in": round(refresh_at - self._clock.time(), 1),
             },
         )
-        if self._refresh_task is None:
-            self._refresh_task = self._spawn(self._refresh_loop(), "mn-secd-key-refresh")
+        self._ensure_timer()
         self._wake()
         self._subscribers.emit(KeyEvent(KeyEventKind.REFRESHED, session.btid))
 
@@ -382,8 +383,12 @@ class KeyStore:
 
     # --- the timer -----------------------------------------------------------------------------------
 
+    def _ensure_timer(self) -> None:
+        if self._refresh_task is None:
+            self._refresh_task = self._spawn(self._refresh_loop(), "mn-secd-key-refresh")
+
     async def _refresh_loop(self) -> None:
-        """Sleep until the planner's next deadline, then refresh or expire; woken early on any change."""
+        """Sleep until the planner's next deadline, then bootstrap or expire; woken early on any change."""
         while not self._closed:
             self._wakeup.clear()
             now = self._clock.time()
@@ -395,10 +400,10 @@ class KeyStore:
                 self.planner.session_dropped()
                 continue
             task = self._running()
-            if due is Due.REFRESH or task is not None:
-                if task is None:
-                    log.info("refreshing Ks before it expires", extra={"event": "gba.refresh"})
-                    task = self._start_bootstrap()
+            if task is None and due is not None:
+                log.info(_DUE_MESSAGES[due], extra={"event": f"gba.{due.value}"})
+                task = self._start_bootstrap()
+            if task is not None:
                 with contextlib.suppress(MnSecdError):
                     await asyncio.shield(task)
                 continue

@@ -33,6 +33,7 @@ from mn_secd.errors import (
 )
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.keystore import KeyStore
+from mn_secd.gba.planner import BootstrapTiming
 from mn_secd.gba.ub import UbClient
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
 from mn_secd.sim.bsf import GARBAGE_CHALLENGE, ReferenceBsf
@@ -106,7 +107,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         options.update(ub_options or {})
         ub = UbClient(bsf_url or world.bsf_url, **options)
         stack.push_async_callback(ub.aclose)
-        store = KeyStore(card, ub, policy, min_forced_interval=0.0)
+        store = KeyStore(card, ub, policy, timing=BootstrapTiming(min_forced_interval=0.0))
         stack.push_async_callback(store.close)
         events: list[KeyEvent] = []
         store.subscribe(events.append)

@@ -37,6 +37,7 @@ from mn_secd.control.server import ControlServer, start_control_server
 from mn_secd.dtls import table as dtls_table
 from mn_secd.errors import Culprit, KeyServiceRefused, KeyServiceRejected, KeyServiceTimeout
 from mn_secd.gba.keystore import KeyStore
+from mn_secd.gba.planner import BootstrapTiming, Span
 from mn_secd.gba.ub import UbClient
 from mn_secd.naf_keys import GbaMode, GbaPolicy
 from mn_secd.sim.bsf import ZN_PATH
@@ -96,7 +97,8 @@ async def make_chain(
         world = await make_world(bsf_lifetime=bsf_lifetime)
         card = await open_test_card(cards, str(world.modem_link))
         ub = UbClient(world.bsf_url, timeout=5.0)
-        keys = KeyStore(card, ub, GbaPolicy.AUTO, refresh_margin=refresh_margin, refresh_jitter=0.0)
+        timing = BootstrapTiming(refresh_margin=Span(seconds=refresh_margin), refresh_jitter=Span())
+        keys = KeyStore(card, ub, GbaPolicy.AUTO, timing=timing)
         registry = AeRegistry(aes if aes is not None else [ae("ae-a", PSK_A), ae("ae-b", b"psk-of-ae-b", (OTHER_NAF,))])
         server = await start_control_server(keys, registry, ["127.0.0.1"], 0, max_peers=max_peers, idle_timeout=60)
         chain = Chain(world, card, ub, keys, server)

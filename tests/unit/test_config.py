@@ -20,6 +20,7 @@ from mn_secd.config import (
     load_config,
 )
 from mn_secd.errors import ConfigError
+from mn_secd.gba.planner import BootstrapTiming, Span
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.uicc.options import ModemConfig
 
@@ -60,6 +61,7 @@ def test_minimal_config_gets_the_contract_defaults(cfg_dir: Path) -> None:
     assert config == load_config(cfg_dir / "mn-secd.toml")
     assert config.modem == ModemConfig(port="/dev/null")
     assert config.gba == GbaConfig()
+    assert config.gba.timing() == BootstrapTiming()  # the daemon runs on the planner's (simulated) defaults
     assert config.gba.mode is GbaPolicy.AUTO
     assert config.control == ControlConfig()
     assert config.control.addresses == ("127.0.0.1", "::1")
@@ -85,6 +87,8 @@ mode = "gba-u"
 bsf_url = "https://bsf.example.net:8443/"
 refresh_margin = 10
 refresh_jitter = 0
+retry_interval = "20%"
+max_retry_interval = 900
 min_forced_interval = 1.5
 http_timeout = 3
 retries = 0
@@ -115,7 +119,23 @@ naf = ["x.example.org"]
         )
     )
     assert config.modem == ModemConfig("/dev/null", 9600, "cgla", "usim", 2.0)
-    assert config.gba == GbaConfig(GbaPolicy.GBA_U_ONLY, "https://bsf.example.net:8443/", 10.0, 0.0, 1.5, 3.0, 0)
+    assert config.gba == GbaConfig(
+        mode=GbaPolicy.GBA_U_ONLY,
+        bsf_url="https://bsf.example.net:8443/",
+        refresh_margin=Span(seconds=10.0),
+        refresh_jitter=Span(seconds=0.0),
+        retry_interval=Span(share=0.2),
+        max_retry_interval=900.0,
+        min_forced_interval=1.5,
+        http_timeout=3.0,
+        retries=0,
+    )
+    timing = config.gba.timing()
+    assert (timing.refresh_margin, timing.retry_interval, timing.min_forced_interval) == (
+        Span(seconds=10.0),
+        Span(share=0.2),
+        1.5,
+    )
     assert config.control == ControlConfig(("127.0.0.1",), 15684, 8, 30.0, 16, 2)
     assert config.log.level == "debug"
     assert config.aes[0].naf == ("naf.example.org", "*.iot.example.net")
@@ -130,13 +150,23 @@ def _write(cfg_dir: Path, text: str) -> Path:
     return path
 
 
-def test_the_documented_refresh_margin_message(cfg_dir: Path) -> None:
-    path = _write(cfg_dir, MINIMAL + '\n[gba]\nrefresh_margin = "soon"\n')
+def test_the_documented_http_timeout_message(cfg_dir: Path) -> None:
+    path = _write(cfg_dir, MINIMAL + '\n[gba]\nhttp_timeout = "soon"\n')
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value) == f'{path}: gba.refresh_margin: expected a number, got "soon"'
-    assert info.value.key == "gba.refresh_margin"
+    assert str(info.value) == f'{path}: gba.http_timeout: expected a number, got "soon"'
+    assert info.value.key == "gba.http_timeout"
     assert info.value.file == str(path)
+
+
+def test_timing_spans_are_seconds_or_shares_of_the_lifetime(cfg_dir: Path) -> None:
+    path = _write(
+        cfg_dir, MINIMAL + '\n[gba]\nrefresh_margin = "25 %"\nrefresh_jitter = 90\nretry_interval = "12.5%"\n'
+    )
+    gba = load_config(path).gba
+    assert gba.refresh_margin == Span(share=0.25) and gba.refresh_jitter == Span(seconds=90.0)
+    assert gba.retry_interval == Span(share=0.125)
+    assert gba.retry_interval.of(3600.0) == 450.0 and str(gba.refresh_margin) == "25%"
 
 
 BAD = [
@@ -156,6 +186,11 @@ BAD = [
     ("[modem]\nport = '/dev/null'\n[gba]\nbsf_url = 'bsf.example.net'\n", "gba.bsf_url", "http://"),
     ("[modem]\nport = '/dev/null'\n[gba]\nrefresh_jitter = -1\n", "gba.refresh_jitter", "negative"),
     ("[modem]\nport = '/dev/null'\n[gba]\nretries = 1.5\n", "gba.retries", "expected an integer"),
+    ("[modem]\nport = '/dev/null'\n[gba]\nrefresh_margin = 'soon'\n", "gba.refresh_margin", 'such as "33%"'),
+    ("[modem]\nport = '/dev/null'\n[gba]\nrefresh_margin = '-5%'\n", "gba.refresh_margin", 'such as "33%"'),
+    ("[modem]\nport = '/dev/null'\n[gba]\nretry_interval = '150%'\n", "gba.retry_interval", "exceed 100%"),
+    ("[modem]\nport = '/dev/null'\n[gba]\nretry_interval = -1\n", "gba.retry_interval", "negative"),
+    ("[modem]\nport = '/dev/null'\n[gba]\nmax_retry_interval = 0\n", "gba.max_retry_interval", "greater than 0"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = 'lo'\n", "control.addresses", "list of strings"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = []\n", "control.addresses", "at least one"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = ['localhost']\n", "control.addresses[0]", "IP address"),
@@ -300,6 +335,7 @@ def test_the_shipped_example_documents_every_key_and_loads(cfg_dir: Path) -> Non
     write_psk(cfg_dir / "ae-telemetry.psk")
     config = load_config(target)
     assert [ae.identity for ae in config.aes] == ["ae-metering", "ae-telemetry"]
+    assert config.gba.timing() == BootstrapTiming()  # the example shows the defaults
     text = EXAMPLE.read_text()
     for section, keys in SECTION_KEYS.items():
         assert f"[{section}]" in text

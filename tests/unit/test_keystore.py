@@ -1,4 +1,4 @@
-"""The keystore: its clock-free planner driven by a fake clock, and the asyncio adapter over a fake card.
+"""The keystore: the asyncio adapter around the planner (tests/unit/test_planner.py), over a fake card.
 
 The card and the Ub client are in-memory stand-ins here (the integration tests run the real pty
 modem, software UICC and BSF); they count AUTHENTICATEs and Ub runs so single-flight, the rate limit
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from virtual_time import VirtualTimeLoop
 
 from mn_secd.aka import AkaResult, AkaSuccess, AuthContext
 from mn_secd.card_identity import Application, CardEvent, CardEventKind, CardIdentity
@@ -21,7 +24,7 @@ from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaModeUnavailable, UiccAbsent
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.keystore import MAX_CACHED_KEYS, KeyStore
-from mn_secd.gba.planner import BootstrapPlanner, Due
+from mn_secd.gba.planner import BootstrapTiming, Span
 from mn_secd.gba.session import BootstrapSession, SecretBytes, choose_mode
 from mn_secd.gba.ub import AkaCallback, UbResult
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
@@ -136,90 +139,15 @@ class FakeUb:
 
 
 def make_store(
-    *, gba_u: bool = False, policy: GbaPolicy = GbaPolicy.AUTO, **kw: float
+    *, gba_u: bool = False, policy: GbaPolicy = GbaPolicy.AUTO, **timing: Any
 ) -> tuple[KeyStore, FakeCard, FakeUb, FakeClock, list[KeyEvent]]:
     clock = FakeClock()
     card = FakeCard(identity(gba_u=gba_u))
     ub = FakeUb(clock)
-    store = KeyStore(card, ub, policy, clock=clock, rng=random.Random(1), **kw)
+    store = KeyStore(card, ub, policy, timing=BootstrapTiming(**timing), clock=clock, rng=random.Random(1))
     events: list[KeyEvent] = []
     store.subscribe(events.append)
     return store, card, ub, clock, events
-
-
-# --- the planner (fake clock, no event loop) ---------------------------------------------------------------
-
-
-def planner(**kw: float) -> BootstrapPlanner:
-    args = {
-        "refresh_margin": 300.0,
-        "refresh_jitter": 60.0,
-        "min_forced_interval": 30.0,
-        "failure_backoff": 5.0,
-        "max_failure_backoff": 600.0,
-    }
-    args.update(kw)
-    return BootstrapPlanner(rng=random.Random(3), **args)
-
-
-def test_refresh_time_lies_in_the_jitter_window_and_spreads() -> None:
-    p = planner()
-    times = [p.bootstrap_succeeded(1000.0, 1000.0 + 3600.0) for _ in range(500)]
-    assert all(4600.0 - 300.0 - 60.0 <= t <= 4600.0 - 300.0 for t in times)
-    assert max(times) - min(times) > 50.0  # a fleet does not refresh in step
-
-
-def test_short_lifetime_refreshes_no_earlier_than_half_way() -> None:
-    p = planner()
-    assert p.bootstrap_succeeded(1000.0, 1100.0) == 1050.0
-
-
-def test_due_and_deadlines_follow_the_clock() -> None:
-    p = planner(refresh_jitter=0.0)
-    p.bootstrap_succeeded(0.0, 3600.0)
-    assert p.next_deadline() == 3300.0
-    assert p.due(3299.9) is None
-    assert p.due(3300.0) is Due.REFRESH
-    p.bootstrap_failed(3300.0)  # refresh failed: retry after the back-off, expiry still coming
-    assert p.due(3301.0) is None
-    retry = p.next_deadline()
-    assert retry is not None and 3302.5 <= retry <= 3305.0
-    assert p.due(retry) is Due.REFRESH
-    assert p.due(3600.0) is Due.EXPIRE
-    p.session_dropped()
-    assert p.next_deadline() is None and p.due(4000.0) is None
-
-
-def test_failure_backoff_grows_exponentially_to_a_cap() -> None:
-    p = planner(failure_backoff=5.0, max_failure_backoff=40.0)
-    delays = [p.bootstrap_failed(0.0) for _ in range(6)]
-    for n, delay in enumerate(delays):
-        step = min(40.0, 5.0 * 2**n)
-        assert step / 2 <= delay <= step
-    assert p.backoff_remaining(0.0) == delays[-1]
-    assert p.backoff_remaining(delays[-1]) is None
-    p.bootstrap_succeeded(100.0, 4000.0)
-    assert p.failures == 0 and p.backoff_remaining(100.0) is None
-
-
-def test_forced_interval() -> None:
-    p = planner(min_forced_interval=30.0)
-    assert p.forced_retry_after(0.0) is None
-    p.bootstrap_started(100.0)
-    assert p.forced_retry_after(110.0) == pytest.approx(20.0)
-    assert p.forced_retry_after(130.0) is None
-    p.bootstrap_failed(130.0)  # a failure's back-off applies to forced bootstraps too
-    remaining = p.forced_retry_after(130.0)
-    assert remaining is not None and remaining >= 2.5
-    p.card_changed()
-    assert p.forced_retry_after(130.0) is None
-
-
-def test_planner_rejects_nonsense() -> None:
-    with pytest.raises(ValueError):
-        planner(refresh_margin=-1.0)
-    with pytest.raises(ValueError):
-        planner(refresh_jitter=float("nan"))
 
 
 # --- the keystore ------------------------------------------------------------------------------------------
@@ -454,7 +382,8 @@ async def test_proactive_refresh_runs_on_the_real_timer() -> None:
     """The asyncio adapter sleeps until the planner's deadline: a 0.6 s lifetime refreshes by itself."""
     card = FakeCard(identity())
     ub = FakeUb(SYSTEM_CLOCK, lifetime=0.6)
-    store = KeyStore(card, ub, refresh_margin=0.2, refresh_jitter=0.05)  # the system clock by default
+    timing = BootstrapTiming(refresh_margin=Span(seconds=0.2), refresh_jitter=Span(seconds=0.05))
+    store = KeyStore(card, ub, timing=timing)  # the system clock by default
     refreshed = asyncio.Event()
     events: list[KeyEvent] = []
 
@@ -493,7 +422,7 @@ async def test_the_key_cache_holds_max_cached_keys_and_drops_the_oldest() -> Non
 async def test_the_timer_sleeps_on_the_injected_clock() -> None:
     """Refresh and expiry follow the clock the keystore decides on, not the event loop's: with a
     clock that stands still nothing happens, and moving it past the deadline refreshes at once."""
-    store, _, ub, clock, events = make_store(refresh_margin=300.0, refresh_jitter=0.0)
+    store, _, ub, clock, events = make_store(refresh_margin=Span(seconds=300.0), refresh_jitter=Span())
     first = await store.get_key("a.example.org", DTLS)
     await asyncio.sleep(0.05)
     clock.advance(3600.0 - 300.0 - 1.0)  # a second before the refresh is due
@@ -530,7 +459,7 @@ def test_secrets_stay_out_of_reprs() -> None:
 
 async def test_gba_u_failed_refresh_keeps_cached_keys_but_derives_nothing_new() -> None:
     """After a failed GBA_U bootstrap the card's Ks may belong to no B-TID the BSF knows."""
-    store, card, ub, clock, _ = make_store(gba_u=True, min_forced_interval=0.0, failure_backoff=10.0)
+    store, card, ub, clock, _ = make_store(gba_u=True, min_forced_interval=0.0, retry_interval=Span(seconds=10.0))
     cached = await store.get_key("a.example.org", DTLS)
     ub.fail_with = BsfUnreachable("down")
     with pytest.raises(BsfUnreachable):
@@ -555,3 +484,95 @@ async def test_close_during_a_bootstrap_fails_the_waiters_with_a_typed_error() -
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, GbaError) and "closed" in str(r) for r in results), results
     assert card.authenticates == [] and events[-1].kind is KeyEventKind.WIPED
+
+
+# --- retrying by itself (on virtual time: hours of timers pass at once) -----------------------------------
+
+
+class FlakyUb(FakeUb):
+    """The BSF does not answer from ``down_from`` until ``down_until`` (clock seconds); records when
+    each run started."""
+
+    def __init__(self, clock: Clock, down_until: float, lifetime: float = 3600.0) -> None:
+        super().__init__(clock, lifetime)
+        self.down_until = down_until
+        self.down_from = -1.0
+        self.starts: list[float] = []
+
+    async def run(self, ident: CardIdentity, aka: AkaCallback, *, mode: GbaMode) -> UbResult:
+        now = self.clock.time()
+        self.starts.append(now)
+        self.fail_with = BsfUnreachable("down") if self.down_from <= now < self.down_until else None
+        return await super().run(ident, aka, mode=mode)
+
+
+def on_virtual_time(scenario: Callable[[VirtualTimeLoop], Coroutine[Any, Any, None]]) -> None:
+    loop = VirtualTimeLoop()
+    try:
+        loop.run_until_complete(scenario(loop))
+    finally:
+        loop.close()
+
+
+def test_a_failed_first_bootstrap_is_retried_without_any_request() -> None:
+    async def scenario(loop: VirtualTimeLoop) -> None:
+        clock = loop.clock()
+        t0 = clock.time()
+        card = FakeCard(identity())
+        ub = FlakyUb(clock, down_until=t0 + 1000.0)
+        store = KeyStore(card, ub, clock=clock, rng=random.Random(5))
+        with pytest.raises(BsfUnreachable):
+            await store.ensure_bootstrapped()
+        await asyncio.sleep(2000.0)  # nobody asks for a key meanwhile
+        assert store.status().bootstrapped and store.status().last_error is None
+        assert ub.starts[-1] >= t0 + 1000.0 and len(ub.starts) >= 5
+        for n, (a, b) in enumerate(itertools.pairwise(ub.starts)):  # exponential back-off, jittered
+            step = min(600.0, 5.0 * 2**n)
+            assert step / 2 <= b - a <= step
+        assert len(card.authenticates) == 1  # only the run the BSF answered reached the card
+        await store.close()
+
+    on_virtual_time(scenario)
+
+
+def test_a_failed_refresh_is_retried_widely_then_the_key_comes_back_by_itself() -> None:
+    async def scenario(loop: VirtualTimeLoop) -> None:
+        clock = loop.clock()
+        t0 = clock.time()
+        card = FakeCard(identity())
+        ub = FlakyUb(clock, down_until=t0 + 2 * 3600.0)
+        ub.down_from = t0 + 60.0  # the BSF goes away after the first bootstrap, for just under 2 h
+        store = KeyStore(card, ub, clock=clock, rng=random.Random(7))
+        events: list[KeyEvent] = []
+        store.subscribe(events.append)
+        await store.ensure_bootstrapped()
+        await asyncio.sleep(4 * 3600.0)
+        kinds = [e.kind for e in events]
+        assert kinds[:3] == [KeyEventKind.REFRESHED, KeyEventKind.WIPED, KeyEventKind.REFRESHED]
+        refresh, first_retry = ub.starts[1], ub.starts[2]
+        assert t0 + 0.5 * 3600 <= refresh <= t0 + 0.67 * 3600  # the planned refresh, then ...
+        assert first_retry < t0 + 3600.0  # ... one more try while the key was valid
+        back = next(s for s in ub.starts if s >= t0 + 2 * 3600.0)  # the run that got the key back
+        assert back <= t0 + 2 * 3600.0 + 0.5 * 3600  # within one retry interval of the BSF's return
+        keyless_retries = [s for s in ub.starts if t0 + 3600.0 < s <= back]
+        assert len(keyless_retries) >= 2
+        for a, b in itertools.pairwise(keyless_retries):
+            assert 0.25 * 3600 <= b - a <= 0.5 * 3600  # keyless: 50-100 % of half the lifetime
+        await store.close()
+
+    on_virtual_time(scenario)
+
+
+def test_a_failure_time_will_not_mend_is_not_retried_by_itself() -> None:
+    async def scenario(loop: VirtualTimeLoop) -> None:
+        clock = loop.clock()
+        card = FakeCard(identity(gba_u=False))
+        ub = FlakyUb(clock, down_until=0.0)
+        store = KeyStore(card, ub, GbaPolicy.GBA_U_ONLY, clock=clock)
+        with pytest.raises(GbaModeUnavailable):
+            await store.ensure_bootstrapped()
+        await asyncio.sleep(24 * 3600.0)
+        assert ub.starts == [] and card.authenticates == []
+        await store.close()
+
+    on_virtual_time(scenario)
