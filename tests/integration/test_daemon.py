@@ -249,3 +249,23 @@ async def test_check_config_accepts_a_good_file(world: SimulatedWorld, local_aes
     assert (proc.returncode, err) == (0, b"")
     assert out.decode().count("\n") == 1
     assert "OK" in out.decode() and "2 AEs" in out.decode() and str(world.modem_link) in out.decode()
+
+
+async def test_a_failed_start_up_bootstrap_is_retried_by_the_daemon_itself(
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon
+) -> None:
+    """The BSF is busy when the daemon starts (every attempt of the Ub client answered 503): the
+    keystore retries after its back-off on its own, and the daemon is bootstrapped before any AE asks."""
+    bsf(world).busy_responses = 4  # the first request and the Ub client's three quick retries
+    local_aes.add("ae-one")
+    daemon = await start_daemon(local_aes.write_config())
+    try:
+        failed = await daemon.notify.wait_for(lambda m: m.startswith("STATUS=degraded: bootstrap failed"), timeout=20.0)
+        assert "retrying by itself" in daemon.notify.messages[failed]
+        assert bsf(world).successes == 0
+        await daemon.notify.wait_for(lambda m: m.startswith("STATUS=bootstrapped until "), after=failed, timeout=20.0)
+        assert bsf(world).busy == 4 and bsf(world).successes == 1  # no AE has asked for anything yet
+        key = await local_aes.get_key("ae-one")
+        assert key.btid == bsf(world).last_btid and bsf(world).successes == 1
+    finally:
+        await daemon.stop()
