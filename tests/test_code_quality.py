@@ -81,7 +81,7 @@ SIDEWAYS = {
 SIM = "mn_secd.sim"
 SIM_LOADERS = frozenset({"mn_secd.commands.sim", "mn_secd.commands.demo"})
 #: Third-party packages only the simulated world may import (the daemon process stays small).
-SIM_ONLY_PACKAGES = frozenset({"aiohttp"})
+SIM_ONLY_PACKAGES = frozenset({"aiohttp", "matplotlib"})
 #: A string naming a module, as ``importlib.import_module`` gets it ("pkg.mod" or "pkg.mod:function").
 _MODULE_STRING = re.compile(r"^(mn_secd(?:\.\w+)+)(?::\w+)?$")
 

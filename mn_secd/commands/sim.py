@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "naf": ("mn_secd.sim.in_cse:configure", "reference IN-CSE (NAF): CoAP over DTLS-PSK keyed by GBA, keys over Zn"),
     "vicc": ("mn_secd.sim.vicc:configure", "the software UICC as a card in pcscd's vpcd reader (PC/SC)"),
     "pcscd": ("mn_secd.sim.pcscd:configure", "a private pcscd with one vpcd reader, beside the system's"),
+    "fleet": ("mn_secd.sim.fleetcli:configure", "fleet simulation: N gateways against a BSF model on a virtual clock"),
 }
 
 
