@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import re
@@ -144,6 +145,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mn-secd sim fleet: {exc}", file=sys.stderr)
         return 2
+    if args.plot is not None:
+        importlib.import_module("matplotlib")  # a missing [sim] extra is said now, not after the run
     result = simulate(params)
     print(report(result))
     if args.json is not None:
