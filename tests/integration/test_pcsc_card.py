@@ -34,6 +34,7 @@ from mn_secd.errors import (
     UiccAbsent,
 )
 from mn_secd.gba.keystore import KeyStore
+from mn_secd.gba.planner import BootstrapTiming
 from mn_secd.gba.ub import UbClient
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
 from mn_secd.sim.bsf import ReferenceBsf
@@ -93,7 +94,7 @@ class Rig:
         self.stack.push_async_callback(card.close)
         ub = UbClient(self.bsf_url, timeout=3.0, retries=1, backoff=0.01, max_backoff=0.02)
         self.stack.push_async_callback(ub.aclose)
-        store = KeyStore(card, ub, policy, min_forced_interval=0.0)
+        store = KeyStore(card, ub, policy, timing=BootstrapTiming(min_forced_interval=0.0))
         self.stack.push_async_callback(store.close)
         store.subscribe(self.key_events.append)
         card.subscribe(self.card_events.append)
