@@ -6,11 +6,12 @@ check here raises :class:`~mn_secd.errors.ConfigError` with the file and the dot
 keys are errors, not warnings: a misspelt ``refresh_margn`` silently falling back to the default is
 exactly the kind of mistake that only shows up months later.
 
-Secrets never live in this file. Each AE's pre-shared key is in its own file, found in
-``$CREDENTIALS_DIRECTORY`` first (systemd ``LoadCredential=``) and then next to the config file,
-and refused when anyone else could read or replace it (:mod:`mn_secd.control.pskfile`). This
-module checks where the file is and who may read it; the key service
-(:mod:`mn_secd.control.registry`) reads its contents.
+Secrets never live in this file. Each AE's pre-shared key is in its own file, and so is the SIM
+PIN (``[modem] pin_file``, optional), found in ``$CREDENTIALS_DIRECTORY`` first (systemd
+``LoadCredential=``) and then next to the config file, and refused when anyone else could read or
+replace it (:mod:`mn_secd.control.pskfile`). This module checks where such a file is and who may
+read it; the key service (:mod:`mn_secd.control.registry`) reads a PSK file's contents,
+:func:`load_pin` the PIN's.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from mn_secd.control import pskfile
 from mn_secd.errors import ConfigError, InvalidNafId, PcscUnavailable, UnsupportedUaProtocol
 from mn_secd.gba.planner import BootstrapTiming, Span
 from mn_secd.naf_keys import GbaPolicy
+from mn_secd.secret import SecretBytes
 from mn_secd.ua import UaId, normalise_fqdn
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
 from mn_secd.uicc.pcsc import load_pyscard
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The [modem] keys a file may set; ModemConfig's polling and reopening pace keep their defaults.
-MODEM_KEYS = ("port", "baud", "transport", "application", "command_timeout", "reader")
+MODEM_KEYS = ("port", "baud", "transport", "application", "command_timeout", "reader", "pin_file")
 #: A share of the key lifetime in the configuration: "33%", "12.5 %".
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 #: Used when an ``[[ae]]`` entry has no ``ua`` key: oneM2M's mandatory DTLS suite.
@@ -102,6 +104,7 @@ class Config:
     control: ControlConfig
     aes: tuple[AeConfig, ...]
     log: LogConfig
+    pin_file: Path | None = None  # [modem] pin_file, resolved like an AE's psk_file
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -120,13 +123,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(file, "(syntax)", f"not valid TOML: {exc}") from None
 
     top = _Table(file, "", data)
-    modem = _modem(top.table("modem", required=True))
+    config_dir = cfg_path.absolute().parent
+    modem_table = top.table("modem", required=True)
+    pin_file = _pin_file(modem_table, config_dir)
+    modem = _modem(modem_table)
     gba = _gba(top.table("gba"))
     control = _control(top.table("control"))
     log = _log(top.table("log"))
-    aes = _aes(file, cfg_path.absolute().parent, top.array_of_tables("ae"))
+    aes = _aes(file, config_dir, top.array_of_tables("ae"))
     top.finish()
-    return Config(path=cfg_path, modem=modem, gba=gba, control=control, aes=aes, log=log)
+    return Config(path=cfg_path, modem=modem, gba=gba, control=control, aes=aes, log=log, pin_file=pin_file)
 
 
 def check_modem_port(config: Config) -> None:
@@ -151,8 +157,27 @@ def check_modem_port(config: Config) -> None:
         raise ConfigError(str(config.path), "modem.port", f"not a character device: {port}")
 
 
+def load_pin(config: Config) -> SecretBytes | None:
+    """The SIM PIN from ``[modem] pin_file``, in a wipeable buffer (None when no pin_file is set).
+
+    The file holds the PIN's 4 to 8 digits, a trailing newline allowed; the same ownership and mode
+    checks as a PSK file. A wrong file is a ConfigError that never shows what the file holds.
+    """
+    if config.pin_file is None:
+        return None
+    buffer = pskfile.read_secret_file(config.pin_file, "modem.pin_file", what="the PIN file", limit=16)
+    digits = buffer.strip()
+    try:
+        if not (digits.isdigit() and 4 <= len(digits) <= 8):
+            raise ConfigError(str(config.pin_file), "modem.pin_file", "must hold the SIM PIN: 4 to 8 digits")
+        return SecretBytes(digits)
+    finally:
+        for temporary in (buffer, digits):  # SecretBytes holds its own copy; these go
+            temporary[:] = bytes(len(temporary))
+
+
 def resolve_psk_file(name: str, config_dir: Path) -> list[Path]:
-    """Where a ``psk_file`` value is looked for, in order.
+    """Where a ``psk_file`` (or ``pin_file``) value is looked for, in order.
 
     A relative name is tried in ``$CREDENTIALS_DIRECTORY`` (what ``LoadCredential=`` fills) and then
     next to the config file, so the same config works under systemd and in a development checkout.
@@ -169,6 +194,12 @@ def resolve_psk_file(name: str, config_dir: Path) -> list[Path]:
 
 
 # --- sections ------------------------------------------------------------------------------------
+
+
+def _pin_file(t: _Table, config_dir: Path) -> Path | None:
+    if t.optional_string("pin_file") is None:
+        return None
+    return _credential_file(t, "pin_file", config_dir, hint="a file holding the SIM PIN", what="the PIN file")
 
 
 def _modem(t: _Table) -> ModemConfig:
@@ -285,25 +316,31 @@ def _naf_pattern(t: _Table, index: int, pattern: str) -> str:
 
 
 def _psk_file(t: _Table, config_dir: Path) -> Path:
-    name = t.required_string("psk_file", hint="a file holding the AE's pre-shared key")
+    return _credential_file(t, "psk_file", config_dir, hint="a file holding the AE's pre-shared key")
+
+
+def _credential_file(t: _Table, key: str, config_dir: Path, *, hint: str, what: str = "the PSK file") -> Path:
+    """A secret's file (an AE's PSK, the SIM PIN): found as :func:`resolve_psk_file` says, non-empty,
+    and passing :func:`mn_secd.control.pskfile.file_problem`."""
+    name = t.required_string(key, hint=hint)
     tried = resolve_psk_file(name, config_dir)
     found = next((p for p in tried if p.exists()), None)
     if found is None:
         where = ", ".join(str(p) for p in tried)
-        raise t.error("psk_file", f"no such file (looked for {where})")
+        raise t.error(key, f"no such file (looked for {where})")
     try:
         fd = os.open(found, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
-        raise t.error("psk_file", f"cannot open {found}: {exc.strerror or exc}") from None
+        raise t.error(key, f"cannot open {found}: {exc.strerror or exc}") from None
     try:
-        problem = pskfile.file_problem(fd, found)
+        problem = pskfile.file_problem(fd, found, what)
         empty = os.fstat(fd).st_size == 0
     finally:
         os.close(fd)
     if problem is not None:
-        raise t.error("psk_file", f"{found}: {problem}")
+        raise t.error(key, f"{found}: {problem}")
     if empty:
-        raise t.error("psk_file", f"{found} is empty")
+        raise t.error(key, f"{found} is empty")
     return found
 
 

@@ -20,7 +20,11 @@ start-up finishes and dependent units run), keeps serving 5.03 on the control so
 retrying. The same holds for a PC/SC reader that is not plugged in yet or a pcscd that is not
 running yet; only a missing pyscard is a configuration error (``modem.transport``). Once the card
 is open, :mod:`mn_secd.uicc.card` itself follows removals, swaps and a vanishing port or reader;
-this module only reflects them in STATUS= and the log.
+this module only reflects them in STATUS= and the log. A SIM that is busy (the first seconds after
+power-up) is asked again within a few seconds; a locked one gets its PIN from ``[modem] pin_file``
+at most once per insertion (:class:`~mn_secd.uicc.pin.PinKeeper`, kept for the whole run), and
+otherwise STATUS names the lock and the remedy. Another program on the modem's port is named in
+every STATUS= line while it is there.
 
 Signals: SIGHUP re-reads the configuration file and swaps the AE registry in (keys are kept; other
 sections need a restart and a warning says so); SIGTERM and SIGINT send STOPPING=1, wipe every
@@ -42,11 +46,11 @@ from datetime import UTC
 from typing import Any
 
 from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity
-from mn_secd.config import Config, load_config
+from mn_secd.config import Config, load_config, load_pin
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import AeRegistry, load_registry
 from mn_secd.control.server import ControlServer, start_control_server
-from mn_secd.errors import ConfigError, MnSecdError, UiccAbsent
+from mn_secd.errors import ConfigError, MnSecdError, UiccAbsent, UiccBusy
 from mn_secd.gba.keystore import KeyStore
 from mn_secd.gba.ub import UbClient
 from mn_secd.logs import btid_hash
@@ -54,7 +58,8 @@ from mn_secd.naf_keys import KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
 from mn_secd.notify import Notifier
 from mn_secd.observers import Subscribers
 from mn_secd.ua import UaId
-from mn_secd.uicc.card import Card, open_card
+from mn_secd.uicc.card import Card, PortSharing, open_card
+from mn_secd.uicc.pin import PinKeeper
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,8 @@ MODEM_WAIT = 120.0
 #: Back-off between attempts to open the modem: doubles from FIRST to MAX.
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
+#: A busy SIM is ready within seconds: it is asked again at least this often.
+BUSY_RETRY_MAX = 4.0
 #: Seconds each shutdown step may take (the unit's TimeoutStopSec=15 covers all of them).
 SHUTDOWN_STEP = 3.0
 #: Extra start-up time asked of systemd beyond the wait itself (one more attempt may be running).
@@ -157,6 +164,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe_card: Callable[[], None] | None = None
         self.failed: BaseException | None = None  # an internal error that stopped the daemon
+        self.pin = PinKeeper()  # the PIN from [modem] pin_file, read in run()
+        self._port_note: str | None = None  # another program on the modem's port, while it is there
 
     # --- life cycle ----------------------------------------------------------------------------------
 
@@ -165,6 +174,7 @@ class Daemon:
         started = time.monotonic()
         # Everything that can be wrong with the configuration fails here, before anything starts.
         registry = load_registry(self.config.aes, source=str(self.config.path))
+        self.pin = PinKeeper(load_pin(self.config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -223,6 +233,7 @@ class Daemon:
                     await close()
             except Exception as exc:
                 log.warning("closing %s failed: %s", what, _describe(exc), extra={"event": "daemon.close_failed"})
+        self.pin.wipe()
         if self.server is not None:
             log.info("stopped; keys wiped", extra={"event": "daemon.stopped"})
 
@@ -258,7 +269,7 @@ class Daemon:
         modem = self.config.modem
         deadline = time.monotonic() + self.modem_wait
         delay = RETRY_FIRST
-        self.notifier.status(f"waiting for {modem.where}")
+        self._status(f"waiting for {modem.where}")
         self.notifier.extend_timeout(self.modem_wait + EXTEND_MARGIN)
         while True:
             try:
@@ -266,11 +277,13 @@ class Daemon:
             except (MnSecdError, OSError) as exc:
                 reason = exc if isinstance(exc, MnSecdError) else UiccAbsent(f"modem unavailable: {exc}")
                 self.keys.set_unavailable(reason)
+                if isinstance(exc, UiccBusy):
+                    delay = min(delay, BUSY_RETRY_MAX)
                 self._degraded(f"no card yet ({_describe(exc)}); retrying in {delay:.0f} s", "modem.unavailable")
                 if not self.ready:
                     self.notifier.extend_timeout(max(0.0, deadline - time.monotonic()) + EXTEND_MARGIN)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                delay = min(delay * 2, BUSY_RETRY_MAX if isinstance(exc, UiccBusy) else RETRY_MAX)
                 continue
             break
         self.card = card
@@ -288,7 +301,7 @@ class Daemon:
 
     async def _open_card(self) -> tuple[Card, CardIdentity]:
         """One attempt: the port opened, the card up and its identity read, or nothing left open."""
-        card = await open_card(self.config.modem)
+        card = await open_card(self.config.modem, pin=self.pin, notices=self._on_card_notice)
         try:
             return card, await card.identity()
         except BaseException:
@@ -304,7 +317,7 @@ class Daemon:
             "yes" if identity.gba_u else "no",
             extra={"event": "card.found", "impi": mask_impi(identity.impi)},
         )
-        self.notifier.status(f"card found: {mask_impi(identity.impi)} ({identity.application.value})")
+        self._status(f"card found: {mask_impi(identity.impi)} ({identity.application.value})")
 
     def _on_card_event(self, event: CardEvent) -> None:
         if event.kind is CardEventKind.REMOVED:
@@ -314,6 +327,15 @@ class Daemon:
         if event.identity is not None:
             self._card_found(event.identity)
         self._bootstrap_in_background()
+
+    def _on_card_notice(self, notice: PortSharing | MnSecdError) -> None:
+        """Another program on the port (named in every STATUS= from now on), or why a card that
+        came back is not usable (locked, busy)."""
+        if isinstance(notice, PortSharing):
+            self._port_note = None if notice.clear else notice.describe()
+            self._status(self.notifier.last_status or "running")
+        else:
+            self._degraded(f"card not usable ({_describe(notice)})", "card.unusable")
 
     # --- GBA -----------------------------------------------------------------------------------------
 
@@ -325,7 +347,7 @@ class Daemon:
         store = self.keys.store
         if store is None:
             return
-        self.notifier.status("bootstrapping with the BSF")
+        self._status("bootstrapping with the BSF")
         try:
             await store.ensure_bootstrapped()
         except MnSecdError as exc:
@@ -338,7 +360,7 @@ class Daemon:
             if status.expires is not None and status.btid is not None:
                 until = status.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
                 mode = status.gba_mode.value if status.gba_mode is not None else "?"
-                self.notifier.status(f"bootstrapped until {until} ({mode}, B-TID #{btid_hash(status.btid)})")
+                self._status(f"bootstrapped until {until} ({mode}, B-TID #{btid_hash(status.btid)})")
 
     # --- reload --------------------------------------------------------------------------------------
 
@@ -357,6 +379,8 @@ class Daemon:
         stale = [
             name for name in ("modem", "gba", "control", "log") if getattr(config, name) != getattr(self.config, name)
         ]
+        if config.pin_file != self.config.pin_file and "modem" not in stale:
+            stale.insert(0, "modem")
         if stale:
             log.warning(
                 "changes to [%s] take effect after a restart",
@@ -369,7 +393,12 @@ class Daemon:
 
     def _degraded(self, why: str, event: str) -> None:
         log.warning("degraded: %s", why, extra={"event": event})
-        self.notifier.status(f"degraded: {why}")
+        self._status(f"degraded: {why}")
+
+    def _status(self, text: str) -> None:
+        """STATUS=, with the warning about another program on the modem's port while there is one."""
+        note = f"; warning: {self._port_note}" if self._port_note else ""
+        self.notifier.status(text.partition("; warning: ")[0] + note)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"mn-secd-{name}")

@@ -99,6 +99,16 @@ class PortGoneError(ModemError):
     kind = "port-gone"
 
 
+class AnswerLost(ModemError):
+    """The modem lost a command's answer: ``+CME ERROR: 0`` or a final OK without the ``+CSIM:`` line.
+
+    Reported on Quectel EG95 firmware; the card may well have run the command, so only a command
+    that does the same when run twice is sent again (:func:`mn_secd.uicc.apdu.idempotent`).
+    """
+
+    kind = "answer-lost"
+
+
 # --- UICC ---------------------------------------------------------------------------------------------
 
 
@@ -121,14 +131,39 @@ class UiccAbsent(UiccError):
     kind = "uicc-absent"
 
 
+class UiccBusy(UiccError):
+    """The modem is still reading the SIM (``+CME ERROR: 14``, SIM busy), e.g. just after power-up."""
+
+    culprit = Culprit.MODEM
+    kind = "uicc-busy"
+
+
 class UiccLocked(UiccError):
-    """The card needs a PIN/PUK; the daemon never enters PINs."""
+    """The SIM waits for a PIN (or a PUK) that the daemon will not (or may not) enter.
+
+    ``state`` is the modem's ``+CPIN:`` answer (``SIM PIN``, ``SIM PUK``...), ``retries`` the
+    attempts left where the modem or the card can say, ``remedy`` what the operator should do.
+    Never holds the PIN itself.
+    """
 
     kind = "uicc-locked"
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: str, detail: str = "", *, retries: int | None = None, remedy: str = "") -> None:
         self.state = state
-        super().__init__(f"card is locked ({state})")
+        self.retries = retries
+        self.remedy = remedy
+        text = f"SIM locked ({state})"
+        if detail:
+            text += f": {detail}"
+        if remedy:
+            text += f"; {remedy}"
+        super().__init__(text)
+
+
+class PinRejected(UiccLocked):
+    """The SIM refused the PIN from ``pin_file``; it is not entered again for this insertion."""
+
+    kind = "uicc-pin-rejected"
 
 
 class ApplicationNotFound(UiccError):

@@ -50,6 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mn_secd.psk_identity",
         "mn_secd.naf_keys",
         "mn_secd.clock",
+        "mn_secd.secret",
         "mn_secd.interfaces",
         "mn_secd.observers",
         "mn_secd.logs",

@@ -1,4 +1,5 @@
-"""PSK files: read verbatim, and refused when anyone but their owner could read or replace them.
+"""PSK files (and the SIM PIN's file): read verbatim, and refused when anyone but their owner could
+read or replace them.
 
 The checks follow OpenSSH's ``StrictModes`` for key files: the file must be a regular file owned by
 the user reading it (the daemon's, or the AE's) or by root, and nobody else may read or write it:
@@ -29,7 +30,7 @@ _ACL_VERSION = 2
 _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
-def access_problem(mode: int, acl: bytes | None, uid: int) -> str | None:
+def access_problem(mode: int, acl: bytes | None, uid: int, what: str = "the PSK file") -> str | None:
     """Why someone other than the owner (and ``uid``) may access a file, or None.
 
     ``acl`` is the raw ``system.posix_acl_access`` value, if the file has one: then the group bits
@@ -38,19 +39,19 @@ def access_problem(mode: int, acl: bytes | None, uid: int) -> str | None:
     """
     if acl is None:
         if mode & 0o077:
-            return f"the PSK file is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+            return f"{what} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
         return None
     entries = parse_acl(acl)
     if entries is None:
-        return "the PSK file has an ACL that cannot be read; remove it (setfacl -b)"
+        return f"{what} has an ACL that cannot be read; remove it (setfacl -b)"
     mask = next((perm for tag, perm, _ in entries if tag == _MASK), 0o7)
     for tag, perm, qualifier in entries:
         if tag == _OTHER and perm:
-            return "others may access the PSK file; chmod 600 it"
+            return f"others may access {what}; chmod 600 it"
         if tag in (_GROUP_OBJ, _GROUP) and perm & mask:
-            return "a group may access the PSK file (ACL); chmod 600 it and remove group entries (setfacl -b)"
+            return f"a group may access {what} (ACL); chmod 600 it and remove group entries (setfacl -b)"
         if tag == _USER and qualifier != uid and perm & mask:
-            return f"user {qualifier} may access the PSK file (ACL); remove that entry (setfacl -x u:{qualifier})"
+            return f"user {qualifier} may access {what} (ACL); remove that entry (setfacl -x u:{qualifier})"
     return None
 
 
@@ -80,20 +81,20 @@ def directory_problem(mode: int, owner: int, uid: int, directory: str) -> str | 
     return None
 
 
-def file_problem(fd: int, path: Path) -> str | None:
-    """Everything above, for an open PSK file and the directories on the way to it."""
+def file_problem(fd: int, path: Path, what: str = "the PSK file") -> str | None:
+    """Everything above, for an open PSK file (or ``what`` else) and the directories on the way to it."""
     uid = os.geteuid()
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        return "the PSK file is not a regular file"
-    problem = owner_problem(st.st_uid, uid, "the PSK file")
+        return f"{what} is not a regular file"
+    problem = owner_problem(st.st_uid, uid, what)
     if problem is not None:
         return f"{problem}; chown it"
     try:
         acl: bytes | None = os.getxattr(fd, ACL_XATTR)
     except OSError:  # no ACL (ENODATA), or a file system without them
         acl = None
-    problem = access_problem(st.st_mode, acl, uid)
+    problem = access_problem(st.st_mode, acl, uid, what)
     if problem is not None:
         return problem
     for directory in Path(os.path.realpath(path)).parents:
@@ -106,19 +107,28 @@ def file_problem(fd: int, path: Path) -> str | None:
 
 def read_psk_file(path: Path, key: str = "psk_file") -> bytes:
     """Read a PSK file verbatim (1 to 64 octets), refusing it on any of the problems above."""
+    psk = read_secret_file(path, key, what="the PSK file", limit=MAX_PSK_LENGTH + 1)
+    if not 1 <= len(psk) <= MAX_PSK_LENGTH:
+        size = "empty" if not psk else f"longer than {MAX_PSK_LENGTH} octets"
+        raise ConfigError(str(path), key, f"the PSK file is {size}; a DTLS PSK here is 1 to {MAX_PSK_LENGTH} octets")
+    return bytes(psk)
+
+
+def read_secret_file(path: Path, key: str, *, what: str, limit: int) -> bytearray:
+    """Up to ``limit`` octets of a secret's file (an AE's PSK, the SIM PIN), refused on any of the
+    problems above (checked on the open file), in a buffer the caller can wipe."""
     file = str(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
-        raise ConfigError(file, key, f"cannot open the PSK file: {exc.strerror or exc}") from None
+        raise ConfigError(file, key, f"cannot open {what}: {exc.strerror or exc}") from None
     try:
-        problem = file_problem(fd, path)
+        problem = file_problem(fd, path, what)
         if problem is not None:
             raise ConfigError(file, key, problem)
-        psk = os.read(fd, MAX_PSK_LENGTH + 1)
+        buffer = bytearray(limit)
+        size = os.readv(fd, [buffer])
     finally:
         os.close(fd)
-    if not 1 <= len(psk) <= MAX_PSK_LENGTH:
-        size = "empty" if not psk else f"longer than {MAX_PSK_LENGTH} octets"
-        raise ConfigError(file, key, f"the PSK file is {size}; a DTLS PSK here is 1 to {MAX_PSK_LENGTH} octets")
-    return psk
+    del buffer[size:]
+    return buffer

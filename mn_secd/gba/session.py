@@ -29,47 +29,9 @@ from mn_secd.gba.ub import UbRunner
 from mn_secd.interfaces import CardAccess
 from mn_secd.logs import btid_hash
 from mn_secd.naf_keys import GbaMode, GbaPolicy
+from mn_secd.secret import SecretBytes
 
 log = logging.getLogger(__name__)
-
-
-class SecretBytes:
-    """Key material in a mutable buffer, so that dropping it can overwrite it.
-
-    Python cannot promise that no copy of a secret survives (``bytes`` handed to ``hmac`` are
-    immutable and garbage-collected at leisure), but the long-lived copy, the one that sits in
-    memory for the whole key lifetime, is this buffer, and :meth:`wipe` zeroes it in place. The
-    repr never shows the value, and the object refuses to be pickled.
-    """
-
-    __slots__ = ("_buf",)
-
-    def __init__(self, value: bytes | bytearray) -> None:
-        self._buf = bytearray(value)
-
-    def get(self) -> bytes:
-        """A short-lived copy for one computation; raises once wiped (a use-after-wipe bug)."""
-        if not self._buf:
-            raise ValueError("secret was wiped")
-        return bytes(self._buf)
-
-    def wipe(self) -> None:
-        for i in range(len(self._buf)):
-            self._buf[i] = 0
-        self._buf.clear()
-
-    @property
-    def wiped(self) -> bool:
-        return not self._buf
-
-    def __len__(self) -> int:
-        return len(self._buf)
-
-    def __repr__(self) -> str:
-        return "SecretBytes(<wiped>)" if self.wiped else f"SecretBytes(<{len(self._buf)} octets>)"
-
-    def __reduce__(self) -> str | tuple[object, ...]:
-        raise TypeError("secrets are not picklable")
 
 
 @dataclass(frozen=True, eq=False)

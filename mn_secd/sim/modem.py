@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import threading
+import time
 import tty
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -41,25 +42,39 @@ logger = logging.getLogger(__name__)
 #: lpac #179/#209/#445).
 CchoStyle = Literal["prefixed", "session_handle", "bare"]
 CCHO_STYLES: tuple[CchoStyle, ...] = ("prefixed", "session_handle", "bare")
+#: How the modem tells the PIN attempts left: ``AT+CPINR`` (TS 27.007 8.65), Quectel's
+#: ``AT+QPINC``, Wavecom's (and Sierra's) ``AT+CPINC``, or not at all.
+PinCounterStyle = Literal["cpinr", "qpinc", "cpinc", "none"]
+PIN_COUNTER_STYLES: tuple[PinCounterStyle, ...] = ("cpinr", "qpinc", "cpinc", "none")
 
 #: The Sierra handle of channel 1 is the one lpac's issue shows; other channels count up from it.
 _SIERRA_HANDLE_BASE = 0x000000000385A7CE
 
 #: +CME ERROR codes used here, with their TS 27.007 §9.2 texts (for AT+CMEE=2).
 CME_TEXTS: dict[int, str] = {
+    0: "phone failure",
     3: "operation not allowed",
     4: "operation not supported",
     10: "SIM not inserted",
+    11: "SIM PIN required",
+    12: "SIM PUK required",
     13: "SIM failure",
+    14: "SIM busy",
+    16: "incorrect password",
     20: "memory full",
     21: "invalid index",
     22: "not found",
     50: "Incorrect parameters",
 }
+CME_PHONE_FAILURE = 0
 CME_NOT_ALLOWED = 3
 CME_NOT_SUPPORTED = 4
 CME_SIM_NOT_INSERTED = 10
+CME_SIM_PIN_REQUIRED = 11
+CME_SIM_PUK_REQUIRED = 12
 CME_SIM_FAILURE = 13
+CME_SIM_BUSY = 14
+CME_INCORRECT_PASSWORD = 16
 CME_MEMORY_FULL = 20
 CME_INVALID_INDEX = 21
 CME_NOT_FOUND = 22
@@ -76,6 +91,19 @@ INS_AUTHENTICATE = 0x88
 INS_MANAGE_CHANNEL = 0x70
 INS_GET_RESPONSE = 0xC0
 INS_SELECT = 0xA4
+INS_READ_BINARY = 0xB0
+INS_READ_RECORD = 0xB2
+INS_VERIFY = 0x20
+INS_UNBLOCK_PIN = 0x2C
+#: What Moxa's G2150I manual (a Wavecom-based modem) says AT+CSIM refuses with +CME ERROR: 3:
+#: AUTHENTICATE (RUN GSM ALGORITHM), GET RESPONSE, the PIN commands and the updates.
+_CSIM_RESTRICTED_INS = frozenset({0x88, 0xC0, 0x20, 0x24, 0x26, 0x28, 0x2C, 0xD6, 0xDC, 0x32, 0x44, 0x04, 0xFA})
+#: SELECT MF without an answer: what Siemens-based firmware sends after every AT+CSIM.
+_SELECT_MF = bytes.fromhex("00A4000C023F00")
+#: Siemens keeps up to this many buffered SELECTs ("19 DFs and 1 EF") to send again before a command.
+_MAX_SELECT_PATH = 20
+#: What another program on the port seems to ask, and the answer everyone on the port then sees.
+_FOREIGN_ANSWER = "\r\n+CSQ: 19,99\r\n\r\nOK\r\n"
 
 
 class ProfileLike(Protocol):
@@ -140,13 +168,43 @@ class Quirks:
     #: Extra seconds before the answer to an APDU that is an AUTHENTICATE and reached the card
     #: (the card has run it: a host that times out here must not resend it).
     auth_latency: float = 0.0
+    #: How the modem reports the PIN attempts left (see :data:`PinCounterStyle`).
+    pin_counter: PinCounterStyle = "cpinr"
+    #: Seconds after power-up (and after a SIM is inserted) during which every SIM command answers
+    #: ``+CME ERROR: 10`` (SIM not inserted): the modem has not found the card yet.
+    boot_no_sim: float = 0.0
+    #: Seconds after that (and after a PIN is accepted) during which it answers ``+CME ERROR: 14``
+    #: (SIM busy) while it reads the card (u-blox SARA-R4 at power-up, SIMCom SIM800 after the PIN).
+    boot_sim_busy: float = 0.0
+    #: AT+CSIM refuses AUTHENTICATE, GET RESPONSE, the PIN commands and updates with
+    #: ``+CME ERROR: 3`` (Wavecom-based modems, as Moxa's G2150I manual lists them).
+    csim_restricted: bool = False
+    #: After every AT+CSIM on the basic channel the modem selects the MF again, and before the next
+    #: one it sends the SELECTs it buffered since (Siemens AC75 and Multi-Tech manuals, AT+CSIM).
+    reselect_mf: bool = False
+    #: Every Nth AT+CSIM/AT+CGLA reaches the card but is answered ``+CME ERROR: 0`` (Quectel EG95).
+    cme0_every: int = 0
+    #: Every Nth AT+CSIM/AT+CGLA reaches the card but its ``+CSIM:``/``+CGLA:`` line is lost: a bare
+    #: ``OK`` (Quectel EG95 "drops commands").
+    drop_answer_every: int = 0
+    #: The card answers READ BINARY / READ RECORD this many times in a row with ``6Cxx`` (the exact
+    #: length), and the modem passes it on instead of re-issuing the command itself (Nordic nRF91).
+    wrong_le: int = 0
+    #: Another program shares the port (ModemManager probing): every this many seconds, while idle,
+    #: an answer to an AT+CSQ the host never sent (``+CSQ: 19,99`` and ``OK``).
+    foreign_answers: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ccho_style not in CCHO_STYLES:
             raise ValueError(f"ccho_style must be one of {CCHO_STYLES}, not {self.ccho_style!r}")
+        if self.pin_counter not in PIN_COUNTER_STYLES:
+            raise ValueError(f"pin_counter must be one of {PIN_COUNTER_STYLES}, not {self.pin_counter!r}")
         if self.split_size < 1:
             raise ValueError("split_size must be >= 1")
-        for name in ("split_delay", "latency", "auth_latency"):
+        for name in ("split_delay", "latency", "auth_latency", "boot_no_sim", "boot_sim_busy", "foreign_answers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("cme0_every", "drop_answer_every", "wrong_le"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not self.urc_lines and (self.urcs_between or self.urcs_inside):
@@ -163,6 +221,10 @@ class _CmeError(Exception):
 
 class _BareError(Exception):
     """A failure the modem reports as a bare ``ERROR`` whatever AT+CMEE says."""
+
+
+class _AnswerDropped(Exception):
+    """The command was done, but its information lines are lost: a bare ``OK`` goes back."""
 
 
 class _Halted(Exception):
@@ -244,6 +306,12 @@ class ModemEmulator:
         # Logical channels the modem knows are open on the card, and AT+CCHO's session tokens.
         self._card_channels: set[int] = set()
         self._sessions: dict[int, int] = {}  # session key (channel or Sierra handle) -> channel
+        # When the card was last powered (start, restore, insertion) or took its PIN: the boot quirks.
+        self._powered_at = time.monotonic()
+        self._pin_taken_at: float | None = None
+        self._apdu_commands = 0  # AT+CSIM and AT+CGLA so far, for cme0_every / drop_answer_every
+        self._wrong_le_given: dict[bytes, int] = {}  # READ command header -> 6Cxx answers given in a row
+        self._select_path: list[bytes] = []  # reselect_mf: the SELECTs buffered on the basic channel
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -306,6 +374,8 @@ class ModemEmulator:
             self._echo = self._quirks.echo
             self._cmee = 0
             self._urc_queue.clear()
+            self._powered_at, self._pin_taken_at = time.monotonic(), None
+            self._select_path = []
             if self._link is not None:
                 tmp = f"{self._link}.{os.getpid()}.tmp"
                 with contextlib.suppress(FileNotFoundError):
@@ -370,6 +440,8 @@ class ModemEmulator:
                 new = dataclasses.replace(new, **changes)  # type: ignore[arg-type]
             if "echo" in changes or new.echo != self._quirks.echo:
                 self._echo = new.echo
+            if (new.cme0_every, new.drop_answer_every) != (self._quirks.cme0_every, self._quirks.drop_answer_every):
+                self._apdu_commands = 0  # "every Nth" counts from the moment it is switched on
             self._quirks = new
             return new
 
@@ -393,6 +465,8 @@ class ModemEmulator:
             self._card = card
             self._card_channels.clear()
             self._sessions.clear()
+            self._powered_at, self._pin_taken_at = time.monotonic(), None
+            self._select_path = []
         self.post_urc("+CPIN: READY")
 
     def post_urc(self, line: str) -> None:
@@ -433,15 +507,26 @@ class ModemEmulator:
 
     def _serve(self, port: _Port) -> None:
         buf = bytearray()
+        foreign_due = time.monotonic() + self._quirks.foreign_answers
         try:
             while not port.halt.is_set():
-                ready, _, _ = select.select([port.master, port.wake_r], [], [], 0.5)
+                wait = 0.5
+                period = self._quirks.foreign_answers
+                if period:
+                    wait = max(0.0, min(wait, foreign_due - time.monotonic()))
+                ready, _, _ = select.select([port.master, port.wake_r], [], [], wait)
                 if port.wake_r in ready:
                     with contextlib.suppress(BlockingIOError):
                         os.read(port.wake_r, 4096)
                 if port.halt.is_set():
                     return
                 self._flush_urcs(port)
+                if period and not buf and time.monotonic() >= foreign_due:
+                    # Idle between our host's commands: another program's answer shows up here too.
+                    self._write(port, _FOREIGN_ANSWER.encode("ascii"))
+                    foreign_due = time.monotonic() + period
+                elif not period:
+                    foreign_due = time.monotonic()
                 if port.master not in ready:
                     continue
                 try:
@@ -506,6 +591,8 @@ class ModemEmulator:
             final = self._cme_text(exc.code)
         except _BareError:
             final = "ERROR"
+        except _AnswerDropped:
+            info, final = [], "OK"
         self._sleep(port, q.latency)
         out = bytearray()
         for text in info:
@@ -588,10 +675,17 @@ class ModemEmulator:
         if name == "+CMEE":
             self._cmd_cmee(q, rest, info)
         elif name == "+CIMI" and rest == "":
-            info.append(self._require_card().profile.imsi)
+            card = self._require_card()
+            state = self._sim_state(card)
+            if state != "READY":
+                raise _CmeError(CME_SIM_PIN_REQUIRED if state == "SIM PIN" else CME_SIM_PUK_REQUIRED)
+            info.append(card.profile.imsi)
         elif name == "+CPIN" and rest == "?":
-            self._require_card()
-            info.append(self._info(q, "+CPIN", "READY"))
+            info.append(self._info(q, "+CPIN", self._sim_state(self._require_card())))
+        elif name == "+CPIN" and rest.startswith("="):
+            self._cmd_cpin(rest[1:])
+        elif name in _PIN_COUNTER_COMMANDS and _PIN_COUNTER_COMMANDS[name] == q.pin_counter:
+            info.extend(self._pin_counter_lines(q, name))
         elif name == "+CSIM" and rest.startswith("="):
             self._cmd_csim(port, q, rest[1:], info)
         elif name == "+CCHO" and rest.startswith("="):
@@ -623,11 +717,78 @@ class ModemEmulator:
             self._cmee = value
 
     def _require_card(self) -> SimCard:
+        """The card, unless there is none (10) or the modem is still finding (10) or reading it (14)."""
         with self._lock:
-            card = self._card
+            card, q = self._card, self._quirks
+            powered, pin_taken = self._powered_at, self._pin_taken_at
         if card is None:
             raise _CmeError(CME_SIM_NOT_INSERTED)
+        now = time.monotonic()
+        if now - powered < q.boot_no_sim:
+            raise _CmeError(CME_SIM_NOT_INSERTED)
+        if now - powered < q.boot_no_sim + q.boot_sim_busy:
+            raise _CmeError(CME_SIM_BUSY)
+        if pin_taken is not None and now - pin_taken < q.boot_sim_busy:
+            raise _CmeError(CME_SIM_BUSY)
         return card
+
+    # --- the PIN, as the modem asks the card about it -------------------------------------------
+
+    def _card_sw(self, card: SimCard, apdu: bytes) -> int:
+        response = self._card_call(card, apdu)
+        return int.from_bytes(response[-2:], "big")
+
+    def _attempts(self, card: SimCard) -> tuple[int, int]:
+        """PIN and PUK attempts left, from VERIFY / UNBLOCK PIN without data (a verified or
+        unlocked card says 9000: the modem then shows the full counts, as modems do)."""
+        pin = self._card_sw(card, bytes.fromhex("0020000100"))
+        puk = self._card_sw(card, bytes.fromhex("002C000100"))
+        return (pin & 0x0F if pin & 0xFFF0 == 0x63C0 else 0 if pin == 0x6983 else 3,
+                puk & 0x0F if puk & 0xFFF0 == 0x63C0 else 0 if puk == 0x6983 else 10)  # fmt: skip
+
+    def _sim_state(self, card: SimCard) -> str:
+        """``+CPIN:``'s answer, from the card's own PIN status (TS 102 221 11.1.9)."""
+        sw = self._card_sw(card, bytes.fromhex("0020000100"))
+        if sw & 0xFFF0 == 0x63C0 and sw & 0x0F:
+            return "SIM PIN"
+        if sw in (0x63C0, 0x6983):
+            puk = self._card_sw(card, bytes.fromhex("002C000100"))
+            if puk & 0xFFF0 == 0x63C0 and puk & 0x0F:
+                return "SIM PUK"
+            raise _CmeError(CME_SIM_FAILURE)  # PIN and PUK both blocked: the card is dead
+        return "READY"
+
+    def _cmd_cpin(self, args: str) -> None:
+        """``AT+CPIN=<pin>`` (VERIFY) or ``AT+CPIN=<puk>,<new pin>`` (UNBLOCK PIN), TS 27.007 8.3."""
+        params = _split_params(args)
+        if not 1 <= len(params) <= 2 or not all(value.isdigit() and 4 <= len(value) <= 8 for value, _ in params):
+            raise _CmeError(CME_INCORRECT_PARAMETERS)
+        card = self._require_card()
+        state = self._sim_state(card)
+        if state == "READY":
+            raise _CmeError(CME_NOT_ALLOWED)
+        block = [value.encode("ascii").ljust(8, b"\xff") for value, _ in params]
+        if state == "SIM PIN" and len(params) == 1:
+            sw = self._card_sw(card, bytes.fromhex("0020000108") + block[0])
+        elif state == "SIM PUK" and len(params) == 2 and len(params[0][0]) == 8:
+            sw = self._card_sw(card, bytes.fromhex("002C000110") + block[0] + block[1])
+        else:
+            raise _CmeError(CME_SIM_PUK_REQUIRED if state == "SIM PUK" else CME_INCORRECT_PARAMETERS)
+        if sw == 0x9000:
+            with self._lock:
+                self._pin_taken_at = time.monotonic()
+            return
+        if sw == 0x6983 or (state == "SIM PIN" and sw == 0x63C0):
+            raise _CmeError(CME_SIM_PUK_REQUIRED if state == "SIM PIN" else CME_SIM_FAILURE)
+        raise _CmeError(CME_INCORRECT_PASSWORD)
+
+    def _pin_counter_lines(self, q: Quirks, name: str) -> list[str]:
+        pin, puk = self._attempts(self._require_card())
+        if name == "+CPINR":
+            return [self._info(q, "+CPINR", f"SIM PIN,{pin},3"), self._info(q, "+CPINR", f"SIM PUK,{puk},10")]
+        if name == "+QPINC":
+            return [self._info(q, "+QPINC", f'"SC",{pin},{puk}'), self._info(q, "+QPINC", '"P2",3,10')]
+        return [self._info(q, "+CPINC", f"{pin},3,{puk},10")]
 
     def _hex(self, q: Quirks, value: str) -> bytes:
         if q.reject_lowercase_hex and any(c in "abcdef" for c in value):
@@ -651,7 +812,14 @@ class ModemEmulator:
         if len(params) != 2:
             raise _CmeError(CME_INCORRECT_PARAMETERS)
         apdu = self._length_and_apdu(q, params)
-        response = self._exchange(port, q, apdu)
+        if q.csim_restricted and apdu[1] in _CSIM_RESTRICTED_INS:
+            with self._lock:
+                self._apdu_ins[apdu[1]] += 1
+            raise _CmeError(CME_NOT_ALLOWED)
+        if q.reselect_mf and channel_of(apdu[0]) == 0:
+            response = self._siemens_exchange(port, q, apdu)
+        else:
+            response = self._exchange(port, q, apdu)
         text = response.hex().upper()
         info.append(self._info(q, "+CSIM", f'{len(text)},"{text}"'))
 
@@ -752,11 +920,37 @@ class ModemEmulator:
             response = self._card_call(card, get)
         return bytes(data) + response
 
+    def _siemens_exchange(self, port: _Port, q: Quirks, apdu: bytes) -> bytes:
+        """AT+CSIM on the basic channel as Siemens-based firmware runs it: the SELECTs buffered since
+        the last MF re-selection go to the card first (not before a GET RESPONSE, which would lose
+        the answer it fetches), the command, then SELECT MF again -- unless the card holds an answer
+        for a GET RESPONSE (``61xx``)."""
+        card = self._require_card()
+        ins = apdu[1]
+        if ins != INS_GET_RESPONSE:
+            with self._lock:
+                path = list(self._select_path)
+            for select_apdu in path:
+                self._card_call(card, select_apdu)
+        response = self._exchange(port, q, apdu)
+        if ins == INS_SELECT and response[-2] in (0x90, 0x91, 0x61):
+            p1, data = apdu[2], apdu[5 : 5 + apdu[4]] if len(apdu) > 4 else b""
+            with self._lock:
+                if p1 in (0x04, 0x08) or data in (b"", b"\x3f\x00"):
+                    self._select_path = [apdu]  # an AID, a path from the MF, or the MF: a fresh path
+                elif len(self._select_path) < _MAX_SELECT_PATH:
+                    self._select_path.append(apdu)
+        if response[-2] not in (0x61, 0x9F):
+            self._card_call(card, _SELECT_MF)
+        return response
+
     def _exchange(self, port: _Port, q: Quirks, apdu: bytes) -> bytes:
         """One host APDU (AT+CSIM / AT+CGLA) through the modem to the card, quirks applied."""
         ins = apdu[1]
         with self._lock:
             self._apdu_ins[ins] += 1
+            self._apdu_commands += 1
+            number = self._apdu_commands
         card = self._require_card()
         if ins == INS_AUTHENTICATE and q.refuse_authenticate:
             raise _CmeError(CME_NOT_ALLOWED)
@@ -771,7 +965,25 @@ class ModemEmulator:
             response = self._fetch(card, apdu[0], response)
         if ins == INS_AUTHENTICATE:
             self._sleep(port, q.auth_latency)
+        if ins in (INS_READ_BINARY, INS_READ_RECORD) and q.wrong_le and len(apdu) == 5:
+            response = self._wrong_le(q, apdu, response)
+        if q.cme0_every and number % q.cme0_every == 0:
+            raise _CmeError(CME_PHONE_FAILURE)
+        if q.drop_answer_every and number % q.drop_answer_every == 0:
+            raise _AnswerDropped
         return response
+
+    def _wrong_le(self, q: Quirks, apdu: bytes, response: bytes) -> bytes:
+        """``6Cxx`` naming the length the card has, ``wrong_le`` times in a row per READ command."""
+        if response[-2:] != b"\x90\x00":
+            return response
+        with self._lock:
+            given = self._wrong_le_given.get(apdu[:4], 0)
+            if given >= q.wrong_le:
+                self._wrong_le_given.pop(apdu[:4], None)
+                return response
+            self._wrong_le_given[apdu[:4]] = given + 1
+        return bytes([0x6C, (len(response) - 2) & 0xFF])
 
     def _track_manage_channel(self, apdu: bytes, response: bytes) -> None:
         """Remember channels opened/closed through AT+CSIM, so a modem reboot closes them too."""
@@ -786,6 +998,10 @@ class ModemEmulator:
             elif p1 == 0x80:
                 self._card_channels.discard(p2 if p2 else channel_of(apdu[0]))
 
+
+#: The commands that report PIN attempts left, by the ``pin_counter`` style that has them (any form:
+#: ``AT+CPINR``, ``AT+CPINR="SIM PIN"``, ``AT+QPINC?``, ``AT+QPINC="SC"``, ``AT+CPINC``...).
+_PIN_COUNTER_COMMANDS: dict[str, PinCounterStyle] = {"+CPINR": "cpinr", "+QPINC": "qpinc", "+CPINC": "cpinc"}
 
 #: ``AT+<name>=?`` answers (empty: just ``OK``).
 _TEST_ANSWERS: dict[str, str] = {

@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from mn_secd.sim.modem import CCHO_STYLES, ModemEmulator, Quirks
+from mn_secd.sim.modem import CCHO_STYLES, PIN_COUNTER_STYLES, ModemEmulator, Quirks
 
 #: Command-line help for each :class:`Quirks` field (every field gets a flag; see test_modem.py).
 QUIRK_HELP: dict[str, str] = {
@@ -37,6 +37,23 @@ QUIRK_HELP: dict[str, str] = {
     "internal_get_response": "fetch 61xx inside the modem and return data + 9000",
     "latency": "seconds before every answer",
     "auth_latency": "extra seconds before the answer to an AUTHENTICATE",
+    "pin_counter": "how the modem tells the PIN attempts left: AT+CPINR (TS 27.007), AT+QPINC (Quectel), "
+    "AT+CPINC (Wavecom, Sierra) or none (the card's VERIFY status is then the only source)",
+    "boot_no_sim": "+CME ERROR: 10 (SIM not inserted) for SECONDS after power-up or insertion, "
+    "while the modem looks for the card (most modems at boot)",
+    "boot_sim_busy": "+CME ERROR: 14 (SIM busy) for SECONDS after that, and after a PIN is accepted "
+    "(u-blox SARA-R4 at power-up, SIMCom SIM800 after AT+CPIN)",
+    "csim_restricted": "AT+CSIM refuses AUTHENTICATE, GET RESPONSE, VERIFY and updates with +CME ERROR: 3 "
+    "(Wavecom-based modems, e.g. Moxa OnCell G2150I)",
+    "reselect_mf": "select the MF after every AT+CSIM on the basic channel and replay the buffered SELECTs "
+    "before the next one (Siemens AC75/MC55, Multi-Tech)",
+    "cme0_every": "every Nth AT+CSIM/AT+CGLA runs on the card but answers +CME ERROR: 0 (Quectel EG95)",
+    "drop_answer_every": "every Nth AT+CSIM/AT+CGLA runs on the card but its answer line is lost: "
+    "a bare OK (Quectel EG95)",
+    "wrong_le": "the card answers READ BINARY/RECORD N times in a row with 6Cxx (exact length) and the "
+    "modem passes it on instead of re-issuing the command (Nordic nRF91)",
+    "foreign_answers": "another program shares the port: every SECONDS, while idle, an answer to an AT+CSQ "
+    "the host never sent (ModemManager probing the port)",
 }
 
 
@@ -56,6 +73,8 @@ def add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name == "ccho_style":
             choices = [style.replace("_", "-") for style in CCHO_STYLES]
             group.add_argument(_flag(f.name), dest=f.name, choices=choices, default="prefixed", help=help_text)
+        elif f.name == "pin_counter":
+            group.add_argument(_flag(f.name), dest=f.name, choices=PIN_COUNTER_STYLES, default=default, help=help_text)
         elif isinstance(default, bool):
             group.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
         elif isinstance(default, int):
@@ -86,6 +105,12 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("--card", required=True, type=Path, metavar="PROFILE", help="card profile (TOML)")
     parser.add_argument(
+        "--sim-pin",
+        metavar="PIN",
+        help="turn the card's PIN lock on with this PIN (4-8 digits; kept in the profile with its attempt "
+        "counters): a SIM as operators ship many of them, answering +CPIN: SIM PIN and 6982 until verified",
+    )
+    parser.add_argument(
         "--link", metavar="PATH", help="keep a symlink at PATH pointing at the pty (stable across vanish/return)"
     )
     add_quirk_arguments(parser)
@@ -96,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     from mn_secd.sim.usim import SoftUicc
 
     quirks = quirks_from_args(args)
-    card = SoftUicc.from_file(args.card)  # SQN state is written back to the profile file
+    if args.sim_pin is not None:
+        _lock_with_pin(args.card, args.sim_pin)
+    card = SoftUicc.from_file(args.card)  # SQN state and PIN counters are written back to the profile file
     emulator = ModemEmulator(card, quirks, link=args.link)
 
     # Signal handlers only queue what to do (SimpleQueue.put is safe in a handler); the main
@@ -130,6 +157,16 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _lock_with_pin(path: Path, pin: str) -> None:
+    from dataclasses import replace
+
+    from mn_secd.sim.profile import load_profile, save_profile
+
+    profile = load_profile(path)
+    if profile.pin != pin:
+        save_profile(path, replace(profile, pin=pin))
 
 
 def _next_action(actions: queue.SimpleQueue[str]) -> str:

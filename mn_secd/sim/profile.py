@@ -5,6 +5,10 @@ record (``[card_state]``): the software UICC writes the SEQ_MS array back after 
 challenge, so a restarted card never accepts a replayed AUTN. The reference BSF reads the same
 file for the subscriber's keys and its start SQN.
 
+A card may have its PIN lock on (``pin``, with ``puk``): the attempts left are card state too
+(``[card_state] pin_attempts`` / ``puk_attempts``), written back after every VERIFY, as a real
+card keeps them across power cycles.
+
 The file holds subscriber keys, so it is written with mode 0600 and the keys never appear in a
 ``repr`` or in an error message.
 """
@@ -32,9 +36,13 @@ DEFAULT_SQN = bytes(6)
 
 _TOP_KEYS = frozenset(
     {"iccid", "imsi", "mnc_length", "k", "opc", "op", "amf", "sqn", "isim", "gba_u", "gsm_access",
-     "impi", "impu", "domain", "card_state"}
+     "impi", "impu", "domain", "pin", "puk", "card_state"}
 )  # fmt: skip
-_STATE_KEYS = frozenset({"ind_len", "seq_ms", "delta", "age_limit"})
+_STATE_KEYS = frozenset({"ind_len", "seq_ms", "delta", "age_limit", "pin_attempts", "puk_attempts"})
+#: Attempts a PIN and a PUK start with (TS 102 221 9.5: typically 3 and 10).
+PIN_ATTEMPTS = 3
+PUK_ATTEMPTS = 10
+DEFAULT_PUK = "12345678"
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _DEFAULT_HEADER = (
     "# Software UICC card profile: a LAB card with test keys, never a real subscriber.\n"
@@ -96,6 +104,11 @@ class CardProfile:
     card_state: SqnState = field(default_factory=SqnState.new)
     sqn_policy: SqnPolicy = field(default_factory=SqnPolicy)
     op: bytes | None = field(default=None, repr=False)
+    #: The PIN when the card's PIN lock is on (None: off), its PUK, and the attempts left for each.
+    pin: str | None = field(default=None, repr=False)
+    puk: str = field(default=DEFAULT_PUK, repr=False)
+    pin_attempts: int = PIN_ATTEMPTS
+    puk_attempts: int = PUK_ATTEMPTS
 
     def __post_init__(self) -> None:
         if not (self.iccid.isascii() and self.iccid.isdigit() and 19 <= len(self.iccid) <= 20):
@@ -122,6 +135,14 @@ class CardProfile:
         if self.domain is None:
             object.__setattr__(self, "domain", self.effective_impi.rpartition("@")[2])
         _check_uri("domain", self.effective_domain)
+        if self.pin is not None and not (self.pin.isascii() and self.pin.isdigit() and 4 <= len(self.pin) <= 8):
+            raise ProfileValueError("pin", "must be 4 to 8 decimal digits")
+        if not (self.puk.isascii() and self.puk.isdigit() and len(self.puk) == 8):
+            raise ProfileValueError("puk", "must be 8 decimal digits")
+        if not 0 <= self.pin_attempts <= PIN_ATTEMPTS:
+            raise ProfileValueError("card_state.pin_attempts", f"must be 0 to {PIN_ATTEMPTS}")
+        if not 0 <= self.puk_attempts <= PUK_ATTEMPTS:
+            raise ProfileValueError("card_state.puk_attempts", f"must be 0 to {PUK_ATTEMPTS}")
 
     @property
     def effective_impi(self) -> str:
@@ -215,6 +236,7 @@ def _profile_from_table(file: str, doc: dict[str, Any]) -> CardProfile:
             raise r.error("impu", "must be a list of strings")
         impu = tuple(value)
     card_state, policy = _state_from_table(file, doc.get("card_state", {}))
+    attempts = _Reader(file, doc.get("card_state", {}), "card_state.")
     try:
         return CardProfile(
             iccid=r.string("iccid"),
@@ -233,6 +255,10 @@ def _profile_from_table(file: str, doc: dict[str, Any]) -> CardProfile:
             card_state=card_state,
             sqn_policy=policy,
             op=op,
+            pin=r.string("pin") if r.has("pin") else None,
+            puk=r.string("puk") if r.has("puk") else DEFAULT_PUK,
+            pin_attempts=attempts.integer("pin_attempts") if attempts.has("pin_attempts") else PIN_ATTEMPTS,
+            puk_attempts=attempts.integer("puk_attempts") if attempts.has("puk_attempts") else PUK_ATTEMPTS,
         )
     except ProfileValueError as exc:
         raise ConfigError(file, exc.key, exc.problem) from None
@@ -292,12 +318,20 @@ def render_profile(profile: CardProfile, header: str = _DEFAULT_HEADER) -> str:
         doc["impu"] = list(profile.impu)
     if profile.domain != profile.effective_impi.rpartition("@")[2]:
         doc["domain"] = profile.domain
+    if profile.pin is not None:
+        doc["pin"] = profile.pin
+    if profile.puk != DEFAULT_PUK:
+        doc["puk"] = profile.puk
     lines = [header.rstrip("\n"), "", tomli_w.dumps(doc).rstrip("\n"), "", "[card_state]"]
     lines.append(f"ind_len = {profile.card_state.ind_len}")
     if profile.sqn_policy.delta != DEFAULT_DELTA:
         lines.append(f"delta = {profile.sqn_policy.delta}")
     if profile.sqn_policy.age_limit is not None:
         lines.append(f"age_limit = {profile.sqn_policy.age_limit}")
+    if profile.pin_attempts != PIN_ATTEMPTS:
+        lines.append(f"pin_attempts = {profile.pin_attempts}")
+    if profile.puk_attempts != PUK_ATTEMPTS:
+        lines.append(f"puk_attempts = {profile.puk_attempts}")
     seq = profile.card_state.seq_ms
     rows = [", ".join(str(s) for s in seq[i : i + 8]) for i in range(0, len(seq), 8)]
     lines.append("seq_ms = [\n" + "".join(f"    {row},\n" for row in rows) + "]")

@@ -13,6 +13,11 @@ Card-side rules that matter for the daemon:
 * AUTHENTICATE checks the MAC before the SQN (a forged AUTN never learns anything about SQN_MS),
   and the new SQN state is handed to ``on_state_change`` *before* RES leaves the card, so a
   restarted card never accepts the same challenge twice.
+* PIN: with the profile's PIN lock on, the files of the USIM and ISIM and AUTHENTICATE need the
+  PIN verified since the last reset (``69 82`` otherwise; the MF's EF_ICCID and EF_DIR are always
+  readable). VERIFY (``20``) and UNBLOCK PIN (``2C``) keep TS 102 221 11.1.9/11.1.13's counters:
+  three PIN attempts, ten PUK attempts, ``63 Cx`` with x left, ``69 83`` when blocked; without data
+  they only report the attempts left. The counters are written back to the profile.
 * GBA_U: bootstrapping (``DD``) keeps Ks = CK ‖ IK and RAND inside the card and writes RAND into
   EF_GBABP; NAF derivation (``DE``) returns Ks_ext_NAF and keeps Ks_int_NAF with an EF_GBANL
   record. Ks lives in memory only: it is never written to the profile file, so after a restart of
@@ -31,7 +36,7 @@ from enum import StrEnum
 
 from mn_secd.gba.kdf import ks_int_naf, ks_naf
 from mn_secd.sim.milenage import Milenage, build_auts
-from mn_secd.sim.profile import CardProfile, load_profile, save_profile
+from mn_secd.sim.profile import PIN_ATTEMPTS, PUK_ATTEMPTS, CardProfile, load_profile, save_profile
 from mn_secd.sim.sqn import SqnAccepted, check_sqn
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,8 @@ SW_SM_NOT_SUPPORTED = 0x6882
 SW_CHAINING_NOT_SUPPORTED = 0x6884
 SW_WRONG_STRUCTURE = 0x6981
 SW_SECURITY_NOT_SATISFIED = 0x6982
+SW_BLOCKED = 0x6983
+SW_REFERENCED_DATA_NOT_FOUND = 0x6A88
 SW_CONDITIONS_NOT_SATISFIED = 0x6985
 SW_NO_EF_SELECTED = 0x6986
 SW_WRONG_DATA = 0x6A80
@@ -99,6 +106,10 @@ INS_AUTHENTICATE = 0x88
 INS_MANAGE_CHANNEL = 0x70
 INS_GET_RESPONSE = 0xC0
 INS_STATUS = 0xF2
+INS_VERIFY = 0x20
+INS_UNBLOCK_PIN = 0x2C
+#: PIN1 as a global (01) or an application (81) key reference: this card has one PIN for both.
+PIN_REFERENCES = frozenset({0x01, 0x81})
 
 #: The class each instruction is defined in: 0x00 = interindustry ('0X'), 0x80 = TS 102 221 ('8X').
 _INS_CLASS = {
@@ -111,9 +122,13 @@ _INS_CLASS = {
     INS_MANAGE_CHANNEL: 0x00,
     INS_GET_RESPONSE: 0x00,
     INS_STATUS: 0x80,
+    INS_VERIFY: 0x00,
+    INS_UNBLOCK_PIN: 0x00,
 }
 #: Instructions whose P3 is Lc (a command data field follows); for the others P3 is Le.
-_INS_WITH_DATA = frozenset({INS_SELECT, INS_UPDATE_BINARY, INS_UPDATE_RECORD, INS_AUTHENTICATE})
+_INS_WITH_DATA = frozenset(
+    {INS_SELECT, INS_UPDATE_BINARY, INS_UPDATE_RECORD, INS_AUTHENTICATE, INS_VERIFY, INS_UNBLOCK_PIN}
+)
 
 TAG_SUCCESS = 0xDB
 TAG_SYNC_FAILURE = 0xDC
@@ -361,6 +376,7 @@ class SoftUicc:
         self._mf, self._apps = _build_filesystem(profile)
         self._lock = threading.Lock()
         self._channels: dict[int, Channel] = {}
+        self._pin_verified = False  # since the last reset
         self._reset_channels()
 
     @classmethod
@@ -377,12 +393,14 @@ class SoftUicc:
         return self._profile
 
     def reset(self) -> None:
-        """Card reset (power cycle / ATR): logical channels closed, MF current on the basic channel.
+        """Card reset (power cycle / ATR): logical channels closed, MF current on the basic channel,
+        the PIN to be verified again.
 
-        GBA_U keys survive a reset, as they do in a real card's non-volatile memory.
+        GBA_U keys and the PIN counters survive a reset, as they do in a real card's non-volatile memory.
         """
         with self._lock:
             self._reset_channels()
+            self._pin_verified = False
 
     def ks_int_naf(self, naf_id: bytes, application: AppKind = AppKind.USIM) -> bytes | None:
         """The Ks_int_NAF the card holds for ``naf_id``, as a UICC-resident applet would use it.
@@ -430,6 +448,8 @@ class SoftUicc:
             INS_AUTHENTICATE: self._authenticate,
             INS_MANAGE_CHANNEL: self._manage_channel,
             INS_STATUS: self._status,
+            INS_VERIFY: self._verify,
+            INS_UNBLOCK_PIN: self._unblock_pin,
         }
         return handlers[cmd.ins](ch, cmd)
 
@@ -617,6 +637,7 @@ class SoftUicc:
 
     def _read_binary(self, ch: Channel, cmd: Command) -> bytes:
         ef, offset = self._binary_target(ch, cmd)
+        self._require_pin(ef)
         remaining = len(ef.data) - offset
         wanted = cmd.le if cmd.le else 256
         if wanted > remaining:
@@ -625,6 +646,7 @@ class SoftUicc:
 
     def _update_binary(self, ch: Channel, cmd: Command) -> bytes:
         ef, offset = self._binary_target(ch, cmd)
+        self._require_pin(ef)
         if not ef.writable:
             raise _Refused(SW_SECURITY_NOT_SATISFIED)
         if not cmd.data or offset + len(cmd.data) > len(ef.data):
@@ -655,6 +677,7 @@ class SoftUicc:
 
     def _read_record(self, ch: Channel, cmd: Command) -> bytes:
         ef, number = self._record_target(ch, cmd)
+        self._require_pin(ef)
         answer = self._case2(bytes(ef.records[number - 1]), cmd.le)
         if answer[-2:] == _sw(SW_OK):
             ch.record = number
@@ -720,6 +743,77 @@ class SoftUicc:
         else:
             self._channels[number] = Channel(origin.df, origin.app)
 
+    # --- PIN ------------------------------------------------------------------------------------------
+
+    def _require_pin(self, ef: Ef | None) -> None:
+        """The applications' files (and AUTHENTICATE: ``ef`` None) need the PIN while the lock is on."""
+        if self._profile.pin is None or self._pin_verified:
+            return
+        if ef is not None and any(ef is child for child in self._mf.children.values()):
+            return  # EF_ICCID and EF_DIR: always readable
+        raise _Refused(SW_SECURITY_NOT_SATISFIED)
+
+    def _save_counters(self, **changes: int | str) -> None:
+        self._profile = replace(self._profile, **changes)  # type: ignore[arg-type]
+        if self._on_state_change is not None:
+            try:
+                self._on_state_change(self._profile)
+            except Exception:
+                log.exception("could not persist the PIN counters", extra={"event": "sim.pin.persist_failed"})
+                raise _Refused(SW_MEMORY_PROBLEM) from None
+
+    @staticmethod
+    def _pin_block(data: bytes) -> str | None:
+        """An 8-octet PIN block: digits padded with FF (TS 102 221 9.5.1); None if malformed."""
+        digits = data.rstrip(b"\xff")
+        if len(data) != 8 or not digits.isdigit() or not 4 <= len(digits) <= 8:
+            return None
+        return digits.decode("ascii")
+
+    def _verify(self, ch: Channel, cmd: Command) -> bytes:
+        if cmd.p1 != 0x00 or cmd.p2 not in PIN_REFERENCES:
+            raise _Refused(SW_REFERENCED_DATA_NOT_FOUND)
+        profile = self._profile
+        if profile.pin is None:
+            return _sw(SW_OK)  # the PIN lock is off: nothing to verify
+        if profile.pin_attempts == 0:
+            raise _Refused(SW_BLOCKED)
+        if not cmd.data:  # no PIN: the attempts left, and nothing counted
+            return _sw(SW_OK) if self._pin_verified else _sw(0x63C0 | profile.pin_attempts)
+        entered = self._pin_block(cmd.data)
+        if entered is None:
+            raise _Refused(SW_WRONG_LENGTH)
+        if hmac.compare_digest(entered.encode(), profile.pin.encode()):
+            self._save_counters(pin_attempts=PIN_ATTEMPTS)
+            self._pin_verified = True
+            return _sw(SW_OK)
+        self._pin_verified = False
+        self._save_counters(pin_attempts=profile.pin_attempts - 1)
+        log.info("wrong PIN", extra={"event": "sim.pin.wrong", "attempts_left": self._profile.pin_attempts})
+        return _sw(0x63C0 | self._profile.pin_attempts)
+
+    def _unblock_pin(self, ch: Channel, cmd: Command) -> bytes:
+        if cmd.p1 != 0x00 or cmd.p2 not in PIN_REFERENCES:
+            raise _Refused(SW_REFERENCED_DATA_NOT_FOUND)
+        profile = self._profile
+        if profile.pin is None:
+            raise _Refused(SW_CONDITIONS_NOT_SATISFIED)
+        if profile.puk_attempts == 0:
+            raise _Refused(SW_BLOCKED)
+        if not cmd.data:
+            return _sw(0x63C0 | profile.puk_attempts)
+        if len(cmd.data) != 16:
+            raise _Refused(SW_WRONG_LENGTH)
+        puk, new_pin = cmd.data[:8], self._pin_block(cmd.data[8:])
+        if new_pin is None or not puk.isdigit():
+            raise _Refused(SW_WRONG_DATA)
+        if hmac.compare_digest(puk, profile.puk.encode()):
+            self._save_counters(pin=new_pin, pin_attempts=PIN_ATTEMPTS, puk_attempts=PUK_ATTEMPTS)
+            self._pin_verified = True
+            return _sw(SW_OK)
+        self._save_counters(puk_attempts=profile.puk_attempts - 1)
+        return _sw(0x63C0 | self._profile.puk_attempts)
+
     # --- AUTHENTICATE -----------------------------------------------------------------------------
 
     def _authenticate(self, ch: Channel, cmd: Command) -> bytes:
@@ -728,6 +822,7 @@ class SoftUicc:
             raise _Refused(SW_WRONG_P1P2)
         if app is None:
             raise _Refused(SW_CONDITIONS_NOT_SATISFIED)
+        self._require_pin(None)
         if cmd.p2 == 0x81:
             return self._authenticate_3g(ch, app, cmd.data)
         if cmd.p2 == 0x84 and app.gba_enabled:

@@ -144,11 +144,13 @@ class SimulatedWorld:
         min_forced_interval: float = 1.0,
         log_level: str = "info",
         reader: str | None = None,
+        sim_pin: str | None = None,
     ) -> Path:
         """A daemon configuration for this world (PSK files 0600 beside it); returns its path.
 
         The card is the modem's, or with ``reader`` the one in the PC/SC reader of that name (a
         virtual card in pcscd's vpcd reader: :mod:`mn_secd.sim.vicc`, :mod:`mn_secd.sim.pcscd`).
+        ``sim_pin``: a ``[modem] pin_file`` holding it (0600 beside the configuration).
         """
         conf_dir = self.workdir / "etc"
         conf_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -162,6 +164,11 @@ class SimulatedWorld:
             "[modem]",
             *card,
             "command_timeout = 5.0",
+        ]
+        if sim_pin is not None:
+            _write_secret(conf_dir / "sim.pin", sim_pin.encode() + b"\n")
+            lines.append('pin_file = "sim.pin"')
+        lines += [
             "",
             "[gba]",
             f'mode = "{gba_mode}"',
@@ -180,9 +187,7 @@ class SimulatedWorld:
         ]
         for ae in aes:
             psk_path = conf_dir / f"{ae.identity}.psk"
-            fd = os.open(psk_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(ae.psk)
+            _write_secret(psk_path, ae.psk)
             lines += [
                 "",
                 "[[ae]]",
@@ -197,3 +202,9 @@ class SimulatedWorld:
         with os.fdopen(fd, "w") as fh:
             fh.write("\n".join(lines) + "\n")
         return path
+
+
+def _write_secret(path: Path, content: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(content)

@@ -89,6 +89,26 @@ def channel_of(cla: int) -> int:
     return 4 + (cla & 0x0F) if cla & 0x40 else cla & 0x03
 
 
+#: Instructions a card answers the same way however often they come, so a command whose answer the
+#: modem lost may be sent again: SELECT, READ BINARY, STATUS, and UPDATE BINARY (the same bytes at
+#: the same offset). Not GET RESPONSE (it consumes the pending answer), MANAGE CHANNEL (each open
+#: takes a new channel), VERIFY (each wrong PIN counts), AUTHENTICATE (each run spends a sequence
+#: number), nor UPDATE RECORD.
+_IDEMPOTENT_INS = frozenset({0xA4, 0xB0, 0xF2, 0xD6})
+INS_READ_RECORD = 0xB2
+_RECORD_ABSOLUTE = 0x04
+
+
+def idempotent(apdu: Apdu) -> bool:
+    """True when sending ``apdu`` twice leaves the card as sending it once (a lost answer may be re-asked).
+
+    READ RECORD only in absolute mode: its next/previous modes move the record pointer.
+    """
+    if apdu.ins == INS_READ_RECORD:
+        return apdu.p2 & 0x07 == _RECORD_ABSOLUTE
+    return apdu.ins in _IDEMPOTENT_INS
+
+
 # --- responses and status words ---------------------------------------------------------------------
 
 

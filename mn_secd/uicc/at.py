@@ -79,8 +79,20 @@ class Discarded:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class Stray:
+    """A line that answers a command we never sent: a final result code while none of ours is
+    outstanding, or the echo of another program's command line. Another process talks on the port.
+
+    ``text`` is for counting and classifying only: an echoed line may carry someone else's PIN, so
+    it is never logged.
+    """
+
+    text: str = field(repr=False)
+
+
 Final = Ok | Error
-Event = Echo | Info | Urc | Ok | Error | Discarded
+Event = Echo | Info | Urc | Ok | Error | Discarded | Stray
 
 
 class Need(enum.Enum):
@@ -102,6 +114,7 @@ CME_SIM_PUK_REQUIRED = 12
 CME_SIM_FAILURE = 13
 CME_SIM_BUSY = 14
 CME_SIM_WRONG = 15
+CME_INCORRECT_PASSWORD = 16
 
 #: Verbose texts (``AT+CMEE=2``, or modems that ignore ``AT+CMEE=1``) mapped to their numbers.
 _CME_TEXTS: dict[str, int] = {
@@ -144,21 +157,37 @@ _HEX = re.compile(r"[0-9A-Fa-f]*")
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One AT command line and the shape of the information lines that answer it."""
+    """One AT command line and the shape of the information lines that answer it.
+
+    ``secret`` marks a line that carries a secret (``AT+CPIN="<PIN>"``): its repr shows only the
+    command's name, so it cannot leak into a log line or an error message by accident.
+    """
 
     text: str  # e.g. 'AT+CSIM=10,"00A4000C00"'; CR is added by AtConnection.send
     prefixes: tuple[str, ...] = ()  # e.g. ("+CSIM:",): prefixed information lines of the answer
     bare: re.Pattern[str] | None = field(default=None, compare=False)  # unprefixed information lines
+    secret: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.text.isascii() or not self.text.isprintable() or not self.text.upper().startswith("AT"):
             raise ValueError("an AT command is printable ASCII starting with AT")
+
+    def __repr__(self) -> str:
+        if self.secret:
+            return f"Command({command_name(self.text)!r}, <secret>)"
+        return f"Command({self.text!r}, prefixes={self.prefixes!r})"
 
     def claims(self, line: str) -> bool:
         upper = line.upper()
         if any(upper.startswith(p) for p in self.prefixes):
             return True
         return self.bare is not None and self.bare.fullmatch(line) is not None
+
+
+def command_name(text: str) -> str:
+    """``AT+CSIM=14,"00A4..."`` -> ``AT+CSIM``: what of a command line may appear in logs and errors."""
+    cut = min((i for i in (text.find("="), text.find("?")) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def plain(text: str) -> Command:
@@ -201,6 +230,13 @@ def ccho(aid: bytes) -> Command:
 def cchc(session: str) -> Command:
     """``AT+CCHC=<session>``: some modems answer ``+CCHC`` before OK, which is claimed here."""
     return Command(f"AT+CCHC={session}", ("+CCHC",))
+
+
+def enter_pin(pin: str) -> Command:
+    """``AT+CPIN="<PIN>"`` (TS 27.007 8.3): a secret line; the PIN is 4 to 8 digits (TS 102 221 9.5)."""
+    if not (pin.isascii() and pin.isdigit() and 4 <= len(pin) <= 8):
+        raise ValueError("a SIM PIN is 4 to 8 decimal digits")
+    return Command(f'AT+CPIN="{pin}"', secret=True)
 
 
 def cimi() -> Command:
@@ -306,6 +342,7 @@ class AtConnection:
         self._lines: deque[bytes | None] = deque()  # None marks an over-long line
         self._pending: Command | None = None
         self._stale: deque[Command] = deque()
+        self._forgotten = 0  # abandoned commands given up on: their late finals are not strays
 
     # -- sending --
 
@@ -333,7 +370,11 @@ class AtConnection:
             self._pending = None
 
     def forget_stale(self) -> None:
-        """Stop expecting late answers (the modem dropped the abandoned commands)."""
+        """Stop expecting late answers (the modem dropped the abandoned commands).
+
+        Should one still come, its final result code is Discarded rather than taken for a Stray.
+        """
+        self._forgotten += len(self._stale)
         self._stale.clear()
 
     # -- receiving --
@@ -363,10 +404,15 @@ class AtConnection:
 
     def _classify(self, line: str) -> Event:
         command = self._stale[0] if self._stale else self._pending
-        if command is None:
-            return Discarded(line) if _final(line) is not None else Urc(line)
-        stale = bool(self._stale)
         final = _final(line)
+        if command is None:
+            if final is None:
+                return Stray(line) if _is_command_line(line) else Urc(line)
+            if self._forgotten:
+                self._forgotten -= 1
+                return Discarded(line)
+            return Stray(line)
+        stale = bool(self._stale)
         event: Event
         if final is not None:
             if stale:
@@ -378,6 +424,18 @@ class AtConnection:
             event = Echo(line)
         elif command.claims(line):
             event = Info(line)
+        elif _is_command_line(line) and not self._ours(line):
+            return Stray(line)  # the echo of a command line that is not ours
         else:
             return Urc(line)  # URCs are URCs even while an abandoned answer is still expected
         return Discarded(line) if stale else event
+
+    def _ours(self, line: str) -> bool:
+        """``line`` is the echo of our outstanding command or of an abandoned one."""
+        upper = line.upper()
+        return any(c is not None and upper == c.text.upper() for c in (self._pending, *self._stale))
+
+
+def _is_command_line(line: str) -> bool:
+    """An echoed command line (``AT...``): no result code or URC starts like that."""
+    return line[:2].upper() == "AT"

@@ -12,7 +12,14 @@ transport probe over AT+CGLA / AT+CSIM (:func:`~mn_secd.uicc.transport.open_tran
 vanishes and returns.
 
 Start-up (and every re-insertion, or return of the port or reader) runs once: a transport from
-the source; then the channel reads the identity and leaves the application selected.
+the source; then the channel reads the identity and leaves the application selected. Through the
+AT port that starts with ``AT+CPIN?``, entering the PIN from ``pin_file`` when
+:class:`~mn_secd.uicc.pin.PinKeeper` allows it (at most once per insertion, with two or more
+attempts left); ``+CME ERROR: 14`` (SIM busy, the first seconds after power-up) is
+:class:`~mn_secd.errors.UiccBusy`, which the caller waits out.
+
+Another program on the AT port (ModemManager, a dialer) is looked for when the port opens and
+whenever an answer arrives to a command we never sent; a :class:`PortSharing` notice names it.
 
 Card events: REMOVED when the source says the card went (a SIM-removed URC, the port gone, the
 reader's card pulled or the reader gone) or when the card answers as absent; then the card is
@@ -25,21 +32,117 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from mn_secd.aka import AkaResult, AuthContext
 from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity
-from mn_secd.errors import AtCommandError, MnSecdError, PortGoneError, UiccAbsent, UiccLocked
+from mn_secd.errors import (
+    AnswerLost,
+    AtCommandError,
+    AtParseError,
+    MnSecdError,
+    ModemTimeout,
+    PinRejected,
+    PortGoneError,
+    UiccAbsent,
+    UiccBusy,
+    UiccError,
+    UiccLocked,
+)
 from mn_secd.observers import Subscribers
 from mn_secd.uicc import at, files
+from mn_secd.uicc.apdu import Apdu, parse_response
 from mn_secd.uicc.channel import CardChannel, ImsiSource
+from mn_secd.uicc.holders import PortHolder, port_holders
 from mn_secd.uicc.options import ModemConfig
+from mn_secd.uicc.pin import (
+    ABSENT_STATES,
+    COUNTER_QUERIES,
+    READY_STATES,
+    UNBLOCK_STATUS,
+    VERIFY_STATUS,
+    PinCounters,
+    PinKeeper,
+    attempts_from_sw,
+)
 from mn_secd.uicc.reader import ReaderSource
 from mn_secd.uicc.serial import AtCommandPort, AtPort
-from mn_secd.uicc.transport import ApduTransport, check_absent, open_transport
+from mn_secd.uicc.transport import ApduTransport, CsimTransport, PathFinding, check_absent, open_transport
 
 logger = logging.getLogger(__name__)
+
+#: After the PIN was accepted, how long the SIM may stay busy before it answers READY.
+PIN_SETTLE = 10.0
+PIN_SETTLE_POLL = 0.5
+#: While the SIM is locked, how often to look again (a URC or a port return also wakes the watch).
+LOCKED_POLL = 30.0
+#: At most one look for the other program per this many seconds, however many stray answers come.
+HOLDER_SCAN_INTERVAL = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PortSharing:
+    """Another program uses the modem's AT port: who (where it could be seen) and how we noticed."""
+
+    port: str
+    holders: tuple[PortHolder, ...]
+    stray_answers: int  # answers to commands we never sent since the port opened
+
+    @property
+    def clear(self) -> bool:
+        """Nobody else is seen any more (the port was opened again and no other holder found)."""
+        return not self.holders and not self.stray_answers
+
+    def describe(self) -> str:
+        if self.holders:
+            who = ", ".join(h.describe() for h in self.holders)
+            advice = self.holders[0].advice
+        else:
+            who = "a process mn-secd cannot see (run `mn-secd doctor` as root to name it)"
+            advice = "keep other programs off the port, e.g. ModemManager with udev/90-mn-secd-modem.rules"
+        seen = f"; {self.stray_answers} answers to commands mn-secd never sent" if self.stray_answers else ""
+        return f"{self.port} is also used by {who}{seen}: {advice}"
+
+
+async def read_sim_state(port: AtCommandPort) -> str:
+    """``AT+CPIN?``: ``READY``, ``SIM PIN``, ``SIM PUK``...; no SIM is UiccAbsent, SIM busy UiccBusy."""
+    try:
+        state = at.parse_cpin(await port.command(at.query("AT+CPIN?", "+CPIN:")))
+    except AtCommandError as exc:
+        check_absent(exc)
+        if exc.cme == at.CME_SIM_FAILURE:
+            raise UiccError(f"the modem reports a SIM failure ({exc})") from exc
+        raise
+    if state in ABSENT_STATES:
+        raise UiccAbsent(f"no SIM in the modem (+CPIN: {state})")
+    return state
+
+
+async def read_pin_counters(port: AtCommandPort) -> PinCounters:
+    """Attempts left for the PIN (and PUK): the modem's commands first, then the card's VERIFY status.
+
+    Only questions: nothing here enters a PIN or changes a counter.
+    """
+    for query in COUNTER_QUERIES:
+        try:
+            counters = query.parse(await port.command(query.command))
+        except (AtCommandError, ModemTimeout, AtParseError):
+            continue  # not this modem's command
+        if counters.pin is not None or counters.puk is not None:
+            return counters
+    csim = CsimTransport(port)
+    pin, puk = await _card_attempts(csim, VERIFY_STATUS), await _card_attempts(csim, UNBLOCK_STATUS)
+    return PinCounters(pin, puk, "VERIFY through AT+CSIM") if pin is not None or puk is not None else PinCounters()
+
+
+async def _card_attempts(csim: CsimTransport, status: Apdu) -> int | None:
+    try:
+        return attempts_from_sw(parse_response(await csim.transmit(status)).sw)
+    except (AtCommandError, ModemTimeout, AnswerLost):
+        return None  # the modem will not pass VERIFY/UNBLOCK (Wavecom refuses them through AT+CSIM)
 
 
 def urc_presence(line: str) -> bool | None:
@@ -105,6 +208,8 @@ class Card:
         self._generation = 0  # bumped on every removal: an identity read across one is void
         self._wake = asyncio.Event()
         self._subscribers = Subscribers[CardEvent](logger, "uicc.callback_error")
+        self._notices = Subscribers[PortSharing | MnSecdError](logger, "uicc.callback_error")
+        self._problem: MnSecdError | None = None  # why the card is not usable now (for the watch's pace)
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -183,6 +288,11 @@ class Card:
     def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
         return self._subscribers.subscribe(callback)
 
+    def subscribe_notices(self, callback: Callable[[PortSharing | MnSecdError], None]) -> Callable[[], None]:
+        """Be told what the card events do not say: why a card that came back is not usable yet (a
+        locked or busy SIM: the error). The modem's source tells of another program on its port."""
+        return self._notices.subscribe(callback)
+
     # --- presence -------------------------------------------------------------------------------------
 
     def _emit(self, event: CardEvent) -> None:
@@ -214,14 +324,16 @@ class Card:
             self._wake.set()
 
     async def _supervise(self) -> None:
-        """While the card is away: look for it on a hint from the source or every ``presence_poll`` s."""
+        """While the card is away: look for it on a hint from the source or every ``presence_poll`` s
+        (every :data:`LOCKED_POLL` s while it is locked: nothing changes that without a hint)."""
         while not self._closed:
             if self._identity is not None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            pause = LOCKED_POLL if isinstance(self._problem, UiccLocked) else self._config.presence_poll
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._config.presence_poll):
+                async with asyncio.timeout(pause):
                     await self._wake.wait()
             self._wake.clear()
             if not self._source.connected:
@@ -230,8 +342,12 @@ class Card:
                 async with self._lock:
                     if self._identity is None:
                         await self._bring_up(emit=True)
+                self._problem = None
             except MnSecdError as exc:
                 logger.debug("card not usable yet: %s", exc, extra={"event": "uicc.card_not_ready"})
+                if isinstance(exc, UiccLocked | UiccBusy) and str(exc) != str(self._problem):
+                    self._notices.emit(exc)
+                self._problem = exc
             except Exception:  # a bug must not end the watch over the card; try again at the next poll
                 logger.exception("looking for the card failed", extra={"event": "uicc.supervisor_error"})
 
@@ -278,16 +394,28 @@ class Card:
 class ModemSource:
     """A :class:`CardSource`: the card behind a modem's AT port.
 
-    Before a transport: ``AT+CPIN?`` (a locked card is :class:`~mn_secd.errors.UiccLocked`, an
-    absent one :class:`~mn_secd.errors.UiccAbsent`), then the transport probe. The IMSI of an
-    ISIM-only card comes from ``AT+CIMI``. URCs and the port's comings and goings tell the card.
+    Before a transport: ``AT+CPIN?`` (a PIN entered when ``pin`` allows it; a locked card is
+    :class:`~mn_secd.errors.UiccLocked`, a busy one :class:`~mn_secd.errors.UiccBusy`, an absent one
+    :class:`~mn_secd.errors.UiccAbsent`), then the transport probe, whose findings are kept
+    (``mn-secd doctor`` shows them). The IMSI of an ISIM-only card comes from ``AT+CIMI``. URCs and
+    the port's comings and goings tell the card; another program on the port is a notice.
     """
 
-    def __init__(self, port: AtCommandPort, config: ModemConfig) -> None:
+    def __init__(self, port: AtCommandPort, config: ModemConfig, pin: PinKeeper | None = None) -> None:
         self.port = port
         self._config = config
+        self._pin = pin if pin is not None else PinKeeper()
         self._on_presence: Callable[[bool, str], None] | None = None
-        port.listen(on_urc=self._on_urc, on_state=self._on_port_state)
+        self._notices = Subscribers[PortSharing | MnSecdError](logger, "uicc.callback_error")
+        self._strays = 0
+        self._shared = False  # another program was reported and not yet seen gone
+        self._reported: PortSharing | None = None
+        self._rescan = False
+        self._last_scan = -HOLDER_SCAN_INTERVAL
+        self._scan: asyncio.Task[None] | None = None
+        #: What each way to the card answered at the last probe.
+        self.findings: list[PathFinding] = []
+        port.listen(on_urc=self._on_urc, on_state=self._on_port_state, on_stray=self._on_stray)
 
     @property
     def connected(self) -> bool:
@@ -300,15 +428,26 @@ class ModemSource:
     def listen(self, on_presence: Callable[[bool, str], None]) -> None:
         self._on_presence = on_presence
 
+    def subscribe_notices(self, callback: Callable[[PortSharing | MnSecdError], None]) -> Callable[[], None]:
+        """Be told of another program on the port (:class:`PortSharing`), and when it is gone."""
+        return self._notices.subscribe(callback)
+
     async def open(self) -> None:
         await self.port.open()
+        self._look_for_holders()
 
     async def close(self) -> None:
+        task, self._scan = self._scan, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.port.close()
 
     async def open_transport(self) -> ApduTransport:
         await self._check_pin()
-        return await open_transport(self.port, self._config.transport, files.USIM_AID_PREFIX)
+        self.findings = []
+        return await open_transport(self.port, self._config.transport, files.USIM_AID_PREFIX, findings=self.findings)
 
     def unreachable(self, detail: str | None = None) -> PortGoneError:
         return PortGoneError(f"{self.port.path}: {detail or 'port gone'}")
@@ -319,29 +458,141 @@ class ModemSource:
 
     def _on_urc(self, line: str) -> None:
         presence = urc_presence(line)
+        if presence is False:
+            self._pin.card_absent()  # the next card is a new insertion
         if presence is not None:
             self._tell(presence, f"URC {line}")
 
     def _on_port_state(self, up: bool) -> None:
+        if up:
+            self._pin.card_powered_again()  # a modem that reset powered the card again
+            self._strays = 0
+            self._look_for_holders()
         self._tell(up, "port back" if up else "port gone")
 
+    # --- the SIM's PIN -----------------------------------------------------------------------------
+
     async def _check_pin(self) -> None:
+        """``AT+CPIN?``; a locked SIM gets its PIN only when the keeper says so, else it stays locked."""
         try:
-            state = at.parse_cpin(await self.port.command(at.query("AT+CPIN?", "+CPIN:")))
+            state = await read_sim_state(self.port)
+        except UiccAbsent:
+            self._pin.card_absent()
+            raise
+        if state in READY_STATES:
+            return
+        counters = await read_pin_counters(self.port)
+        refusal = self._pin.decide(state, counters)
+        if refusal is not None:
+            raise refusal
+        await self._enter_pin(state)
+
+    async def _enter_pin(self, state: str) -> None:
+        """The one PIN entry of this insertion; never repeated, whatever its outcome."""
+        command = self._pin.take()
+        logger.info("entering the SIM PIN from pin_file", extra={"event": "uicc.pin_entry"})
+        try:
+            await self.port.command(command)
         except AtCommandError as exc:
             check_absent(exc)
-            raise
-        if state in ("NOT READY", "NOT INSERTED"):
-            raise UiccAbsent(f"no SIM in the modem (+CPIN: {state})")
-        if state != "READY":
-            raise UiccLocked(state)
+            left = (await read_pin_counters(self.port)).pin
+            if exc.cme in (at.CME_INCORRECT_PASSWORD, at.CME_SIM_PUK_REQUIRED):
+                self._pin.rejected(left)
+                logger.error(
+                    "the SIM refused the PIN from pin_file (%s attempts left); not entered again",
+                    "?" if left is None else left,
+                    extra={"event": "uicc.pin_rejected"},
+                )
+                raise PinRejected(
+                    state,
+                    f"the SIM refused the PIN from pin_file ({'unknown' if left is None else left} attempts left)",
+                    retries=left,
+                    remedy="correct pin_file; mn-secd enters it again only after the SIM is re-inserted "
+                    "or the daemon is restarted",
+                ) from None
+            raise UiccLocked(
+                state,
+                f"the modem answered the PIN entry with {exc.cme if exc.cme is not None else 'ERROR'}; "
+                "not entered again for this SIM",
+                retries=left,
+            ) from None
+        self._pin.accepted()
+        logger.info("the SIM accepted the PIN", extra={"event": "uicc.pin_accepted"})
+        await self._settle_after_pin()
+
+    async def _settle_after_pin(self) -> None:
+        """A SIM that took its PIN answers busy for a moment while the modem reads it."""
+        deadline = time.monotonic() + PIN_SETTLE
+        while True:
+            try:
+                state = await read_sim_state(self.port)
+            except UiccBusy:
+                state = "busy"
+            if state in READY_STATES:
+                return
+            if state != "busy":
+                raise UiccLocked(state, "still locked after the PIN was accepted")
+            if time.monotonic() >= deadline:
+                raise UiccBusy(f"the SIM took its PIN but is still busy after {PIN_SETTLE:g} s")
+            await asyncio.sleep(PIN_SETTLE_POLL)
 
     async def _imsi_from_modem(self) -> str:
         """An ISIM-only card has no EF_IMSI; the modem still knows the IMSI."""
         return at.parse_cimi(await self.port.command(at.cimi()))
 
+    # --- another program on the port -------------------------------------------------------------
 
-async def open_card(config: ModemConfig) -> Card:
+    def _on_stray(self) -> None:
+        self._strays += 1
+        if self._strays == 1:
+            logger.warning(
+                "answers to commands mn-secd never sent on %s: another program uses the port",
+                self.port.path,
+                extra={"event": "uicc.port_shared"},
+            )
+        self._look_for_holders()
+
+    def _look_for_holders(self) -> None:
+        """Name whoever else holds the port, in a thread (it walks /proc). Once it has been reported,
+        stray answers look again at most every :data:`HOLDER_SCAN_INTERVAL` seconds."""
+        if self._scan is not None:
+            self._rescan = True
+            return
+        now = time.monotonic()
+        if self._shared and now - self._last_scan < HOLDER_SCAN_INTERVAL:
+            return
+        self._last_scan = now
+        self._scan = asyncio.get_running_loop().create_task(self._scan_holders())
+
+    async def _scan_holders(self) -> None:
+        try:
+            holders = [h for h in await asyncio.to_thread(port_holders, self.port.path) if not h.is_mn_secd]
+        except Exception:  # diagnostics must never take the card down
+            logger.exception("looking for other programs on the port failed", extra={"event": "uicc.holder_scan"})
+            return
+        finally:
+            self._scan = None
+        sharing = PortSharing(self.port.path, tuple(holders), self._strays)
+        if sharing.clear:
+            if self._shared:  # said before: say that it is over
+                self._shared = False
+                logger.info("%s: no other program on the port now", self.port.path, extra={"event": "uicc.port_own"})
+                self._notices.emit(sharing)
+        elif sharing != self._reported:
+            self._shared, self._reported = True, sharing
+            logger.warning("%s", sharing.describe(), extra={"event": "uicc.port_shared"})
+            self._notices.emit(sharing)
+        if self._rescan:
+            self._rescan = False
+            self._look_for_holders()
+
+
+async def open_card(
+    config: ModemConfig,
+    *,
+    pin: PinKeeper | None = None,
+    notices: Callable[[PortSharing | MnSecdError], None] | None = None,
+) -> Card:
     """Reach the card as ``config`` says and bring it up (identity read, application selected on our channel).
 
     The modem's AT port, or with ``transport = "pcsc"`` the PC/SC reader whose name contains
@@ -349,6 +600,9 @@ async def open_card(config: ModemConfig) -> Card:
     nothing open (PortGoneError, ReaderNotFound, PcscUnavailable, UiccAbsent, UiccLocked,
     TransportUnavailable, ApplicationNotFound, ...): the caller retries with its own back-off. Once
     open, the Card follows removals, insertions and a vanishing port or reader by itself (card events).
+    Through the modem, ``pin`` (the same keeper at every attempt: it remembers a PIN entry) may unlock
+    the SIM; ``notices`` hears of another program on the port from the moment the port opens, and of
+    a card that came back locked or busy.
     """
     source: CardSource
     if config.uses_reader:
@@ -358,7 +612,12 @@ async def open_card(config: ModemConfig) -> Card:
         port = AtPort(
             config.port, baud=config.baud, command_timeout=config.command_timeout, reopen_max=config.reopen_max
         )
-        source = ModemSource(port, config)
+        modem = ModemSource(port, config, pin)
+        if notices is not None:
+            modem.subscribe_notices(notices)
+        source = modem
     card = Card(source, config)
+    if notices is not None:
+        card.subscribe_notices(notices)
     await card.start()
     return card

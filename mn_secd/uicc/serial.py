@@ -39,9 +39,7 @@ INIT_COMMANDS = ("ATE0", "AT+CMEE=1")
 
 def _command_name(command: at.Command) -> str:
     """``AT+CSIM=14,"00A4..."`` -> ``AT+CSIM``: what may appear in logs and error texts."""
-    text = command.text
-    cut = min((i for i in (text.find("="), text.find("?")) if i >= 0), default=len(text))
-    return text[:cut]
+    return at.command_name(command.text)
 
 
 def _denied_hint(path: str, exc: Exception) -> str:
@@ -78,9 +76,14 @@ class AtCommandPort(Protocol):
         """One command; its information lines on OK (AtCommandError, ModemTimeout, PortGoneError)."""
 
     def listen(
-        self, *, on_urc: Callable[[str], None] | None = None, on_state: Callable[[bool], None] | None = None
+        self,
+        *,
+        on_urc: Callable[[str], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
+        on_stray: Callable[[], None] | None = None,
     ) -> None:
-        """Where unsolicited result codes go, and who hears that the port went (False) or is back (True)."""
+        """Where unsolicited result codes go, who hears that the port went (False) or is back (True),
+        and who hears of an answer to a command we never sent (another program on the port)."""
 
 
 class AtPort:
@@ -100,6 +103,7 @@ class AtPort:
         self.command_timeout = command_timeout
         self._on_urc: Callable[[str], None] | None = None
         self._on_state: Callable[[bool], None] | None = None
+        self._on_stray: Callable[[], None] | None = None
         self._reopen_initial = reopen_initial
         self._reopen_max = reopen_max
         self._serial: serial.Serial | None = None
@@ -113,13 +117,20 @@ class AtPort:
         self._reopen_task: asyncio.Task[None] | None = None
         self._closing = False
         self.commands_sent = 0  # for the benchmark and diagnostics
+        self.stray_answers = 0  # answers to commands we never sent: another program on the port
 
     def listen(
-        self, *, on_urc: Callable[[str], None] | None = None, on_state: Callable[[bool], None] | None = None
+        self,
+        *,
+        on_urc: Callable[[str], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
+        on_stray: Callable[[], None] | None = None,
     ) -> None:
-        """URCs go to ``on_urc`` whenever they arrive; ``on_state`` hears the port go (False) and return (True)."""
+        """URCs go to ``on_urc`` whenever they arrive; ``on_state`` hears the port go (False) and
+        return (True); ``on_stray`` hears of each answer to a command we never sent."""
         self._on_urc = on_urc
         self._on_state = on_state
+        self._on_stray = on_stray
 
     # --- life cycle -----------------------------------------------------------------------------------
 
@@ -274,6 +285,15 @@ class AtPort:
                     waiter.set_exception(_FinalError(event))
         elif isinstance(event, at.Discarded):
             logger.debug("late answer discarded", extra={"event": "uicc.at_discarded"})
+        elif isinstance(event, at.Stray):
+            # Never the line itself: it may be another program's command, PIN included.
+            self.stray_answers += 1
+            logger.debug("answer to a command we never sent", extra={"event": "uicc.at_stray"})
+            if self._on_stray is not None:
+                try:
+                    self._on_stray()
+                except Exception:
+                    logger.exception("stray callback failed", extra={"event": "uicc.callback_error"})
 
     # --- commands -----------------------------------------------------------------------------------
 

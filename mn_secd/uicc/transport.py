@@ -7,16 +7,27 @@ through AT+CSIM gives one too; and where the modem forbids even that, AT+CSIM on
 is the last resort (:attr:`ApduTransport.basic_channel` tells the card to re-select its application
 before each AUTHENTICATE then).
 
-The probe sends only MANAGE CHANNEL, AT+CCHO (which selects the USIM by its partial AID), SELECT and
-STATUS: never an AUTHENTICATE, which would burn a sequence number or count as a MAC failure.
+The probe sends only MANAGE CHANNEL, AT+CCHO (which selects the USIM by its partial AID), SELECT of
+the MF and GET RESPONSE: never an AUTHENTICATE, which would burn a sequence number or count as a MAC
+failure. A path counts only if the GET RESPONSE that fetches an answer gets through too: Wavecom
+based modems (Moxa's manual lists them) refuse GET RESPONSE and AUTHENTICATE through AT+CSIM with
+``+CME ERROR: 3``, and GBA is then impossible on that path. What each path answered is kept
+(:class:`PathFinding`), for the error that says no path works and for ``mn-secd doctor``.
+
+Some modems lose answers: Quectel EG95 was reported answering ``+CME ERROR: 0`` and dropping
+``+CSIM`` answers. :func:`exchange` sends such a command again (twice at most) only when running it
+twice is harmless (:func:`~mn_secd.uicc.apdu.idempotent`); an AUTHENTICATE never.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from mn_secd.errors import (
+    AnswerLost,
     AtCommandError,
     AtParseError,
     AuthenticateOutcomeUnknown,
@@ -26,9 +37,10 @@ from mn_secd.errors import (
     PortGoneError,
     TransportUnavailable,
     UiccAbsent,
+    UiccBusy,
 )
 from mn_secd.uicc import at
-from mn_secd.uicc.apdu import Apdu, Done, Response, T0Exchange, parse_response
+from mn_secd.uicc.apdu import Apdu, Done, Response, T0Exchange, idempotent, parse_response
 from mn_secd.uicc.options import TransportChoice
 from mn_secd.uicc.serial import AtCommandPort
 
@@ -36,11 +48,14 @@ logger = logging.getLogger(__name__)
 
 #: A silent capability probe must not hold start-up for the whole command timeout (lpac PR #447).
 PROBE_TIMEOUT = 3.0
-#: STATUS, "no indication", no data back: the cheapest APDU that proves a path to the card works.
-STATUS_PROBE = Apdu(0x80, 0xF2, 0x00, 0x0C)
-#: SELECT MF without response data: the probe on a logical channel.
-SELECT_MF_PROBE = Apdu(0x00, 0xA4, 0x00, 0x0C, bytes.fromhex("3F00"))
+#: SELECT MF asking for its FCP: the card answers ``61xx`` (or the modem fetches it), so one probe
+#: proves both the path and the GET RESPONSE that every AUTHENTICATE answer needs. On the basic
+#: channel it leaves the MF selected, which is where the modem's own stack expects it (old Siemens
+#: firmware selects the MF after every AT+CSIM for that reason).
+SELECT_MF_PROBE = Apdu(0x00, 0xA4, 0x00, 0x04, bytes.fromhex("3F00"), le=256)
 MANAGE_CHANNEL_OPEN = Apdu(0x00, 0x70, 0x00, 0x00, le=1)
+#: How often a command whose answer the modem lost is sent again (idempotent commands only).
+LOST_ANSWER_RETRIES = 2
 
 
 def _close_channel_apdu(channel: int) -> Apdu:
@@ -78,9 +93,24 @@ class ApduTransport(Protocol):
 
 
 def check_absent(exc: AtCommandError) -> None:
-    """``+CME ERROR: 10`` means no SIM: a different failure from "this command is not supported"."""
+    """``+CME ERROR: 10`` means no SIM, ``14`` a SIM the modem is still reading (just after power-up
+    or insertion): different failures from "this command is not supported"."""
     if exc.cme == at.CME_SIM_NOT_INSERTED:
-        raise UiccAbsent("no SIM in the modem (+CME ERROR: 10)") from exc
+        raise UiccAbsent("SIM not inserted (+CME ERROR: 10)") from exc
+    if exc.cme == at.CME_SIM_BUSY:
+        raise UiccBusy("SIM busy (+CME ERROR: 14): the modem is still reading the SIM") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class PathFinding:
+    """What one way to the card answered during the probe (for errors and ``mn-secd doctor``)."""
+
+    path: str  # "AT+CGLA", "AT+CSIM (logical channel)", "AT+CSIM (basic channel)"
+    works: bool
+    answer: str  # "ok", "+CME ERROR: 4", "GET RESPONSE refused (+CME ERROR: 3)", ...
+
+    def describe(self) -> str:
+        return f"{self.path}: {'works' if self.works else self.answer}"
 
 
 #: ``+CME ERROR`` codes on AUTHENTICATE that mean "this modem will not pass it" (Moxa, old Siemens).
@@ -94,20 +124,31 @@ def at_one_shot_error(exc: MnSecdError, what: str) -> MnSecdError:
     it (and consumed a sequence number). ``ERROR`` or ``+CME ERROR: 3/4``: the modem would not pass
     it on. Any other ``+CME ERROR`` stays what it is.
     """
-    if isinstance(exc, ModemTimeout | PortGoneError | AtParseError):
+    if isinstance(exc, ModemTimeout | PortGoneError | AtParseError | AnswerLost):
         return AuthenticateOutcomeUnknown(f"{what} sent, no usable answer: {exc}")
     if isinstance(exc, AtCommandError) and (exc.cme in _REFUSING_CME or (exc.cme is None and exc.text is None)):
-        return AuthenticateRefused(f"the modem refused {what} ({exc})")
+        return AuthenticateRefused(f"the modem refused {what} ({exc}): it will not pass AUTHENTICATE on this path")
     return exc
 
 
 async def _at_command(port: AtCommandPort, command: at.Command, timeout: float | None) -> list[str]:
-    """One AT command carrying an APDU; ``+CME ERROR: 10`` (no SIM) becomes UiccAbsent."""
+    """One AT command carrying an APDU: ``+CME ERROR: 10``/``14`` become UiccAbsent/UiccBusy, and
+    ``+CME ERROR: 0`` (phone failure, as Quectel EG95 answers when it drops a command) AnswerLost."""
     try:
         return await port.command(command, timeout=timeout)
     except AtCommandError as exc:
         check_absent(exc)
+        if exc.cme == at.CME_PHONE_FAILURE:
+            raise AnswerLost(f"{exc}: the modem lost the answer; the card may have run the command") from exc
         raise
+
+
+def _response(lines: list[str], parse: Callable[[list[str]], bytes], command: str) -> bytes:
+    """The response APDU from the answer's lines; none, or a garbled one, is an answer lost."""
+    try:
+        return parse(lines)
+    except AtParseError as exc:
+        raise AnswerLost(f"{command}: no usable answer line ({exc}); the card may have run the command") from exc
 
 
 class CsimTransport:
@@ -129,17 +170,28 @@ class CsimTransport:
 
     async def transmit(self, apdu: Apdu, *, timeout: float | None = None) -> bytes:
         lines = await _at_command(self._port, at.csim(apdu.on_channel(self._channel).encode()), timeout)
-        return at.parse_csim(lines)
+        return _response(lines, at.parse_csim, "AT+CSIM")
 
     def one_shot_error(self, exc: MnSecdError, what: str) -> MnSecdError:
         return at_one_shot_error(exc, what)
 
     async def open_logical_channel(self, *, timeout: float | None = None) -> bool:
-        """MANAGE CHANNEL through AT+CSIM; False (and the basic channel) when the modem or card refuses."""
+        """MANAGE CHANNEL through AT+CSIM; False (and the basic channel) when the modem or card refuses.
+
+        Never sent twice: a lost answer may hide a channel the card opened, which stays open until
+        the card is reset (the basic channel is used meanwhile).
+        """
         try:
             response = parse_response(await CsimTransport(self._port).transmit(MANAGE_CHANNEL_OPEN, timeout=timeout))
         except AtCommandError as exc:
             logger.info("MANAGE CHANNEL via AT+CSIM refused: %s", exc, extra={"event": "uicc.no_manage_channel"})
+            return False
+        except AnswerLost as exc:
+            logger.warning(
+                "MANAGE CHANNEL answer lost (%s); using the basic channel",
+                exc,
+                extra={"event": "uicc.no_manage_channel"},
+            )
             return False
         if response.sw != 0x9000 or len(response.data) != 1 or not 1 <= response.data[0] <= 19:
             logger.info("card refused MANAGE CHANNEL (SW %04X)", response.sw, extra={"event": "uicc.no_manage_channel"})
@@ -181,7 +233,7 @@ class CglaTransport:
 
     async def transmit(self, apdu: Apdu, *, timeout: float | None = None) -> bytes:
         lines = await _at_command(self._port, at.cgla(self.session, apdu.on_channel(0).encode()), timeout)
-        return at.parse_cgla(lines)
+        return _response(lines, at.parse_cgla, "AT+CGLA")
 
     def one_shot_error(self, exc: MnSecdError, what: str) -> MnSecdError:
         return at_one_shot_error(exc, what)
@@ -196,7 +248,26 @@ class CglaTransport:
 async def exchange(
     transport: ApduTransport, apdu: Apdu, *, may_resend: bool = True, timeout: float | None = None
 ) -> Response:
-    """One command with its T=0 follow-ups (GET RESPONSE, wrong-Le resend), on the transport's channel."""
+    """One command with its T=0 follow-ups (GET RESPONSE, wrong-Le resend), on the transport's channel.
+
+    When the modem loses an answer (:class:`~mn_secd.errors.AnswerLost`) and running ``apdu`` again
+    is harmless, the whole exchange starts over from ``apdu`` (a lost GET RESPONSE answer cannot be
+    asked again: the card has handed it out), at most :data:`LOST_ANSWER_RETRIES` more times.
+    """
+    retries = 0
+    while True:
+        try:
+            return await _exchange_once(transport, apdu, may_resend, timeout)
+        except AnswerLost as exc:
+            if not may_resend or not idempotent(apdu) or retries >= LOST_ANSWER_RETRIES:
+                raise
+            retries += 1
+            logger.info(
+                "answer lost (%s); sending INS %02X again", exc, apdu.ins, extra={"event": "uicc.answer_lost_retry"}
+            )
+
+
+async def _exchange_once(transport: ApduTransport, apdu: Apdu, may_resend: bool, timeout: float | None) -> Response:
     procedure = T0Exchange(apdu.on_channel(transport.channel), may_resend=may_resend)
     step_apdu = procedure.start()
     while True:
@@ -206,64 +277,91 @@ async def exchange(
         step_apdu = step.apdu
 
 
-async def _usable(transport: ApduTransport, timeout: float) -> bool:
-    """Any status word proves the path to the card works; an AT error or silence does not.
+def _answer(exc: MnSecdError) -> str:
+    if isinstance(exc, AtCommandError):
+        return str(exc).partition(" -> ")[2] or str(exc)
+    if isinstance(exc, ModemTimeout):
+        return "no answer"
+    return f"{exc.kind}: {exc}"
 
-    On a logical channel the probe is SELECT MF without response data (Quectel EG25 fails STATUS on
-    a logical channel through AT+CSIM); on the basic channel it is STATUS, which selects nothing
-    under the modem's own stack.
-    """
-    probe = STATUS_PROBE if transport.basic_channel else SELECT_MF_PROBE
+
+async def _probe(transport: ApduTransport, timeout: float, path: str) -> PathFinding:
+    """SELECT MF with its FCP, and the GET RESPONSE for it: any status word from the card proves the
+    path (the MF's FCP is not needed); an AT error or silence on either step does not."""
+    procedure = T0Exchange(SELECT_MF_PROBE.on_channel(transport.channel))
+    step_apdu, what = procedure.start(), "SELECT"
     try:
-        await transport.transmit(probe, timeout=timeout)
-    except AtCommandError as exc:
-        logger.info("%s probe failed: %s", transport.name, exc, extra={"event": "uicc.probe_failed"})
-        return False
-    except ModemTimeout:
-        logger.info("%s probe got no answer", transport.name, extra={"event": "uicc.probe_failed"})
-        return False
-    return True
+        while True:
+            step = procedure.receive(await transport.transmit(step_apdu, timeout=timeout))
+            if isinstance(step, Done):
+                return PathFinding(path, True, "ok")
+            step_apdu = step.apdu
+            what = "GET RESPONSE" if step_apdu.ins == 0xC0 else "SELECT"
+    except (AtCommandError, ModemTimeout, AnswerLost) as exc:
+        finding = PathFinding(path, False, f"{what} refused ({_answer(exc)})" if what != "SELECT" else _answer(exc))
+        logger.info("%s", finding.describe(), extra={"event": "uicc.probe_failed"})
+        return finding
 
 
-async def _try_cgla(port: AtCommandPort, aid: bytes, timeout: float) -> CglaTransport | None:
+async def _try_cgla(port: AtCommandPort, aid: bytes, timeout: float, found: list[PathFinding]) -> CglaTransport | None:
     try:
         transport = await CglaTransport.open(port, aid, timeout=timeout)
-    except AtCommandError as exc:
-        check_absent(exc)
-        logger.info("AT+CCHO refused: %s", exc, extra={"event": "uicc.no_cgla"})
+    except (AtCommandError, ModemTimeout, AtParseError) as exc:
+        if isinstance(exc, AtCommandError):
+            check_absent(exc)
+        found.append(PathFinding("AT+CCHO", False, _answer(exc)))
+        logger.info("AT+CCHO failed: %s", exc, extra={"event": "uicc.no_cgla"})
         return None
-    except ModemTimeout:
-        logger.info("AT+CCHO got no answer", extra={"event": "uicc.no_cgla"})
-        return None
-    if await _usable(transport, timeout):
+    finding = await _probe(transport, timeout, "AT+CGLA")
+    found.append(finding)
+    if finding.works:
         return transport
     await transport.close()
     return None
 
 
-async def _try_csim(port: AtCommandPort, timeout: float) -> CsimTransport | None:
+async def _try_csim(port: AtCommandPort, timeout: float, found: list[PathFinding]) -> CsimTransport | None:
     transport = CsimTransport(port)
     try:
         logical = await transport.open_logical_channel(timeout=timeout)
     except ModemTimeout:
         logical = False
     if logical:
-        if await _usable(transport, timeout):
+        finding = await _probe(transport, timeout, "AT+CSIM (logical channel)")
+        found.append(finding)
+        if finding.works:
             return transport
         await transport.close()  # back to the basic channel
-    return transport if await _usable(transport, timeout) else None
+    else:
+        found.append(PathFinding("MANAGE CHANNEL", False, "no logical channel through AT+CSIM"))
+    finding = await _probe(transport, timeout, "AT+CSIM (basic channel)")
+    found.append(finding)
+    return transport if finding.works else None
 
 
-async def open_transport(port: AtCommandPort, preference: TransportChoice, aid: bytes) -> ApduTransport:
-    """Pick and open a transport: ``cgla`` (AT+CCHO with ``aid``), ``csim``, or ``auto`` (CGLA, then CSIM)."""
+async def open_transport(
+    port: AtCommandPort, preference: TransportChoice, aid: bytes, *, findings: list[PathFinding] | None = None
+) -> ApduTransport:
+    """Pick and open a transport: ``cgla`` (AT+CCHO with ``aid``), ``csim``, or ``auto`` (CGLA, then CSIM).
+
+    What each path answered is appended to ``findings`` when given; TransportUnavailable names it.
+    """
     timeout = min(port.command_timeout, PROBE_TIMEOUT)
+    found = findings if findings is not None else []
     if preference in (TransportChoice.AUTO, TransportChoice.CGLA):
-        cgla = await _try_cgla(port, aid, timeout)
+        cgla = await _try_cgla(port, aid, timeout, found)
         if cgla is not None:
             return cgla
         if preference == TransportChoice.CGLA:
-            raise TransportUnavailable("AT+CCHO/AT+CGLA do not work on this modem")
-    csim = await _try_csim(port, timeout)
+            raise TransportUnavailable(
+                f'AT+CCHO/AT+CGLA do not work on this modem ({_summary(found)}); try transport = "auto"'
+            )
+    csim = await _try_csim(port, timeout, found)
     if csim is None:
-        raise TransportUnavailable("neither AT+CGLA nor AT+CSIM work on this modem")
+        hint = "" if preference == TransportChoice.AUTO else '; try transport = "auto"'
+        raise TransportUnavailable(f"this modem cannot run GBA over AT: {_summary(found)}{hint}")
     return csim
+
+
+def _summary(found: list[PathFinding]) -> str:
+    return "; ".join(f.describe() for f in found) or "no path tried"

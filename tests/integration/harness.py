@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,15 +12,17 @@ from typing import Any
 import httpx
 
 from mn_secd.client.keys import KeyServiceClient
+from mn_secd.errors import MnSecdError
 from mn_secd.naf_keys import NafKey
 from mn_secd.sim.bsf import ZN_PATH
 from mn_secd.sim.modem import ModemEmulator
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.sim.world import DEFAULT_NAF_FQDN, AeCredential, SimulatedWorld, free_udp_port
 from mn_secd.ua import UaId
-from mn_secd.uicc.card import Card, open_card
+from mn_secd.uicc.card import Card, PortSharing, open_card
 from mn_secd.uicc.options import ModemConfig
 from mn_secd.uicc.pcsc import list_readers
+from mn_secd.uicc.pin import PinKeeper
 
 
 @dataclass
@@ -31,9 +34,16 @@ class PtyModem:
     path: str
 
 
-async def open_test_card(cards: list[Card], path: str, **options: Any) -> Card:
+async def open_test_card(
+    cards: list[Card],
+    path: str,
+    *,
+    pin: PinKeeper | None = None,
+    notices: Callable[[PortSharing | MnSecdError], None] | None = None,
+    **options: Any,
+) -> Card:
     """The daemon's card layer on ``path`` (ModemConfig ``options``), closed with the ``cards`` fixture."""
-    card = await asyncio.wait_for(open_card(ModemConfig(path, **options)), 30)
+    card = await asyncio.wait_for(open_card(ModemConfig(path, **options), pin=pin, notices=notices), 30)
     cards.append(card)
     return card
 

@@ -10,7 +10,19 @@ from hypothesis import strategies as st
 
 from mn_secd.errors import AtParseError
 from mn_secd.uicc import at
-from mn_secd.uicc.at import NEED_DATA, AtConnection, Command, Discarded, Echo, Error, Event, Info, Ok, Urc
+from mn_secd.uicc.at import (
+    NEED_DATA,
+    AtConnection,
+    Command,
+    Discarded,
+    Echo,
+    Error,
+    Event,
+    Info,
+    Ok,
+    Stray,
+    Urc,
+)
 
 
 def run(conn: AtConnection, *chunks: bytes) -> list[Event]:
@@ -191,8 +203,44 @@ def test_overlong_line_is_a_typed_error() -> None:
     assert run(conn, b"\r\nRING\r\n") == [Urc("RING")]
 
 
-def test_stray_final_without_a_command_is_discarded() -> None:
-    assert run(AtConnection(), b"OK\r\n") == [Discarded("OK")]
+def test_a_final_without_a_command_is_a_stray_answer() -> None:
+    """An OK nobody of ours asked for: another program talks on the port."""
+    assert run(AtConnection(), b"OK\r\n") == [Stray("OK")]
+
+
+def test_an_echoed_command_line_that_is_not_ours_is_a_stray() -> None:
+    conn = AtConnection()
+    conn.send(at.query("AT+CPIN?", "+CPIN:"))
+    events = run(conn, b"AT+CPIN?\r\r\nAT+COPS?\r\r\n+CPIN: READY\r\n\r\nOK\r\n")
+    assert events == [Echo("AT+CPIN?"), Stray("AT+COPS?"), Info("+CPIN: READY"), Ok()]
+    assert run(conn, b"AT+CSQ\r\r\n+CSQ: 19,99\r\n\r\nOK\r\n") == [Stray("AT+CSQ"), Urc("+CSQ: 19,99"), Stray("OK")]
+
+
+def test_the_late_final_of_a_forgotten_command_is_not_a_stray() -> None:
+    conn = AtConnection()
+    conn.send(at.plain("AT+CFUN=1"))
+    conn.abandon()
+    conn.forget_stale()
+    assert run(conn, b"\r\nOK\r\n\r\nOK\r\n") == [Discarded("OK"), Stray("OK")]
+
+
+def test_echo_of_the_pending_command_while_an_abandoned_one_is_expected() -> None:
+    conn = AtConnection()
+    conn.send(at.plain("AT+CFUN=1"))
+    conn.abandon()
+    conn.send(at.query("AT+CPIN?", "+CPIN:"))
+    events = run(conn, b"AT+CPIN?\r\r\nOK\r\n+CPIN: READY\r\nOK\r\n")
+    assert events == [Urc("AT+CPIN?"), Discarded("OK"), Info("+CPIN: READY"), Ok()]
+
+
+def test_a_secret_command_never_shows_its_text() -> None:
+    command = at.enter_pin("1234")
+    assert command.text == 'AT+CPIN="1234"'
+    assert "1234" not in repr(command) and "AT+CPIN" in repr(command)
+    assert "1234" not in repr(Stray('AT+CPIN="1234"'))
+    for bad in ("123", "123456789", "12a4", "１２３４"):
+        with pytest.raises(ValueError):
+            at.enter_pin(bad)
 
 
 def test_two_commands_at_once_is_a_programming_error() -> None:

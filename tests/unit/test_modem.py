@@ -730,7 +730,8 @@ def test_every_quirk_has_a_flag() -> None:
     flags = """--echo --urcs-between --urcs-inside --urc-line RING --urc-line +CREG:0 --split-writes
         --split-size 5 --split-delay 0.1 --reject-lowercase-hex --no-space-after-colon --ccho-style session-handle
         --no-logical-channels --no-test-commands --get-response-loop --refuse-authenticate --internal-get-response
-        --latency 0.25 --auth-latency 3"""
+        --latency 0.25 --auth-latency 3 --pin-counter qpinc --boot-no-sim 1.5 --boot-sim-busy 2 --csim-restricted
+        --reselect-mf --cme0-every 3 --drop-answer-every 4 --wrong-le 1 --foreign-answers 0.5"""
     args = parser.parse_args(["sim", "modem", "--card", "x.toml", "--link", "/tmp/x", *flags.split()])
     assert args.link == "/tmp/x"
     assert quirks_from_args(args) == Quirks(
@@ -751,6 +752,15 @@ def test_every_quirk_has_a_flag() -> None:
         internal_get_response=True,
         latency=0.25,
         auth_latency=3.0,
+        pin_counter="qpinc",
+        boot_no_sim=1.5,
+        boot_sim_busy=2.0,
+        csim_restricted=True,
+        reselect_mf=True,
+        cme0_every=3,
+        drop_answer_every=4,
+        wrong_le=1,
+        foreign_answers=0.5,
     )
 
 
