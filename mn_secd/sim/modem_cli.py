@@ -122,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
 
     quirks = quirks_from_args(args)
     if args.sim_pin is not None:
-        _lock_with_pin(args.card, args.sim_pin)
+        try:
+            _lock_with_pin(args.card, args.sim_pin)
+        except ValueError as exc:  # ProfileValueError: names the key, never echoes the PIN
+            print(f"mn-secd sim modem: --sim-pin: {getattr(exc, 'problem', exc)}", file=sys.stderr)
+            return 2
     card = SoftUicc.from_file(args.card)  # SQN state and PIN counters are written back to the profile file
     emulator = ModemEmulator(card, quirks, link=args.link)
 

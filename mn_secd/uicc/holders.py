@@ -136,9 +136,12 @@ def _holds_master(fd_dir: Path, fd: str, index: int) -> bool:
     return any(line.split() == ["tty-index:", str(index)] for line in info.splitlines())
 
 
-def _openers(rdev: int, proc: Path, own_pid: int) -> Iterator[PortHolder]:
+def _openers(port: os.stat_result, proc: Path, own_pid: int) -> Iterator[PortHolder]:
     """Processes with the device open. For a pty, the process serving its master side (a modem
-    emulator, socat) is the line's far end, not a second user of the line, and is left out."""
+    emulator, socat) is the line's far end, not a second user of the line, and is left out; and a
+    pty is only the same pty within one devpts instance (a container has its own /dev/pts/N with
+    the same numbers)."""
+    rdev = port.st_rdev
     index = _pty_index(rdev)
     try:
         pids = [int(entry) for entry in os.listdir(proc) if entry.isdigit()]
@@ -161,7 +164,7 @@ def _openers(rdev: int, proc: Path, own_pid: int) -> Iterator[PortHolder]:
             if index is not None and _holds_master(fd_dir, fd, index):
                 opened = False
                 break
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev:
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev and (index is None or st.st_dev == port.st_dev):
                 opened = True
         if opened:
             yield _describe_pid(pid, "open", proc)
@@ -188,6 +191,6 @@ def port_holders(
     except OSError:
         return list(found.values())
     if stat.S_ISCHR(st.st_mode):
-        for holder in _openers(st.st_rdev, proc, me):
+        for holder in _openers(st, proc, me):
             found.setdefault(holder.pid, holder)
     return list(found.values())

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from harness import PtyModem, open_test_card
@@ -32,7 +33,7 @@ from mn_secd.errors import (
 from mn_secd.secret import SecretBytes
 from mn_secd.sim.milenage import Milenage, generate_autn
 from mn_secd.sim.modem import Quirks
-from mn_secd.sim.profile import CardProfile
+from mn_secd.sim.profile import CardProfile, load_profile, save_profile
 from mn_secd.sim.world import lab_cards
 from mn_secd.uicc.card import Card, PortSharing
 from mn_secd.uicc.pin import PinKeeper
@@ -397,3 +398,57 @@ async def test_answers_to_commands_never_sent_are_noticed(
     sharing = notices[0]
     assert isinstance(sharing, PortSharing) and sharing.stray_answers >= 1 and not sharing.holders
     assert "never sent" in sharing.describe()
+
+
+# --- the emulator's PIN commands on the wire ----------------------------------------------------------------
+
+
+def test_the_pin_commands_on_the_wire(make_modem: Callable[..., PtyModem], tmp_path: Path) -> None:
+    world = make_modem(locked_card())
+    assert at_command(world.path, "AT+CMEE=1")[-1] == "OK"
+    assert at_command(world.path, "AT+CPIN?")[:2] == ["+CPIN: SIM PIN", "OK"]
+    assert at_command(world.path, "AT+CIMI")[-1] == "+CME ERROR: 11"  # SIM PIN required
+    assert at_command(world.path, "AT+CPINR")[:2] == ["+CPINR: SIM PIN,3,3", "+CPINR: SIM PUK,10,10"]
+    for _ in range(3):
+        at_command(world.path, 'AT+CPIN="0000"')
+    assert at_command(world.path, "AT+CPIN?")[0] == "+CPIN: SIM PUK"
+    assert world.card.profile.pin_attempts == 0
+    assert at_command(world.path, 'AT+CPIN="12345678","2468"')[-1] == "OK"  # the lab card's PUK, by hand
+    assert at_command(world.path, "AT+CPIN?")[0] == "+CPIN: READY"
+    assert world.card.profile.pin == "2468" and world.card.profile.puk_attempts == 10
+
+    path = tmp_path / "card.toml"
+    save_profile(path, world.card.profile)
+    assert load_profile(path) == world.card.profile  # PIN, PUK and counters survive a restart
+
+
+@pytest.mark.parametrize(("style", "line"), [("qpinc", '+QPINC: "SC",3,10'), ("cpinc", "+CPINC: 3,3,10,10")])
+def test_vendor_pin_counters_on_the_wire(make_modem: Callable[..., PtyModem], style: str, line: str) -> None:
+    world = make_modem(locked_card(), quirks=Quirks(pin_counter=style))  # type: ignore[arg-type]
+    command = 'AT+QPINC="SC"' if style == "qpinc" else "AT+CPINC"
+    assert at_command(world.path, command)[0] == line
+    assert at_command(world.path, "AT+CPINR")[-1] == "ERROR"
+
+
+def test_the_emulators_help_lists_each_field_quirk_with_its_modem_family(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = [sys.executable, "-m", "mn_secd", "sim", "modem"]
+    shown = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+    text = " ".join(shown.split())
+    for flag, family in [
+        ("--sim-pin", "SIM PIN"),
+        ("--pin-counter", "Quectel"),
+        ("--boot-no-sim", "+CME ERROR: 10"),
+        ("--boot-sim-busy", "u-blox SARA-R4"),
+        ("--csim-restricted", "Wavecom"),
+        ("--reselect-mf", "Siemens"),
+        ("--cme0-every", "Quectel EG95"),
+        ("--drop-answer-every", "Quectel EG95"),
+        ("--wrong-le", "nRF91"),
+        ("--foreign-answers", "ModemManager"),
+    ]:
+        assert flag in text and family in text.rpartition(flag)[2][:400], flag  # its entry, not the usage line
+    profile = tmp_path / "card.toml"
+    profile.write_text((Path(env["PYTHONPATH"]) / "etc" / "sim" / "card-isim.toml").read_text())
+    bad = subprocess.run([*run, "--card", str(profile), "--sim-pin", "12ab"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "4 to 8 decimal digits" in bad.stderr and "12ab" not in bad.stderr

@@ -176,3 +176,19 @@ def test_t0_only_raises_typed_errors(answers: list[bytes]) -> None:
                 return
         except (ApduParseError, GetResponseLoop):
             return
+
+
+def test_which_commands_may_be_sent_again_after_a_lost_answer() -> None:
+    """Idempotent: SELECT, READ BINARY, READ RECORD (absolute), STATUS, UPDATE BINARY. Never the rest."""
+    from mn_secd.uicc.apdu import idempotent
+
+    again = [Apdu(0, 0xA4, 0, 4, b"\x3f\x00"), Apdu(0, 0xB0, 0, 0, le=9), Apdu(0, 0xB2, 1, 4, le=32)]
+    again += [Apdu(0x80, 0xF2, 0, 0x0C), Apdu(0, 0xD6, 0, 0, b"\x00")]
+    never = [Apdu(0, 0xB2, 0, 2, le=32), Apdu(0, 0xC0, 0, 0, le=16), Apdu(0, 0x70, 0, 0, le=1)]
+    never += [
+        Apdu(0, 0x88, 0, 0x81, bytes(34)),
+        Apdu(0, 0x20, 0, 1, b"1234\xff\xff\xff\xff"),
+        Apdu(0, 0xDC, 1, 4, b"x"),
+    ]
+    assert all(idempotent(a) for a in again)
+    assert not any(idempotent(a) for a in never)

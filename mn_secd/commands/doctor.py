@@ -1,0 +1,766 @@
+"""``mn-secd doctor``: what stands between a new gateway and working GBA keys, one line per check.
+
+The first hour with a new gateway goes into finding out which of a dozen things is wrong: the port,
+its permissions, ModemManager, the modem, the SIM's PIN, a modem that will not pass AUTHENTICATE,
+the BSF, the clock, the control socket. This command checks them in that order and prints, for each,
+``ok``, ``warn``, ``fail`` or ``skip`` with the concrete fix; ``--json`` gives the same to tooling.
+The exit status is 1 when any check fails.
+
+It looks and never changes anything: no PIN is entered, nothing is written to the card, and no
+AUTHENTICATE is sent (each spends a sequence number) unless ``--with-aka`` asks for one GBA_ME
+bootstrap (one AUTHENTICATE in the 3G context, which writes nothing to the card). Ub is checked with
+the protocol's own unauthenticated first request, whose answer is the BSF's 401 challenge: the BSF
+fetches a vector, the card sees nothing. Run it as root to see every other process (as the service
+user, only that user's processes are visible), and stop the daemon first to check the modem: two
+programs on one AT port corrupt each other's answers, so the modem checks are skipped while the
+daemon holds it.
+
+The checks are a list of steps (:data:`STEPS`), each a coroutine on a :class:`Doctor`; a card
+reached another way than through the modem's AT port brings its own steps in place of the modem's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import errno
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from mn_secd.card_identity import CardIdentity
+from mn_secd.client.keys import KeyServiceClient
+from mn_secd.commands.bootstrap import describe
+from mn_secd.commands.check_config import DEFAULT_CONFIG
+from mn_secd.config import Config, ControlConfig, GbaConfig, load_config, load_pin
+from mn_secd.control.payloads import mask_impi
+from mn_secd.control.registry import load_registry
+from mn_secd.errors import (
+    ConfigError,
+    KeyServiceRefused,
+    MnSecdError,
+    TransportUnavailable,
+    UiccAbsent,
+    UiccBusy,
+)
+from mn_secd.gba import digest
+from mn_secd.gba.session import bootstrap
+from mn_secd.gba.ub import UbClient, UbRequest, user_agent
+from mn_secd.naf_keys import GbaMode, GbaPolicy
+from mn_secd.nai import bsf_url
+from mn_secd.secret import SecretBytes
+from mn_secd.uicc import at, files
+from mn_secd.uicc.card import open_card, read_pin_counters, read_sim_state
+from mn_secd.uicc.channel import CardChannel
+from mn_secd.uicc.holders import PortHolder, port_holders
+from mn_secd.uicc.options import ModemConfig, TransportChoice
+from mn_secd.uicc.pin import READY_STATES, SIM_PIN, SIM_PUK, PinKeeper
+from mn_secd.uicc.serial import AtPort
+from mn_secd.uicc.transport import ApduTransport, PathFinding, open_transport
+
+#: The unit the daemon runs as, and the groups its (dynamic) user has when the unit cannot be asked.
+UNIT = "mn-secd.service"
+DEFAULT_SERVICE_GROUPS = ("dialout",)
+#: Seconds per modem command in the doctor (a silent modem must not hold it up for long).
+COMMAND_TIMEOUT = 3.0
+HTTP_TIMEOUT = 5.0
+DTLS_TIMEOUT = 3.0
+#: A clock before this is surely wrong (this code did not exist before it).
+CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)
+#: Clock skew against the BSF's Date header that makes key lifetimes unreliable (warn / fail).
+SKEW_WARN = 60.0
+SKEW_FAIL = 3600.0
+
+
+class Verdict(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the report: what was checked, how it went, and what to do about it."""
+
+    name: str
+    verdict: Verdict
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.verdict.value:<4}  {self.name:<9}  {self.detail}"
+        return text + (f" -- fix: {self.fix}" if self.fix else "")
+
+
+# --- pure pieces (unit-tested) -------------------------------------------------------------------------
+
+
+def device_allowed(port: str, device_allow: Sequence[str], *, major_name: str | None) -> bool:
+    """Does a ``DeviceAllow=`` list (``systemctl show`` form: ``/dev/x rw``, ``char-ttyUSB rw``) let the
+    unit read and write ``port``? ``major_name`` is the driver name /proc/devices gives its major."""
+    wanted = {os.path.abspath(port), os.path.realpath(port)}
+    for entry in device_allow:
+        spec, _, access = entry.strip().partition(" ")
+        if "r" not in access or "w" not in access:
+            continue
+        if spec.startswith("/dev/") and os.path.realpath(spec) in wanted | {spec}:
+            return True
+        if spec.startswith("char-") and major_name is not None:
+            pattern = spec[len("char-") :]
+            if pattern == major_name or (pattern.endswith("*") and major_name.startswith(pattern[:-1])):
+                return True
+    return False
+
+
+def clock_verdict(now: datetime, bsf_date: datetime | None) -> tuple[Verdict, str]:
+    """Is the system clock plausible? Against a floor, and against the BSF's ``Date`` when it sent one."""
+    if now < CLOCK_FLOOR:
+        return Verdict.FAIL, f"the system clock says {now:%Y-%m-%d %H:%M}Z, before {CLOCK_FLOOR:%Y-%m-%d}"
+    if bsf_date is None:
+        return Verdict.OK, f"{now:%Y-%m-%d %H:%M:%S}Z (no BSF Date header to compare with)"
+    skew = (now - bsf_date).total_seconds()
+    text = f"{now:%Y-%m-%d %H:%M:%S}Z, {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the BSF's clock"
+    if abs(skew) >= SKEW_FAIL:
+        return Verdict.FAIL, text
+    return (Verdict.WARN if abs(skew) >= SKEW_WARN else Verdict.OK), text
+
+
+def udp_port_users(port: int, proc: Path = Path("/proc")) -> list[tuple[int, str]]:
+    """(pid, name) of each process with a UDP socket bound to ``port`` (any address), where visible."""
+    inodes: set[str] = set()
+    for table in ("udp", "udp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(fields[9])
+    users: list[tuple[int, str]] = []
+    for entry in os.listdir(proc) if inodes else []:
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(proc / entry / "fd")
+            name = (proc / entry / "comm").read_text().strip()
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(proc / entry / "fd" / fd)
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                users.append((int(entry), name))
+                break
+    return users
+
+
+def _major_name(rdev: int) -> str | None:
+    try:
+        text = Path("/proc/devices").read_text()
+    except OSError:
+        return None
+    section = text.split("Block devices:")[0]
+    for line in section.splitlines():
+        number, _, name = line.strip().partition(" ")
+        if number.isdigit() and int(number) == os.major(rdev):
+            return name.strip()
+    return None
+
+
+# --- the doctor ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What to check: from the configuration file, or from ``--port`` and ``--bsf``."""
+
+    config_path: str | None
+    port: str | None
+    bsf_url: str | None
+    with_aka: bool
+    config: Config | None = None
+    modem: ModemConfig | None = None
+    gba: GbaConfig = field(default_factory=GbaConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+
+@dataclass
+class Doctor:
+    """The checks so far, and what earlier checks learnt for the later ones."""
+
+    settings: Settings
+    checks: list[Check] = field(default_factory=list)
+    port_usable: bool = False  # the port exists and nobody else talks on it
+    daemon_holds_port: bool = False
+    at_port: AtPort | None = None  # open while the modem checks run
+    sim_ready: bool = False
+    transport: ApduTransport | None = None
+    identity: CardIdentity | None = None
+    bsf_date: datetime | None = None
+
+    def add(self, name: str, verdict: Verdict, detail: str, fix: str = "") -> None:
+        self.checks.append(Check(name, verdict, detail, fix))
+
+    @property
+    def failed(self) -> bool:
+        return any(c.verdict is Verdict.FAIL for c in self.checks)
+
+
+async def check_config(doc: Doctor) -> None:
+    s = doc.settings
+    if s.config_path is None:
+        doc.add("config", Verdict.SKIP, f"no --config: checking --port {s.port}")
+        return
+    try:
+        config = load_config(s.config_path)
+        load_registry(config.aes, source=str(config.path))
+        pin = load_pin(config)
+        if pin is not None:
+            pin.wipe()
+    except ConfigError as exc:
+        doc.add("config", Verdict.FAIL, str(exc), "correct that key; `mn-secd check-config` re-checks the file")
+        return
+    s.config, s.gba, s.control = config, config.gba, config.control
+    s.modem = replace(config.modem, port=s.port or config.modem.port)
+    s.bsf_url = s.bsf_url or config.gba.bsf_url
+    pin_note = ", a PIN file" if config.pin_file is not None else ""
+    doc.add("config", Verdict.OK, f"{config.path} is valid ({len(config.aes)} AEs{pin_note})")
+
+
+def _service_groups() -> tuple[str, ...]:
+    shown = _systemctl_show("SupplementaryGroups")
+    groups = tuple((shown or {}).get("SupplementaryGroups", "").split())
+    return groups or DEFAULT_SERVICE_GROUPS
+
+
+async def check_port(doc: Doctor) -> None:
+    modem = doc.settings.modem
+    if modem is None or modem.port is None:
+        doc.add("port", Verdict.SKIP, "no port to check (give --config FILE or --port PATH)")
+        return
+    path = modem.port
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        doc.add(
+            "port",
+            Verdict.FAIL,
+            f"{path}: {exc.strerror}",
+            "plug the modem in and find its AT port (ls -l /dev/serial/by-id/); set [modem] port",
+        )
+        return
+    if not stat.S_ISCHR(st.st_mode):
+        doc.add("port", Verdict.FAIL, f"{path} is not a character device", "point [modem] port at the modem's tty")
+        return
+    owner, group = _user(st.st_uid), _group(st.st_gid)
+    real = os.path.realpath(path)
+    shown = path if real == path else f"{path} -> {real}"
+    doc.add("port", Verdict.OK, f"{shown}: character device, {owner}:{group}, mode {stat.S_IMODE(st.st_mode):04o}")
+    doc.port_usable = True
+    _check_access(doc, path, st)
+    _check_device_allow(doc, path, st)
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _check_access(doc: Doctor, path: str, st: os.stat_result) -> None:
+    if os.geteuid() != 0:
+        user = _user(os.geteuid())
+        if os.access(path, os.R_OK | os.W_OK):
+            doc.add("access", Verdict.OK, f"this user ({user}) can open it")
+        else:
+            group = _group(st.st_gid)
+            doc.add("access", Verdict.FAIL, f"this user ({user}) cannot open it", f"add {user} to group {group}")
+        return
+    groups = _service_groups()
+    group = _group(st.st_gid)
+    mode = stat.S_IMODE(st.st_mode)
+    if (group in groups and mode & 0o060 == 0o060) or mode & 0o006 == 0o006:
+        doc.add("access", Verdict.OK, f"the service user (groups {', '.join(groups)}) can open it")
+    else:
+        doc.add(
+            "access",
+            Verdict.FAIL,
+            f"the service user (groups {', '.join(groups)}) cannot open it ({group}, mode {mode:04o})",
+            f'give the port GROUP="{groups[0]}", MODE="0660" in a udev rule (udev/90-mn-secd-modem.rules)',
+        )
+
+
+def _systemctl_show(*properties: str) -> dict[str, str] | None:
+    """``systemctl show`` of the unit, or None when systemd is not running here."""
+    if not Path("/run/systemd/system").is_dir() or shutil.which("systemctl") is None:
+        return None
+    try:
+        done = subprocess.run(
+            ["systemctl", "show", UNIT, *(f"--property={p}" for p in properties)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    shown: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition("=")
+        shown[key] = (shown[key] + "\n" + value) if key in shown else value
+    return shown
+
+
+def _check_device_allow(doc: Doctor, path: str, st: os.stat_result) -> None:
+    shown = _systemctl_show("LoadState", "DevicePolicy", "DeviceAllow")
+    if shown is None:
+        doc.add("systemd", Verdict.SKIP, "systemd is not running here: DeviceAllow= not checked")
+        return
+    if shown.get("LoadState") != "loaded":
+        doc.add(
+            "systemd", Verdict.WARN, f"{UNIT} is not installed", "install the package or the unit (docs/INSTALL.md)"
+        )
+        return
+    policy = shown.get("DevicePolicy", "auto")
+    allow = [line for line in shown.get("DeviceAllow", "").splitlines() if line.strip()]
+    if policy == "auto" or device_allowed(path, allow, major_name=_major_name(st.st_rdev)):
+        doc.add("systemd", Verdict.OK, f"{UNIT} may open {path} (DevicePolicy={policy})")
+    else:
+        doc.add(
+            "systemd",
+            Verdict.FAIL,
+            f"{UNIT}'s DeviceAllow= ({'; '.join(allow) or 'none'}) does not cover {path}",
+            f"add 'DeviceAllow={path} rw' in a drop-in (systemctl edit mn-secd), or let mn-secd-generator "
+            "write it from [modem] port",
+        )
+
+
+async def check_holders(doc: Doctor) -> None:
+    modem = doc.settings.modem
+    if modem is None or modem.port is None or not doc.port_usable:
+        doc.add("holders", Verdict.SKIP, "no port")
+        return
+    holders: list[PortHolder] = await asyncio.to_thread(port_holders, modem.port)
+    ours = [h for h in holders if h.is_mn_secd]
+    others = [h for h in holders if not h.is_mn_secd]
+    seen = "" if os.geteuid() == 0 else " (as this user; run as root to see every process)"
+    if others:
+        doc.port_usable = False
+        doc.add(
+            "holders",
+            Verdict.FAIL,
+            "held by " + ", ".join(h.describe() for h in others),
+            others[0].advice,
+        )
+    elif ours:
+        doc.port_usable, doc.daemon_holds_port = False, True
+        doc.add(
+            "holders",
+            Verdict.WARN,
+            f"mn-secd runs on this port ({', '.join(h.describe() for h in ours)}): modem checks skipped",
+            "stop it to check the modem (systemctl stop mn-secd); `mn-secd status` shows what it sees",
+        )
+    else:
+        doc.add("holders", Verdict.OK, f"no other process holds it{seen}")
+
+
+async def check_modem(doc: Doctor) -> None:
+    modem = doc.settings.modem
+    if modem is None or modem.port is None or not doc.port_usable:
+        doc.add("modem", Verdict.SKIP, "the port is not free to use")
+        return
+    port = AtPort(modem.port, baud=modem.baud, command_timeout=min(modem.command_timeout, COMMAND_TIMEOUT))
+    try:
+        await port.open()
+    except MnSecdError as exc:
+        doc.add(
+            "modem",
+            Verdict.FAIL,
+            f"no answer to AT: {exc}",
+            "check that this is the modem's AT port (not its NMEA, diagnostic or QMI port) and the baud rate",
+        )
+        return
+    doc.at_port = port
+    try:
+        lines = await port.command(at.Command("ATI", bare=_ANY_LINE))
+    except MnSecdError:
+        lines = []
+    name = " ".join(line.strip() for line in lines[:2]) or "(no ATI text)"
+    doc.add("modem", Verdict.OK, f"answers AT: {name}")
+
+
+_ANY_LINE = re.compile(r".+")
+
+
+async def check_sim(doc: Doctor) -> None:
+    port = doc.at_port
+    if port is None:
+        doc.add("sim", Verdict.SKIP, "the modem is not reachable")
+        return
+    try:
+        state = await read_sim_state(port)
+    except UiccAbsent as exc:
+        doc.add("sim", Verdict.FAIL, str(exc), "insert the SIM (with the modem off), or check its tray")
+        return
+    except UiccBusy as exc:
+        doc.add("sim", Verdict.WARN, str(exc), "run the doctor again in a few seconds")
+        return
+    except MnSecdError as exc:
+        doc.add("sim", Verdict.FAIL, f"AT+CPIN? failed: {exc}", "see the modem's manual for the error")
+        return
+    if state in READY_STATES:
+        doc.sim_ready = True
+        doc.add("sim", Verdict.OK, f"+CPIN: {state}")
+        return
+    counters = await read_pin_counters(port)
+    has_pin_file = doc.settings.config is not None and doc.settings.config.pin_file is not None
+    refusal = PinKeeper(_placeholder_pin() if has_pin_file else None).decide(state, counters)
+    left = f"{counters.pin} PIN attempts left ({counters.source})" if counters.pin is not None else "attempts unknown"
+    if refusal is None and state == SIM_PIN:
+        doc.add("sim", Verdict.WARN, f"+CPIN: {state}, {left}: the daemon will enter the PIN from pin_file once")
+        return
+    assert refusal is not None
+    detail = f"+CPIN: {state}" + (f", {left}" if state != SIM_PUK else "") + f": {refusal}"
+    doc.add("sim", Verdict.FAIL, detail, refusal.remedy or "see docs/MODEMS.md")
+
+
+def _placeholder_pin() -> SecretBytes:
+    return SecretBytes(b"0000")  # only to ask "would the daemon enter it?": never sent anywhere
+
+
+async def check_transport(doc: Doctor) -> None:
+    """Both ways to the card, each probed on its own (and closed again), then the daemon's choice."""
+    port, modem = doc.at_port, doc.settings.modem
+    if port is None or modem is None or not doc.sim_ready:
+        doc.add("transport", Verdict.SKIP, "no SIM ready to probe")
+        return
+    findings: list[PathFinding] = []
+    try:
+        for path in (TransportChoice.CGLA, TransportChoice.CSIM):
+            with contextlib.suppress(TransportUnavailable):
+                await (await open_transport(port, path, files.USIM_AID_PREFIX, findings=findings)).close()
+        doc.transport = await open_transport(port, modem.transport, files.USIM_AID_PREFIX)
+    except TransportUnavailable as exc:
+        tried = "; ".join(f.describe() for f in findings)
+        doc.add(
+            "transport",
+            Verdict.FAIL,
+            f"{exc} [probed: {tried}]",
+            'no GBA through this modem\'s AT port: with transport = "auto" the daemon takes any path that '
+            "works; otherwise a modem with AT+CGLA or an unrestricted AT+CSIM is needed",
+        )
+        return
+    except MnSecdError as exc:
+        doc.add("transport", Verdict.FAIL, f"probe failed: {exc.kind}: {exc}", "see docs/MODEMS.md")
+        return
+    tried = "; ".join(f.describe() for f in findings)
+    doc.add("transport", Verdict.OK, f"the daemon would use {doc.transport.name} ({tried})")
+
+
+async def check_card(doc: Doctor) -> None:
+    port, modem, transport = doc.at_port, doc.settings.modem, doc.transport
+    if port is None or modem is None or transport is None:
+        doc.add("card", Verdict.SKIP, "no transport to the card")
+        return
+
+    async def imsi() -> str:
+        return at.parse_cimi(await port.command(at.cimi()))
+
+    try:
+        identity = await CardChannel(transport).read_identity(modem.application, imsi_source=imsi)
+    except MnSecdError as exc:
+        doc.add("card", Verdict.FAIL, f"{exc.kind}: {exc}", "see docs/UICC.md")
+        return
+    doc.identity = identity
+    apps = ", ".join(f"{app.value} {aid[:7].hex().upper()}..." for app, aid in identity.applications)
+    doc.add(
+        "card",
+        Verdict.OK,
+        f"{apps}; using {identity.application.value}; IMPI {mask_impi(identity.impi)}; "
+        f"GBA_U {'yes' if identity.gba_u else 'no (GBA_ME)'}",
+    )
+
+
+def _bsf_url(doc: Doctor) -> str | None:
+    if doc.settings.bsf_url:
+        return doc.settings.bsf_url
+    if doc.identity is not None:
+        return bsf_url(doc.identity.imsi, doc.identity.mnc_length)
+    return None
+
+
+async def check_bsf_dns(doc: Doctor) -> None:
+    url = _bsf_url(doc)
+    if url is None:
+        doc.add("bsf-dns", Verdict.SKIP, "no BSF URL (give --bsf URL, or let the card's IMSI name it)")
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        async with asyncio.timeout(HTTP_TIMEOUT):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError) as exc:
+        doc.add(
+            "bsf-dns",
+            Verdict.FAIL,
+            f"{host} does not resolve ({getattr(exc, 'strerror', None) or 'timeout'})",
+            "check the gateway's DNS (resolvectl status) and the data connection, or set [gba] bsf_url",
+        )
+        return
+    addresses = sorted({str(info[4][0]) for info in infos})
+    doc.add("bsf-dns", Verdict.OK, f"{host} resolves to {', '.join(addresses[:3])}")
+
+
+async def check_bsf(doc: Doctor) -> None:
+    url = _bsf_url(doc)
+    if url is None or any(c.name == "bsf-dns" and c.verdict is Verdict.FAIL for c in doc.checks):
+        doc.add("bsf", Verdict.SKIP, "no BSF to ask")
+        return
+    parts = urlsplit(url)
+    impi = doc.identity.impi if doc.identity is not None else "doctor@mn-secd.invalid"
+    request = UbRequest(
+        digest.initial_authorization(impi, parts.hostname or "", parts.path or "/"), user_agent(GbaMode.GBA_ME)
+    )
+    try:
+        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False, trust_env=False) as client:
+            response = await client.get(url, headers=request.headers())
+    except httpx.HTTPError as exc:
+        doc.add(
+            "bsf",
+            Verdict.FAIL,
+            f"{url}: {type(exc).__name__}",
+            "check that the BSF URL and port are right and reachable",
+        )
+        return
+    with contextlib.suppress(TypeError, ValueError):
+        doc.bsf_date = parsedate_to_datetime(response.headers.get("date", "")).astimezone(UTC)
+    if response.status_code != 401 and doc.identity is None:
+        doc.add(
+            "bsf",
+            Verdict.WARN,
+            f"{url} answers HTTP ({response.status_code} {response.reason_phrase}) for a placeholder IMPI: "
+            "reachable, but the challenge was not checked (the card was not read)",
+            "run the doctor with the card readable (stop the daemon) to see the BSF's challenge for this IMPI",
+        )
+        return
+    if response.status_code != 401:
+        doc.add(
+            "bsf",
+            Verdict.FAIL,
+            f"{url} answered {response.status_code} {response.reason_phrase} to Ub's first request, not 401",
+            "check the URL: a BSF answers the first Ub request with a Digest AKA challenge (TS 24.109 4.4.2)",
+        )
+        return
+    try:
+        challenges = digest.parse_challenges(response.headers.get_list("www-authenticate"))
+    except MnSecdError as exc:
+        doc.add("bsf", Verdict.FAIL, f"{url}: unreadable WWW-Authenticate ({exc})", "ask the BSF's operator")
+        return
+    offered = sorted({c.algorithm for c in challenges})
+    aka = [a for a in offered if a.upper().startswith("AKAV")]
+    if not aka:
+        doc.add(
+            "bsf",
+            Verdict.FAIL,
+            f"401 without a Digest AKA challenge (offers: {', '.join(offered) or 'none'})",
+            "this is not a BSF",
+        )
+        return
+    unknown = "" if doc.identity is not None else " (for a placeholder IMPI: the card was not read)"
+    doc.add("bsf", Verdict.OK, f"{url} answers Ub with a 401 challenge: {', '.join(aka)}{unknown}")
+
+
+async def check_clock(doc: Doctor) -> None:
+    verdict, detail = clock_verdict(datetime.now(UTC), doc.bsf_date)
+    fix = (
+        "" if verdict is Verdict.OK else "synchronise the clock (timedatectl set-ntp true; check NTP reaches a server)"
+    )
+    doc.add("clock", verdict, detail, fix)
+
+
+async def check_control(doc: Doctor) -> None:
+    control = doc.settings.control
+    for address in control.addresses:
+        await _check_control_address(doc, address, control.port)
+
+
+async def _check_control_address(doc: Doctor, address: str, port: int) -> None:
+    where = f"{'[' + address + ']' if ':' in address else address}:{port}"
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        probe.bind((address, port))
+    except OSError as exc:
+        in_use = exc.errno == errno.EADDRINUSE
+    else:
+        doc.add("control", Verdict.OK, f"{where} is free for the daemon")
+        return
+    finally:
+        probe.close()
+    if not in_use:
+        doc.add(
+            "control",
+            Verdict.FAIL,
+            f"{where}: cannot listen there",
+            "set [control] addresses to local addresses this host has",
+        )
+        return
+    users = ", ".join(f"{name} (pid {pid})" for pid, name in udp_port_users(port)) or "a process not visible here"
+    if await _mn_secd_answers(address, port):
+        doc.add("control", Verdict.OK, f"{where}: mn-secd answers there ({users})")
+    else:
+        doc.add(
+            "control",
+            Verdict.FAIL,
+            f"{where} is taken by something else: {users}",
+            "stop that program, or set another [control] port",
+        )
+
+
+async def _mn_secd_answers(address: str, port: int) -> bool:
+    """A DTLS-PSK handshake with an identity no AE has: mn-secd refuses it at once; others stay silent."""
+    client = KeyServiceClient("mn-secd-doctor", os.urandom(16), address, port, handshake_timeout=DTLS_TIMEOUT)
+    try:
+        async with asyncio.timeout(DTLS_TIMEOUT + 2):
+            await client.status()
+    except KeyServiceRefused:
+        return True
+    except (MnSecdError, TimeoutError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
+    return True
+
+
+async def check_aka(doc: Doctor) -> None:
+    if not doc.settings.with_aka:
+        return
+    modem = doc.settings.modem
+    if modem is None or doc.identity is None:
+        doc.add("aka", Verdict.SKIP, "the card was not read")
+        return
+    await _release_port(doc)
+    try:
+        async with UbClient(_bsf_url(doc), timeout=HTTP_TIMEOUT, retries=0) as ub:
+            card = await open_card(modem)
+            try:
+                session = await bootstrap(card, ub, GbaPolicy.GBA_ME_ONLY)
+            finally:
+                await card.close()
+    except (MnSecdError, ValueError) as exc:
+        doc.add(
+            "aka", Verdict.FAIL, f"{getattr(exc, 'kind', 'error')}: {exc}", "the line above names the side at fault"
+        )
+        return
+    try:
+        summary = describe(session, time.time()).replace("\n", "; ")
+    finally:
+        session.wipe()
+    doc.add("aka", Verdict.OK, f"one GBA_ME bootstrap: {summary.replace(session.btid, '#' + session.btid_hash)}")
+
+
+async def _release_port(doc: Doctor) -> None:
+    transport, doc.transport = doc.transport, None
+    if transport is not None:
+        await transport.close()
+    port, doc.at_port = doc.at_port, None
+    if port is not None:
+        await port.close()
+
+
+#: The checks, in the order the issue's operator meets them.
+STEPS: tuple[Callable[[Doctor], Awaitable[None]], ...] = (
+    check_config,
+    check_port,  # also: access for the service user, DeviceAllow= under systemd
+    check_holders,
+    check_modem,
+    check_sim,
+    check_transport,
+    check_card,
+    check_bsf_dns,
+    check_bsf,
+    check_clock,
+    check_control,
+    check_aka,
+)
+
+
+async def examine(settings: Settings) -> Doctor:
+    doc = Doctor(settings)
+    try:
+        for step in STEPS:
+            if step is check_bsf_dns:
+                await _release_port(doc)  # the modem is done with; --with-aka opens it its own way
+            await step(doc)
+    finally:
+        await _release_port(doc)
+    return doc
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.description = (
+        "Check, in order, everything the daemon needs on this gateway and print one line per check "
+        "(ok / warn / fail / skip) with the fix. Never enters a PIN, never writes to the card, and "
+        "sends no AUTHENTICATE unless --with-aka. Exit status 1 if any check fails."
+    )
+    parser.add_argument("--config", help=f"the daemon's configuration (e.g. {DEFAULT_CONFIG})")
+    parser.add_argument("--port", help="the modem's AT port (overrides the config)")
+    parser.add_argument("--bsf", metavar="URL", help="the BSF's URL (overrides the config; default: from the IMSI)")
+    parser.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+    parser.add_argument(
+        "--with-aka", action="store_true", help="also run one GBA_ME bootstrap (one AUTHENTICATE on the card)"
+    )
+    parser.set_defaults(handler=run)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.config is None and args.port is None:
+        raise ConfigError("(command line)", "--config", "give --config FILE, or --port PATH (and usually --bsf URL)")
+    modem = ModemConfig(args.port) if args.port is not None else None
+    return Settings(args.config, args.port, args.bsf, args.with_aka, modem=modem)
+
+
+def run(args: argparse.Namespace) -> int:
+    doc = asyncio.run(examine(settings_from(args)))
+    if args.json:
+        checks = [{"check": c.name, "status": c.verdict.value, "detail": c.detail, "fix": c.fix} for c in doc.checks]
+        report = {"ok": not doc.failed, "checks": checks}
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for check in doc.checks:
+            print(check.line())
+    return 1 if doc.failed else 0
