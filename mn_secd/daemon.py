@@ -46,7 +46,7 @@ from datetime import UTC
 from typing import Any
 
 from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity
-from mn_secd.config import Config, load_config, load_pin
+from mn_secd.config import Config, load_config
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import AeRegistry, load_registry
 from mn_secd.control.server import ControlServer, start_control_server
@@ -57,6 +57,7 @@ from mn_secd.logs import btid_hash
 from mn_secd.naf_keys import KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
 from mn_secd.notify import Notifier
 from mn_secd.observers import Subscribers
+from mn_secd.secret import SecretBytes
 from mn_secd.ua import UaId
 from mn_secd.uicc.card import Card, PortSharing, open_card
 from mn_secd.uicc.pin import PinKeeper
@@ -150,7 +151,9 @@ class KeyStoreSlot:
 class Daemon:
     """One run of the daemon; :func:`run_daemon` is the entry point."""
 
-    def __init__(self, config: Config, notifier: Notifier, *, modem_wait: float = MODEM_WAIT) -> None:
+    def __init__(
+        self, config: Config, notifier: Notifier, *, modem_wait: float = MODEM_WAIT, pin: SecretBytes | None = None
+    ) -> None:
         self.config = config
         self.notifier = notifier
         self.modem_wait = modem_wait
@@ -164,7 +167,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe_card: Callable[[], None] | None = None
         self.failed: BaseException | None = None  # an internal error that stopped the daemon
-        self.pin = PinKeeper()  # the PIN from [modem] pin_file, read in run()
+        self.pin = PinKeeper(pin)  # the PIN from [modem] pin_file; wiped at shutdown
         self._port_note: str | None = None  # another program on the modem's port, while it is there
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -174,7 +177,6 @@ class Daemon:
         started = time.monotonic()
         # Everything that can be wrong with the configuration fails here, before anything starts.
         registry = load_registry(self.config.aes, source=str(self.config.path))
-        self.pin = PinKeeper(load_pin(self.config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -426,8 +428,15 @@ class Daemon:
                 w.cancel()
 
 
-async def run_daemon(config: Config, *, notifier: Notifier | None = None, modem_wait: float = MODEM_WAIT) -> int:
-    """Run until SIGTERM/SIGINT; 0 after a clean stop, 1 after an internal error."""
-    daemon = Daemon(config, notifier or Notifier(), modem_wait=modem_wait)
+async def run_daemon(
+    config: Config,
+    *,
+    notifier: Notifier | None = None,
+    modem_wait: float = MODEM_WAIT,
+    pin: SecretBytes | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean stop, 1 after an internal error. ``pin``: the SIM PIN
+    from ``[modem] pin_file`` (:func:`mn_secd.config.load_pin`), wiped when the daemon stops."""
+    daemon = Daemon(config, notifier or Notifier(), modem_wait=modem_wait, pin=pin)
     code = await daemon.run()
     return 1 if daemon.failed is not None else code

@@ -2,14 +2,15 @@
 
 Meant for package post-install scripts and operators before a reload: it runs exactly the checks
 ``mn-secd run`` runs at start (the file, the modem's port exists -- or pyscard is installed for a
-PC/SC reader --, every AE's PSK file loads into the registry) and answers in one line either way.
+PC/SC reader --, every AE's PSK file loads into the registry, the SIM PIN file holds a PIN) and
+answers in one line either way.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from mn_secd.config import Config, check_modem_port, load_config
+from mn_secd.config import Config, check_modem_port, load_config, load_pin
 
 DEFAULT_CONFIG = "/etc/mn-secd/mn-secd.toml"
 
@@ -41,5 +42,8 @@ def check_config(args: argparse.Namespace) -> int:
     from mn_secd.control.registry import load_registry
 
     load_registry(config.aes, source=str(config.path))
+    pin = load_pin(config)  # a PIN file that holds no PIN is found now, not at the daemon's start
+    if pin is not None:
+        pin.wipe()
     print(summary(config))
     return 0

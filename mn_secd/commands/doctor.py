@@ -15,8 +15,9 @@ user, only that user's processes are visible), and stop the daemon first to chec
 programs on one AT port corrupt each other's answers, so the modem checks are skipped while the
 daemon holds it.
 
-The checks are a list of steps (:data:`STEPS`), each a coroutine on a :class:`Doctor`; a card
-reached another way than through the modem's AT port brings its own steps in place of the modem's.
+The checks are a list of steps (:func:`steps`), each a coroutine on a :class:`Doctor`; a card
+reached another way than through the modem's AT port brings its own steps in place of the modem's
+(:func:`card_path_steps`).
 """
 
 from __future__ import annotations
@@ -669,7 +670,7 @@ async def check_aka(doc: Doctor) -> None:
     if modem is None or doc.identity is None:
         doc.add("aka", Verdict.SKIP, "the card was not read")
         return
-    await _release_port(doc)
+    await release_port(doc)
     try:
         async with UbClient(_bsf_url(doc), timeout=HTTP_TIMEOUT, retries=0) as ub:
             card = await open_card(modem)
@@ -689,7 +690,8 @@ async def check_aka(doc: Doctor) -> None:
     doc.add("aka", Verdict.OK, f"one GBA_ME bootstrap: {summary.replace(session.btid, '#' + session.btid_hash)}")
 
 
-async def _release_port(doc: Doctor) -> None:
+async def release_port(doc: Doctor) -> None:
+    """Close the transport and the AT port the modem checks opened (nothing to report)."""
     transport, doc.transport = doc.transport, None
     if transport is not None:
         await transport.close()
@@ -698,32 +700,41 @@ async def _release_port(doc: Doctor) -> None:
         await port.close()
 
 
-#: The checks, in the order the issue's operator meets them.
-STEPS: tuple[Callable[[Doctor], Awaitable[None]], ...] = (
-    check_config,
-    check_port,  # also: access for the service user, DeviceAllow= under systemd
-    check_holders,
-    check_modem,
-    check_sim,
-    check_transport,
-    check_card,
-    check_bsf_dns,
-    check_bsf,
-    check_clock,
-    check_control,
-    check_aka,
-)
+Step = Callable[[Doctor], Awaitable[None]]
+
+#: The card's path through the modem's AT port: the port (with the service user's access and
+#: DeviceAllow=), who else holds it, the modem, the SIM, the transport, the card.
+MODEM_STEPS: tuple[Step, ...] = (check_port, check_holders, check_modem, check_sim, check_transport, check_card)
+
+
+def card_path_steps(settings: Settings) -> tuple[Step, ...]:
+    """The checks for the way the daemon reaches the card. The modem's AT port is the only one so
+    far; a PC/SC reader (``[modem] transport = "pcsc"``) returns its own here -- the reader, pcscd,
+    the card's ATR -- followed by the same SIM and card checks over its transport."""
+    return MODEM_STEPS
+
+
+def steps(settings: Settings) -> tuple[Step, ...]:
+    """Every check, in the order an operator meets the problems on a new gateway."""
+    return (
+        check_config,
+        *card_path_steps(settings),
+        release_port,  # the modem is done with; --with-aka opens it its own way
+        check_bsf_dns,
+        check_bsf,
+        check_clock,
+        check_control,
+        check_aka,
+    )
 
 
 async def examine(settings: Settings) -> Doctor:
     doc = Doctor(settings)
     try:
-        for step in STEPS:
-            if step is check_bsf_dns:
-                await _release_port(doc)  # the modem is done with; --with-aka opens it its own way
+        for step in steps(settings):
             await step(doc)
     finally:
-        await _release_port(doc)
+        await release_port(doc)
     return doc
 
 

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 
 from mn_secd.commands.check_config import DEFAULT_CONFIG
-from mn_secd.config import check_modem_port, load_config
+from mn_secd.config import check_modem_port, load_config, load_pin
 from mn_secd.logs import setup_logging
 
 
@@ -30,9 +30,10 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_modem_port(config)
+    pin = load_pin(config)  # read before anything is logged; the daemon wipes it when it stops
     setup_logging(config.log.level)
     # Imported here so that `mn-secd check-config` and a config error stay fast and light.
     from mn_secd.daemon import MODEM_WAIT, run_daemon
 
     modem_wait = MODEM_WAIT if args.modem_wait is None else args.modem_wait
-    return asyncio.run(run_daemon(config, modem_wait=modem_wait))
+    return asyncio.run(run_daemon(config, modem_wait=modem_wait, pin=pin))

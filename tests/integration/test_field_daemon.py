@@ -3,6 +3,7 @@ daemon does (and never does) on the wire, over the pty emulator and the referenc
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -12,7 +13,7 @@ import pytest
 from harness import LocalAes
 
 from mn_secd.errors import KeyServiceRejected
-from mn_secd.sim.launcher import DaemonProcess
+from mn_secd.sim.launcher import DaemonProcess, mn_secd_command
 from mn_secd.sim.modem import ModemEmulator, Quirks
 from mn_secd.sim.world import SimulatedWorld, lab_cards
 
@@ -174,3 +175,17 @@ async def test_answers_to_commands_never_sent_are_named_in_status(
         assert await daemon.stop() == 0
     finally:
         await daemon.kill()
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+async def test_a_pin_file_without_a_pin_is_one_line_naming_the_key(world: SimulatedWorld, command: str) -> None:
+    config = LocalAes(world).write_config(sim_pin="12a4x")
+    proc = await asyncio.create_subprocess_exec(
+        *mn_secd_command(), command, "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and "modem.pin_file: must hold the SIM PIN: 4 to 8 digits" in lines[0], lines
+    assert "12a4x" not in lines[0]
