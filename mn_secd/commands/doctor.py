@@ -74,6 +74,7 @@ from mn_secd.uicc.channel import CardChannel
 from mn_secd.uicc.holders import PortHolder, port_holders
 from mn_secd.uicc.options import ModemConfig, TransportChoice
 from mn_secd.uicc.pin import READY_STATES, SIM_PIN, SIM_PUK, PinKeeper
+from mn_secd.uicc.reader import ReaderSource, survey_readers
 from mn_secd.uicc.serial import AtPort
 from mn_secd.uicc.transport import ApduTransport, PathFinding, open_transport
 
@@ -503,12 +504,14 @@ async def check_card(doc: Doctor) -> None:
         doc.add("card", Verdict.FAIL, f"{exc.kind}: {exc}", "see docs/UICC.md")
         return
     doc.identity = identity
+    doc.add("card", Verdict.OK, _card_summary(identity))
+
+
+def _card_summary(identity: CardIdentity) -> str:
     apps = ", ".join(f"{app.value} {aid[:7].hex().upper()}..." for app, aid in identity.applications)
-    doc.add(
-        "card",
-        Verdict.OK,
+    return (
         f"{apps}; using {identity.application.value}; IMPI {mask_impi(identity.impi)}; "
-        f"GBA_U {'yes' if identity.gba_u else 'no (GBA_ME)'}",
+        f"GBA_U {'yes' if identity.gba_u else 'no (GBA_ME)'}"
     )
 
 
@@ -707,17 +710,66 @@ Step = Callable[[Doctor], Awaitable[None]]
 MODEM_STEPS: tuple[Step, ...] = (check_port, check_holders, check_modem, check_sim, check_transport, check_card)
 
 
+async def check_reader(doc: Doctor) -> None:
+    """pcscd, the reader ``[modem] reader`` names, and a card in it (nothing is connected)."""
+    modem = doc.settings.modem
+    assert modem is not None and modem.reader is not None
+    try:
+        survey = await survey_readers(modem.reader)
+    except MnSecdError as exc:
+        fix = "install pcscd and pyscard (python3-pyscard, or the [pcsc] extra) and start pcscd"
+        doc.add("reader", Verdict.FAIL, f"{exc.kind}: {exc}", fix)
+        return
+    known = ", ".join(repr(r.name) for r in survey.readers) or "none"
+    if survey.chosen is None:
+        detail = f"{survey.problem or 'no reader matches'} (readers: {known})"
+        doc.add("reader", Verdict.FAIL, detail, "set [modem] reader to a part of one reader's name")
+    elif survey.problem is not None:
+        doc.add("reader", Verdict.FAIL, str(survey.problem), "put the SIM into the reader")
+    else:
+        doc.add("reader", Verdict.OK, f"{survey.chosen.name!r} holds a card (ATR {survey.chosen.atr.hex().upper()})")
+        doc.sim_ready = True
+
+
+async def check_reader_card(doc: Doctor) -> None:
+    """The card in the reader, read as the daemon reads it (exclusive access for a moment)."""
+    modem = doc.settings.modem
+    if modem is None or not doc.sim_ready:
+        doc.add("card", Verdict.SKIP, "no card in a reader")
+        return
+    source = ReaderSource(modem)
+    try:
+        await source.open()
+        transport = await source.open_transport()
+        try:
+            identity = await CardChannel(transport).read_identity(modem.application)
+        finally:
+            await transport.close()
+    except MnSecdError as exc:
+        doc.add("card", Verdict.FAIL, f"{exc.kind}: {exc}", "see docs/PCSC.md")
+        return
+    finally:
+        await source.close()
+    doc.identity = identity
+    doc.add("card", Verdict.OK, f"{_card_summary(identity)}; over {transport.name}")
+
+
+#: The card in a PC/SC reader: pcscd and the reader, then the card over its transport.
+READER_STEPS: tuple[Step, ...] = (check_reader, check_reader_card)
+
+
 def card_path_steps(settings: Settings) -> tuple[Step, ...]:
-    """The checks for the way the daemon reaches the card. The modem's AT port is the only one so
-    far; a PC/SC reader (``[modem] transport = "pcsc"``) returns its own here -- the reader, pcscd,
-    the card's ATR -- followed by the same SIM and card checks over its transport."""
+    """The checks for the way the daemon reaches the card: the modem's AT port, or with
+    ``[modem] transport = "pcsc"`` a PC/SC reader."""
+    if settings.modem is not None and settings.modem.uses_reader:
+        return READER_STEPS
     return MODEM_STEPS
 
 
 def steps(settings: Settings) -> tuple[Step, ...]:
-    """Every check, in the order an operator meets the problems on a new gateway."""
+    """Every check after the configuration's (which says how the card is reached), in the order an
+    operator meets the problems on a new gateway."""
     return (
-        check_config,
         *card_path_steps(settings),
         release_port,  # the modem is done with; --with-aka opens it its own way
         check_bsf_dns,
@@ -731,6 +783,7 @@ def steps(settings: Settings) -> tuple[Step, ...]:
 async def examine(settings: Settings) -> Doctor:
     doc = Doctor(settings)
     try:
+        await check_config(doc)
         for step in steps(settings):
             await step(doc)
     finally:

@@ -19,10 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from harness import LocalAes
+from harness import LocalAes, reader_holds_card
 
-from mn_secd.sim.launcher import DaemonProcess
+from mn_secd.sim.launcher import DaemonProcess, mn_secd_command
 from mn_secd.sim.modem import ModemEmulator, Quirks
+from mn_secd.sim.pcscd import PrivatePcscd, missing_tools
 from mn_secd.sim.world import SimulatedWorld, free_udp_port, lab_cards
 
 MakeWorld = Callable[..., Awaitable[SimulatedWorld]]
@@ -305,3 +306,39 @@ async def test_the_text_report_is_one_line_per_check(world: SimulatedWorld) -> N
     assert [line.split()[1] for line in lines][:9] == ORDER[:9]
     assert all(line.split()[0] in ("ok", "warn", "fail", "skip") for line in lines)
     assert all(" -- fix: " in line for line in lines if line.startswith("fail"))
+
+
+# --- the card in a PC/SC reader ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(bool(missing_tools()), reason="PC/SC tools not installed: " + ", ".join(missing_tools()))
+async def test_a_reader_instead_of_a_modem(world: SimulatedWorld, pcscd: PrivatePcscd) -> None:
+    """``transport = "pcsc"``: the reader's lines take the modem's place; empty reader first, then a card."""
+    if not pcscd.running:
+        pcscd.start()
+    await reader_holds_card("mn-secd vicc 00 00", False)
+    aes = LocalAes(world)
+    aes.add("ae-one")
+    config = aes.write_config(reader="vicc 00 00", gba_mode="gba-me")
+    code, checks, _ = await run_doctor("--config", str(config))
+    assert code == 1 and "port" not in checks and "modem" not in checks, checks
+    assert checks["reader"]["status"] == "fail" and "no card" in checks["reader"]["detail"]
+    assert checks["card"]["status"] == "skip"
+
+    vicc = await asyncio.create_subprocess_exec(
+        *mn_secd_command(),
+        *("sim", "vicc", "--card", str(world.card_paths[0]), "--vpcd", f"127.0.0.1:{pcscd.port}"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert vicc.stdout is not None
+        assert (await asyncio.wait_for(vicc.stdout.readline(), 20)).startswith(b"vicc connected to vpcd")
+        await reader_holds_card("mn-secd vicc 00 00", True)
+        code, checks, err = await run_doctor("--config", str(config))
+        assert code == 0, (checks, err)
+        assert checks["reader"]["status"] == "ok" and "holds a card (ATR 3B" in checks["reader"]["detail"]
+        assert checks["card"]["status"] == "ok" and "001010*********@ims" in checks["card"]["detail"]
+        assert checks["bsf"]["status"] == "ok"
+    finally:
+        vicc.terminate()
+        await vicc.wait()
