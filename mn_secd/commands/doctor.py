@@ -25,24 +25,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import enum
 import errno
-import grp
 import json
 import os
-import pwd
 import re
-import shutil
 import socket
 import stat
-import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -51,6 +45,18 @@ from mn_secd.card_identity import CardIdentity
 from mn_secd.client.keys import KeyServiceClient
 from mn_secd.commands.bootstrap import describe
 from mn_secd.commands.check_config import DEFAULT_CONFIG
+from mn_secd.commands.doctor_rules import (
+    DEFAULT_SERVICE_GROUPS,
+    UNIT,
+    Verdict,
+    clock_verdict,
+    device_allowed,
+    driver_name,
+    group_name,
+    systemctl_show,
+    udp_port_users,
+    user_name,
+)
 from mn_secd.config import Config, ControlConfig, GbaConfig, load_config, load_pin
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import load_registry
@@ -78,25 +84,10 @@ from mn_secd.uicc.reader import ReaderSource, survey_readers
 from mn_secd.uicc.serial import AtPort
 from mn_secd.uicc.transport import ApduTransport, PathFinding, open_transport
 
-#: The unit the daemon runs as, and the groups its (dynamic) user has when the unit cannot be asked.
-UNIT = "mn-secd.service"
-DEFAULT_SERVICE_GROUPS = ("dialout",)
 #: Seconds per modem command in the doctor (a silent modem must not hold it up for long).
 COMMAND_TIMEOUT = 3.0
 HTTP_TIMEOUT = 5.0
 DTLS_TIMEOUT = 3.0
-#: A clock before this is surely wrong (this code did not exist before it).
-CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)
-#: Clock skew against the BSF's Date header that makes key lifetimes unreliable (warn / fail).
-SKEW_WARN = 60.0
-SKEW_FAIL = 3600.0
-
-
-class Verdict(enum.StrEnum):
-    OK = "ok"
-    WARN = "warn"
-    FAIL = "fail"
-    SKIP = "skip"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,84 +102,6 @@ class Check:
     def line(self) -> str:
         text = f"{self.verdict.value:<4}  {self.name:<9}  {self.detail}"
         return text + (f" -- fix: {self.fix}" if self.fix else "")
-
-
-# --- pure pieces (unit-tested) -------------------------------------------------------------------------
-
-
-def device_allowed(port: str, device_allow: Sequence[str], *, major_name: str | None) -> bool:
-    """Does a ``DeviceAllow=`` list (``systemctl show`` form: ``/dev/x rw``, ``char-ttyUSB rw``) let the
-    unit read and write ``port``? ``major_name`` is the driver name /proc/devices gives its major."""
-    wanted = {os.path.abspath(port), os.path.realpath(port)}
-    for entry in device_allow:
-        spec, _, access = entry.strip().partition(" ")
-        if "r" not in access or "w" not in access:
-            continue
-        if spec.startswith("/dev/") and os.path.realpath(spec) in wanted | {spec}:
-            return True
-        if spec.startswith("char-") and major_name is not None:
-            pattern = spec[len("char-") :]
-            if pattern == major_name or (pattern.endswith("*") and major_name.startswith(pattern[:-1])):
-                return True
-    return False
-
-
-def clock_verdict(now: datetime, bsf_date: datetime | None) -> tuple[Verdict, str]:
-    """Is the system clock plausible? Against a floor, and against the BSF's ``Date`` when it sent one."""
-    if now < CLOCK_FLOOR:
-        return Verdict.FAIL, f"the system clock says {now:%Y-%m-%d %H:%M}Z, before {CLOCK_FLOOR:%Y-%m-%d}"
-    if bsf_date is None:
-        return Verdict.OK, f"{now:%Y-%m-%d %H:%M:%S}Z (no BSF Date header to compare with)"
-    skew = (now - bsf_date).total_seconds()
-    text = f"{now:%Y-%m-%d %H:%M:%S}Z, {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the BSF's clock"
-    if abs(skew) >= SKEW_FAIL:
-        return Verdict.FAIL, text
-    return (Verdict.WARN if abs(skew) >= SKEW_WARN else Verdict.OK), text
-
-
-def udp_port_users(port: int, proc: Path = Path("/proc")) -> list[tuple[int, str]]:
-    """(pid, name) of each process with a UDP socket bound to ``port`` (any address), where visible."""
-    inodes: set[str] = set()
-    for table in ("udp", "udp6"):
-        try:
-            lines = (proc / "net" / table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and int(fields[1].rpartition(":")[2], 16) == port:
-                inodes.add(fields[9])
-    users: list[tuple[int, str]] = []
-    for entry in os.listdir(proc) if inodes else []:
-        if not entry.isdigit():
-            continue
-        try:
-            fds = os.listdir(proc / entry / "fd")
-            name = (proc / entry / "comm").read_text().strip()
-        except OSError:  # gone, or not ours to look at
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(proc / entry / "fd" / fd)
-            except OSError:  # closed meanwhile
-                continue
-            if link.startswith("socket:[") and link[8:-1] in inodes:
-                users.append((int(entry), name))
-                break
-    return users
-
-
-def _major_name(rdev: int) -> str | None:
-    try:
-        text = Path("/proc/devices").read_text()
-    except OSError:
-        return None
-    section = text.split("Block devices:")[0]
-    for line in section.splitlines():
-        number, _, name = line.strip().partition(" ")
-        if number.isdigit() and int(number) == os.major(rdev):
-            return name.strip()
-    return None
 
 
 # --- the doctor ----------------------------------------------------------------------------------------
@@ -252,7 +165,7 @@ async def check_config(doc: Doctor) -> None:
 
 
 def _service_groups() -> tuple[str, ...]:
-    shown = _systemctl_show("SupplementaryGroups")
+    shown = systemctl_show("SupplementaryGroups")
     groups = tuple((shown or {}).get("SupplementaryGroups", "").split())
     return groups or DEFAULT_SERVICE_GROUPS
 
@@ -276,7 +189,7 @@ async def check_port(doc: Doctor) -> None:
     if not stat.S_ISCHR(st.st_mode):
         doc.add("port", Verdict.FAIL, f"{path} is not a character device", "point [modem] port at the modem's tty")
         return
-    owner, group = _user(st.st_uid), _group(st.st_gid)
+    owner, group = user_name(st.st_uid), group_name(st.st_gid)
     real = os.path.realpath(path)
     shown = path if real == path else f"{path} -> {real}"
     doc.add("port", Verdict.OK, f"{shown}: character device, {owner}:{group}, mode {stat.S_IMODE(st.st_mode):04o}")
@@ -285,31 +198,17 @@ async def check_port(doc: Doctor) -> None:
     _check_device_allow(doc, path, st)
 
 
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
 def _check_access(doc: Doctor, path: str, st: os.stat_result) -> None:
     if os.geteuid() != 0:
-        user = _user(os.geteuid())
+        user = user_name(os.geteuid())
         if os.access(path, os.R_OK | os.W_OK):
             doc.add("access", Verdict.OK, f"this user ({user}) can open it")
         else:
-            group = _group(st.st_gid)
+            group = group_name(st.st_gid)
             doc.add("access", Verdict.FAIL, f"this user ({user}) cannot open it", f"add {user} to group {group}")
         return
     groups = _service_groups()
-    group = _group(st.st_gid)
+    group = group_name(st.st_gid)
     mode = stat.S_IMODE(st.st_mode)
     if (group in groups and mode & 0o060 == 0o060) or mode & 0o006 == 0o006:
         doc.add("access", Verdict.OK, f"the service user (groups {', '.join(groups)}) can open it")
@@ -322,29 +221,8 @@ def _check_access(doc: Doctor, path: str, st: os.stat_result) -> None:
         )
 
 
-def _systemctl_show(*properties: str) -> dict[str, str] | None:
-    """``systemctl show`` of the unit, or None when systemd is not running here."""
-    if not Path("/run/systemd/system").is_dir() or shutil.which("systemctl") is None:
-        return None
-    try:
-        done = subprocess.run(
-            ["systemctl", "show", UNIT, *(f"--property={p}" for p in properties)],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    shown: dict[str, str] = {}
-    for line in done.stdout.splitlines():
-        key, _, value = line.partition("=")
-        shown[key] = (shown[key] + "\n" + value) if key in shown else value
-    return shown
-
-
 def _check_device_allow(doc: Doctor, path: str, st: os.stat_result) -> None:
-    shown = _systemctl_show("LoadState", "DevicePolicy", "DeviceAllow")
+    shown = systemctl_show("LoadState", "DevicePolicy", "DeviceAllow")
     if shown is None:
         doc.add("systemd", Verdict.SKIP, "systemd is not running here: DeviceAllow= not checked")
         return
@@ -355,7 +233,7 @@ def _check_device_allow(doc: Doctor, path: str, st: os.stat_result) -> None:
         return
     policy = shown.get("DevicePolicy", "auto")
     allow = [line for line in shown.get("DeviceAllow", "").splitlines() if line.strip()]
-    if policy == "auto" or device_allowed(path, allow, major_name=_major_name(st.st_rdev)):
+    if policy == "auto" or device_allowed(path, allow, major_name=driver_name(st.st_rdev)):
         doc.add("systemd", Verdict.OK, f"{UNIT} may open {path} (DevicePolicy={policy})")
     else:
         doc.add(

@@ -7,7 +7,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from mn_secd.commands.doctor import CLOCK_FLOOR, Verdict, clock_verdict, device_allowed, udp_port_users
+from mn_secd.commands.doctor_rules import CLOCK_FLOOR, Verdict, clock_verdict, device_allowed, udp_port_users
 
 
 def test_device_allow_by_path_and_by_class(tmp_path: Path) -> None:

@@ -1,0 +1,143 @@
+"""The doctor's rules and its look at the system: pure functions of what it read, unit-tested.
+
+Kept apart from :mod:`mn_secd.commands.doctor`'s checks, which gather the facts (``stat``, ``/proc``,
+``systemctl show``, the BSF's Date header) and turn these verdicts into lines.
+"""
+
+from __future__ import annotations
+
+import enum
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+#: The unit the daemon runs as, and the groups its (dynamic) user has when the unit cannot be asked.
+UNIT = "mn-secd.service"
+DEFAULT_SERVICE_GROUPS = ("dialout",)
+#: A clock before this is surely wrong (this code did not exist before it).
+CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)
+#: Clock skew against the BSF's Date header that makes key lifetimes unreliable (warn / fail).
+SKEW_WARN = 60.0
+SKEW_FAIL = 3600.0
+
+
+class Verdict(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+def device_allowed(port: str, device_allow: Sequence[str], *, major_name: str | None) -> bool:
+    """Does a ``DeviceAllow=`` list (``systemctl show`` form: ``/dev/x rw``, ``char-ttyUSB rw``) let the
+    unit read and write ``port``? ``major_name`` is the driver name /proc/devices gives its major."""
+    wanted = {os.path.abspath(port), os.path.realpath(port)}
+    for entry in device_allow:
+        spec, _, access = entry.strip().partition(" ")
+        if "r" not in access or "w" not in access:
+            continue
+        if spec.startswith("/dev/") and os.path.realpath(spec) in wanted | {spec}:
+            return True
+        if spec.startswith("char-") and major_name is not None:
+            pattern = spec[len("char-") :]
+            if pattern == major_name or (pattern.endswith("*") and major_name.startswith(pattern[:-1])):
+                return True
+    return False
+
+
+def clock_verdict(now: datetime, bsf_date: datetime | None) -> tuple[Verdict, str]:
+    """Is the system clock plausible? Against a floor, and against the BSF's ``Date`` when it sent one."""
+    if now < CLOCK_FLOOR:
+        return Verdict.FAIL, f"the system clock says {now:%Y-%m-%d %H:%M}Z, before {CLOCK_FLOOR:%Y-%m-%d}"
+    if bsf_date is None:
+        return Verdict.OK, f"{now:%Y-%m-%d %H:%M:%S}Z (no BSF Date header to compare with)"
+    skew = (now - bsf_date).total_seconds()
+    text = f"{now:%Y-%m-%d %H:%M:%S}Z, {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the BSF's clock"
+    if abs(skew) >= SKEW_FAIL:
+        return Verdict.FAIL, text
+    return (Verdict.WARN if abs(skew) >= SKEW_WARN else Verdict.OK), text
+
+
+def udp_port_users(port: int, proc: Path = Path("/proc")) -> list[tuple[int, str]]:
+    """(pid, name) of each process with a UDP socket bound to ``port`` (any address), where visible."""
+    inodes: set[str] = set()
+    for table in ("udp", "udp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(fields[9])
+    users: list[tuple[int, str]] = []
+    for entry in os.listdir(proc) if inodes else []:
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(proc / entry / "fd")
+            name = (proc / entry / "comm").read_text().strip()
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(proc / entry / "fd" / fd)
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                users.append((int(entry), name))
+                break
+    return users
+
+
+def driver_name(rdev: int) -> str | None:
+    try:
+        text = Path("/proc/devices").read_text()
+    except OSError:
+        return None
+    section = text.split("Block devices:")[0]
+    for line in section.splitlines():
+        number, _, name = line.strip().partition(" ")
+        if number.isdigit() and int(number) == os.major(rdev):
+            return name.strip()
+    return None
+
+
+def systemctl_show(*properties: str) -> dict[str, str] | None:
+    """``systemctl show`` of the unit, or None when systemd is not running here."""
+    if not Path("/run/systemd/system").is_dir() or shutil.which("systemctl") is None:
+        return None
+    try:
+        done = subprocess.run(
+            ["systemctl", "show", UNIT, *(f"--property={p}" for p in properties)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    shown: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition("=")
+        shown[key] = (shown[key] + "\n" + value) if key in shown else value
+    return shown
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
