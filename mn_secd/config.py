@@ -58,8 +58,9 @@ class GbaConfig:
     retry_interval: Span = _TIMING.retry_interval
     max_retry_interval: float = _TIMING.max_retry_interval
     min_forced_interval: float = _TIMING.min_forced_interval
-    http_timeout: float = 10.0
+    http_timeout: float = 10.0  # the budget of one bootstrap attempt at the BSF, retries included
     retries: int = 3
+    require_rspauth: bool = False  # refuse a 200 OK without rspauth (a wrong one is always refused)
 
     def timing(self) -> BootstrapTiming:
         """The keystore's bootstrap timing from this section (the rest keeps the planner's defaults)."""
@@ -244,6 +245,7 @@ def _gba(t: _Table) -> GbaConfig:
         min_forced_interval=t.number("min_forced_interval", GbaConfig.min_forced_interval),
         http_timeout=t.number("http_timeout", GbaConfig.http_timeout, positive=True),
         retries=t.integer("retries", GbaConfig.retries, minimum=0),
+        require_rspauth=t.boolean("require_rspauth", GbaConfig.require_rspauth),
     )
     t.finish()
     return gba

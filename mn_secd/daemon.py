@@ -291,7 +291,10 @@ class Daemon:
         self.card = card
         self._card_found(identity)
         self.ub = UbClient(
-            self.config.gba.bsf_url, timeout=self.config.gba.http_timeout, retries=self.config.gba.retries
+            self.config.gba.bsf_url,
+            timeout=self.config.gba.http_timeout,
+            retries=self.config.gba.retries,
+            require_rspauth=self.config.gba.require_rspauth,
         )
         gba = self.config.gba
         store = KeyStore(card, self.ub, gba.mode, timing=gba.timing())

@@ -302,6 +302,13 @@ class BsfRejected(GbaError):
         super().__init__(f"BSF answered {status}: {reason}")
 
 
+class BsfServerError(BsfRejected):
+    """The BSF answered with a 5xx status: it is failing for now (overloaded, its HSS away), and a
+    later bootstrap may well succeed, unlike after a 4xx refusal of this subscriber or request."""
+
+    kind = "bsf-server-error"
+
+
 class BsfAnswerInvalid(GbaError):
     """The BSF answered something we must not accept (bad rspauth, malformed XML, expired lifetime)."""
 

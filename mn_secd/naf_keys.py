@@ -60,3 +60,6 @@ class KeyServiceStatus:
     expires: datetime | None
     gba_mode: GbaMode | None
     last_error: str | None
+    #: Something the operator should know although keys are served (e.g. a BSF answer accepted
+    #: without rspauth).
+    warning: str | None = None

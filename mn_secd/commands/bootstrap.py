@@ -97,7 +97,7 @@ async def _bootstrap_once(modem: ModemConfig, gba: GbaConfig) -> BootstrapSessio
     from mn_secd.uicc.card import open_card
 
     try:
-        ub = UbClient(gba.bsf_url, timeout=gba.http_timeout, retries=gba.retries)
+        ub = UbClient(gba.bsf_url, timeout=gba.http_timeout, retries=gba.retries, require_rspauth=gba.require_rspauth)
     except ValueError as exc:
         raise ConfigError("(command line)" if gba.bsf_url else "(config)", "bsf_url", str(exc)) from None
     async with ub:

@@ -102,6 +102,7 @@ def _status_fields(status: KeyServiceStatus) -> dict[str, Any]:
         "expires": None if status.expires is None else _when(status.expires),
         "gba_mode": None if status.gba_mode is None else status.gba_mode.value,
         "last_error": status.last_error,
+        "warning": status.warning,
     }
 
 

@@ -185,6 +185,7 @@ def encode_status(status: KeyServiceStatus, content_format: int) -> bytes:
         "expires": None if status.expires is None else status.expires.astimezone(UTC),
         "gba_mode": None if status.gba_mode is None else status.gba_mode.value,
         "last_error": status.last_error,
+        "warning": status.warning,
     }
     return _encode(fields, content_format)
 
@@ -201,6 +202,7 @@ def decode_status(payload: bytes, content_format: int | None) -> KeyServiceStatu
             expires=None if fields.get("expires") is None else _datetime(fields, "expires"),
             gba_mode=None if mode is None else GbaMode(mode),
             last_error=_optional_str(fields, "last_error"),
+            warning=_optional_str(fields, "warning"),  # absent from daemons that predate it
         )
     except (KeyError, ValueError) as exc:
         raise RequestError(f"malformed status answer: {exc}") from None
@@ -247,7 +249,12 @@ ERROR_CODES: dict[type[MnSecdError], tuple[Code, int | None]] = {
     # GBA and the BSF
     errors.GbaError: (Code.BAD_GATEWAY, None),
     errors.GbaModeUnavailable: (Code.SERVICE_UNAVAILABLE, 300),
+    # Retryable: the BSF is away or failing for now (no answer, or a 5xx status), and the keystore
+    # retries by itself; Max-Age says when asking again is worth it.
     errors.BsfUnreachable: (Code.SERVICE_UNAVAILABLE, 60),
+    errors.BsfServerError: (Code.SERVICE_UNAVAILABLE, 60),
+    # Not retryable by waiting: the BSF refused this subscriber or our answer (4xx), or answered
+    # something that must not be accepted; the operator has to look.
     errors.BsfRejected: (Code.BAD_GATEWAY, None),
     errors.BsfAnswerInvalid: (Code.BAD_GATEWAY, None),
     errors.DigestParseError: (Code.BAD_GATEWAY, None),

@@ -8,12 +8,23 @@ Two layers, aioquic style:
   (the challenge did not come from our home network) aborts with
   :class:`~mn_secd.errors.NetworkAuthenticationFailure` and is never answered with a RES; a
   synchronisation failure is answered once with AUTS and the BSF's fresh challenge is run once; a
-  200 without a valid ``rspauth``, with malformed XML or with a lifetime in the past is refused.
+  200 with a wrong ``rspauth``, with malformed XML or with a lifetime in the past is refused.
 * :class:`UbClient` drives it over httpx (light to import; the daemon does not load aiohttp). It
-  adds the URL (configured, or derived from the IMSI), timeouts, and bounded retries with
-  exponential backoff and jitter, but only for the first request: once the card has run an
-  AUTHENTICATE, a transport failure ends the bootstrap, because repeating it could only mean a new
-  challenge and a new AKA run, which is the caller's decision (the keystore throttles those).
+  adds the URL (configured, or derived from the IMSI), one time budget for the whole attempt, and
+  bounded retries with exponential backoff and jitter, but only for the first request: once the
+  card has run an AUTHENTICATE, a transport failure ends the bootstrap, because repeating it could
+  only mean a new challenge and a new AKA run, which is the caller's decision (the keystore
+  throttles those).
+
+``rspauth`` (RFC 2617 3.2.3, RFC 3310 3.4) is the BSF's proof that it knew RES, i.e. that the 200 OK
+and the B-TID and lifetime in it come from the network the card authenticated. RFC 2617 makes the
+``Authentication-Info`` header optional and TS 33.220 does not require it in the 200 OK, and BSFs in
+the field omit it, so a missing one is a policy (``require_rspauth``): accepted by default, with a
+warning, and reported in :attr:`UbResult.rspauth_verified`. A present but wrong ``rspauth`` always
+fails: that answer is forged or damaged.
+
+RES is 4 to 16 octets (TS 33.102 6.3.2 allows 32 to 128 bits); AKAv1 uses it as the Digest password
+octets as they are, whatever their number (RFC 3310 3.4).
 
 User-Agent carries ``Bootstrapping Client Agent; Release-6`` (the TS 24.109 example) and a product
 token: ``3gpp-gba`` for GBA_ME and ``3gpp-gba-uicc`` for GBA_U. The GBA_U token is NOT confirmed
@@ -45,6 +56,7 @@ from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfDigestInvalid,
     BsfRejected,
+    BsfServerError,
     BsfUnreachable,
     DigestParseError,
     NetworkAuthenticationFailure,
@@ -62,8 +74,9 @@ USER_AGENT_BASE = "Bootstrapping Client Agent; Release-6"
 TOKEN_GBA = "3gpp-gba"
 #: Unconfirmed (see the module docstring): informative only.
 TOKEN_GBA_UICC = "3gpp-gba-uicc"
-#: Statuses of the first request that mean "the BSF is there but busy", retried like a lost connection.
-RETRYABLE_STATUS = frozenset({502, 503, 504})
+#: Statuses of the first request that mean "the BSF is there but failing for now", retried like a lost
+#: connection (a 500 too: before any AKA run a retry costs the card nothing).
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 
 #: What the card is asked to do with one challenge: AUTHENTICATE(RAND, AUTN) in the mode's context.
 AkaCallback = Callable[[bytes, bytes], Awaitable[AkaResult]]
@@ -121,6 +134,8 @@ class UbResult:
     aka: AkaSuccess  # RES (and CK, IK for GBA_ME); its repr shows no key material
     aka_runs: int  # AUTHENTICATEs this bootstrap cost: 1, or 2 after a resync
     http_requests: int  # 2, or 3 after a resync (retries of the first request not counted)
+    #: False when the BSF's 200 carried no ``rspauth`` and the policy accepted that.
+    rspauth_verified: bool = True
 
 
 class _State(enum.Enum):
@@ -142,12 +157,22 @@ class UbExchange:
     Every failure raises a typed :class:`~mn_secd.errors.GbaError` and leaves the exchange FAILED.
     """
 
-    def __init__(self, *, impi: str, realm: str, uri: str, mode: GbaMode, method: str = "GET") -> None:
+    def __init__(
+        self,
+        *,
+        impi: str,
+        realm: str,
+        uri: str,
+        mode: GbaMode,
+        method: str = "GET",
+        require_rspauth: bool = False,
+    ) -> None:
         self.impi = impi
         self.realm = realm
         self.uri = uri
         self.mode = mode
         self.method = method
+        self.require_rspauth = require_rspauth
         self._user_agent = user_agent(mode)
         #: GBA_U cards keep CK and IK, which an AKAv2 password needs: only AKAv1 can be answered.
         self._algorithms = (digest.AKAV1_MD5,) if mode is GbaMode.GBA_U else (digest.AKAV1_MD5, digest.AKAV2_MD5)
@@ -197,7 +222,7 @@ class UbExchange:
         if status == 200:
             raise BsfAnswerInvalid("the BSF answered 200 without authenticating the client")
         if status != 401:
-            raise BsfRejected(status, reason or "no challenge")
+            raise _rejected(status, reason or "no challenge")
         values = [v for k, v in headers if k.lower() == "www-authenticate"]
         if not values:
             raise BsfAnswerInvalid("401 without a WWW-Authenticate header")
@@ -254,14 +279,17 @@ class UbExchange:
             stale = _is_stale(headers)
             raise BsfRejected(401, "the BSF rejected the response" + (" (stale nonce)" if stale else ""))
         if status != 200:
-            raise BsfRejected(status, reason or "bootstrap refused")
+            raise _rejected(status, reason or "bootstrap refused")
         state, success = self._digest, self._success
         assert state is not None and success is not None  # set with the WAIT_ANSWER state
         info = [v for k, v in headers if k.lower() == "authentication-info"]
-        if len(info) != 1:
-            raise BsfAnswerInvalid(f"200 with {len(info)} Authentication-Info headers (need exactly 1)")
-        if not digest.verify_rspauth(state, info[0], body):
-            raise BsfAnswerInvalid("the BSF's rspauth is missing or wrong: the answer is not authentic")
+        if len(info) > 1:
+            raise BsfAnswerInvalid(f"200 with {len(info)} Authentication-Info headers (at most 1)")
+        verified = bool(info) and "rspauth" in digest.parse_auth_params(info[0])
+        if verified and not digest.verify_rspauth(state, info[0], body):
+            raise BsfAnswerInvalid("the BSF's rspauth is wrong: the answer is not authentic")
+        if not verified and self.require_rspauth:
+            raise BsfAnswerInvalid("200 without rspauth (no Authentication-Info), and require_rspauth is set")
         parsed = parse_bootstrapping_info(body, now=now)
         self._state = _State.DONE
         return UbResult(
@@ -271,6 +299,7 @@ class UbExchange:
             aka=success,
             aka_runs=self.aka_runs,
             http_requests=self.http_requests,
+            rspauth_verified=verified,
         )
 
     # -- helpers --
@@ -295,6 +324,12 @@ class UbExchange:
             raise
 
 
+def _rejected(status: int, reason: str) -> BsfRejected:
+    """A refusal, typed by whether waiting can help: 5xx is the BSF failing for now (retryable), 4xx a
+    refusal of this subscriber or request that no retry changes."""
+    return BsfServerError(status, reason) if 500 <= status <= 599 else BsfRejected(status, reason)
+
+
 def _is_stale(headers: Sequence[tuple[str, str]]) -> bool:
     values = [v for k, v in headers if k.lower() == "www-authenticate"]
     try:
@@ -316,10 +351,14 @@ class UbRunner(Protocol):
 class UbClient:
     """Runs :class:`UbExchange` against a BSF over HTTP(S) with httpx.
 
-    ``bsf_url`` overrides the address derived from the IMSI (TS 23.003 16.2). ``timeout`` bounds
-    each HTTP request as a whole (connect, send, headers and body), so a BSF that trickles bytes
-    cannot hold a bootstrap forever. ``retries`` extra attempts are made for the first request
-    only. ``transport`` is for instrumentation (the benchmark times HTTP through it).
+    ``bsf_url`` overrides the address derived from the IMSI (TS 23.003 16.2). ``timeout`` is the
+    budget of one bootstrap attempt at the BSF: every HTTP request of it (connect, send, headers and
+    body, so a BSF that trickles bytes is cut off too), the retries of the first request and the
+    pauses between them all fit in it, so a hanging BSF costs at most ``timeout`` seconds however
+    many retries are allowed. The card's AUTHENTICATE is not counted: it has its own timeout in the
+    card layer, and cutting it short would leave its outcome unknown. ``retries`` extra attempts are
+    made for the first request only, while the budget lasts. ``require_rspauth`` refuses a 200 OK
+    without ``rspauth``. ``transport`` is for instrumentation (the benchmark times HTTP through it).
     """
 
     def __init__(
@@ -330,6 +369,7 @@ class UbClient:
         retries: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 8.0,
+        require_rspauth: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -343,6 +383,7 @@ class UbClient:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.require_rspauth = require_rspauth
         self._clock = clock
         self._rng = rng or random.Random()
         self._client = httpx.AsyncClient(
@@ -359,48 +400,77 @@ class UbClient:
         parts = urlsplit(url)
         uri = parts.path or "/"
         target = parts._replace(path=uri, fragment="").geturl()
-        exchange = UbExchange(impi=identity.impi, realm=parts.hostname or "", uri=uri, mode=mode)
+        exchange = UbExchange(
+            impi=identity.impi,
+            realm=parts.hostname or "",
+            uri=uri,
+            mode=mode,
+            require_rspauth=self.require_rspauth,
+        )
+        loop = asyncio.get_running_loop()
+        budget = _Budget(loop.time() + self.timeout, self.timeout)
         request = exchange.start()
-        response = await self._first_request(target, request, exchange)
+        response = await self._first_request(target, request, exchange, budget)
         while True:
             step = exchange.receive(*response, now=datetime.fromtimestamp(self._clock(), UTC))
             if isinstance(step, UbResult):
-                log.info(
-                    "Ub bootstrap accepted",
-                    extra={
-                        "event": "ub.done",
-                        "btid_hash": btid_hash(step.btid),
-                        "aka_runs": step.aka_runs,
-                        "http_requests": step.http_requests,
-                    },
-                )
+                self._log_result(step)
                 return step
+            card_started = loop.time()
             outcome = await aka(step.rand, step.autn)
+            budget.deadline += loop.time() - card_started  # the card's time is not the BSF's
             request = exchange.aka_outcome(outcome)
-            response = await self._send(target, request)
+            response = await self._send(target, request, budget)
+
+    @staticmethod
+    def _log_result(result: UbResult) -> None:
+        extra = {
+            "event": "ub.done",
+            "btid_hash": btid_hash(result.btid),
+            "aka_runs": result.aka_runs,
+            "http_requests": result.http_requests,
+        }
+        log.info("Ub bootstrap accepted", extra=extra)
+        if not result.rspauth_verified:
+            log.warning(
+                "the BSF's 200 OK carried no rspauth: bootstrap accepted without authenticating the BSF's"
+                " answer (set [gba] require_rspauth = true to refuse such answers)",
+                extra={**extra, "event": "ub.no_rspauth"},
+            )
 
     async def _first_request(
-        self, target: str, request: UbRequest, exchange: UbExchange
+        self, target: str, request: UbRequest, exchange: UbExchange, budget: _Budget
     ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             try:
-                response = await self._send(target, request)
+                response = await self._send(target, request, budget)
             except BsfUnreachable:
                 if attempt >= self.retries or not exchange.may_retry_transport:
                     raise
+                failure = None
             else:
                 if response[0] not in RETRYABLE_STATUS or attempt >= self.retries:
                     return response
+                failure = response
             delay = backoff_delay(attempt, self.backoff, self.max_backoff, self._rng)
+            if loop.time() + delay >= budget.deadline:  # no time left for another try: the last outcome stands
+                if failure is not None:
+                    return failure
+                raise budget.exhausted()
             log.info("BSF not reachable; retrying", extra={"event": "ub.retry", "attempt": attempt + 1, "delay": delay})
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def _send(self, target: str, request: UbRequest) -> tuple[int, str, list[tuple[str, str]], bytes]:
-        """One GET; (status, reason, headers, body). Transport failures and timeouts -> BsfUnreachable."""
+    async def _send(
+        self, target: str, request: UbRequest, budget: _Budget
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        """One GET within the budget; (status, reason, headers, body). Transport failures -> BsfUnreachable."""
+        if asyncio.get_running_loop().time() >= budget.deadline:
+            raise budget.exhausted()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(budget.deadline):
                 async with self._client.stream("GET", target, headers=request.headers()) as response:
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
@@ -408,10 +478,8 @@ class UbClient:
                         if len(body) > MAX_BODY:
                             raise BsfAnswerInvalid(f"the BSF's answer is longer than {MAX_BODY} octets")
                     return response.status_code, response.reason_phrase, response.headers.multi_items(), bytes(body)
-        except TimeoutError as exc:
-            raise BsfUnreachable(f"the BSF did not answer within {self.timeout:g} s") from exc
-        except httpx.TimeoutException as exc:
-            raise BsfUnreachable(f"the BSF did not answer within {self.timeout:g} s") from exc
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise budget.exhausted() from exc
         except httpx.TransportError as exc:
             raise BsfUnreachable(f"cannot reach the BSF at {target}: {type(exc).__name__}") from exc
 
@@ -425,6 +493,17 @@ class UbClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+@dataclass(slots=True)
+class _Budget:
+    """The time one bootstrap attempt may spend at the BSF: a deadline on the event loop's clock."""
+
+    deadline: float
+    seconds: float
+
+    def exhausted(self) -> BsfUnreachable:
+        return BsfUnreachable(f"the BSF did not answer within the {self.seconds:g} s budget of this bootstrap")
 
 
 def _check_url(url: str) -> None:

@@ -25,9 +25,12 @@ Ub answers, in the order they are checked:
 * else 200 with the bootstrapping-info XML, ``Authentication-Info`` (rspauth over the exact body
   bytes sent) and ``Expires``.
 
+XRES has as many octets as the subscriber's card gives RES (``res_length`` of its profile, 4 to 16).
+
 Test switches (plain attributes, changeable while serving) let client tests drive each failure over
-real HTTP: :attr:`ReferenceBsf.delay`, :attr:`~ReferenceBsf.busy_responses`,
-:attr:`~ReferenceBsf.tamper_rspauth`, :attr:`~ReferenceBsf.malformed_xml`,
+real HTTP: :attr:`ReferenceBsf.delay`, :attr:`~ReferenceBsf.busy_responses` (with
+:attr:`~ReferenceBsf.busy_status`), :attr:`~ReferenceBsf.tamper_rspauth`,
+:attr:`~ReferenceBsf.omit_authentication_info`, :attr:`~ReferenceBsf.malformed_xml`,
 :attr:`~ReferenceBsf.lifetime_in_past`, :attr:`~ReferenceBsf.garbage_challenge`.
 """
 
@@ -81,6 +84,7 @@ class _Subscriber:
     amf: bytes
     gba_u: bool
     sequence: HeSequence
+    res_length: int  # octets of XRES, as the subscriber's card answers
 
 
 @dataclass(slots=True)
@@ -145,6 +149,7 @@ class ReferenceBsf:
                 amf=profile.amf,
                 gba_u=profile.gba_u,
                 sequence=HeSequence.starting_at(profile.sqn, profile.card_state.ind_len),
+                res_length=profile.res_length,
             )
         self._pending: dict[str, _Challenge] = {}
         self._bootstraps: dict[str, Bootstrap] = {}
@@ -154,10 +159,15 @@ class ReferenceBsf:
         # --- test switches -------------------------------------------------------------------------
         #: Seconds to wait before answering each Ub request (a slow BSF).
         self.delay = 0.0
-        #: Answer this many of the next Ub requests with 503 (an overloaded BSF / HSS), then recover.
+        #: Answer this many of the next Ub requests with ``busy_status``, then recover.
         self.busy_responses = 0
+        #: The status of those answers: 503 (an overloaded BSF / HSS), 500 (a failing one), ...
+        self.busy_status = 503
         #: Send a wrong ``rspauth`` in the 200 OK.
         self.tamper_rspauth = False
+        #: Send the 200 OK without ``Authentication-Info`` (as some BSFs in the field do; RFC 2617
+        #: makes the header optional).
+        self.omit_authentication_info = False
         #: Send a truncated XML body in the 200 OK (with an rspauth that is right for those bytes).
         self.malformed_xml = False
         #: Put a lifetime one hour in the past into the 200 OK (the stored bootstrap is expired too).
@@ -172,7 +182,7 @@ class ReferenceBsf:
 
     def reset_counters(self) -> None:
         """Zero every counter: Ub requests, 401 challenges issued, 200 successes, resyncs, 403s, 400s,
-        503s from ``busy_responses``, and Zn requests."""
+        answers from ``busy_responses``, and Zn requests."""
         self.requests = 0
         self.challenges = 0
         self.successes = 0
@@ -257,7 +267,8 @@ class ReferenceBsf:
         if self.busy_responses > 0:
             self.busy_responses -= 1
             self.busy += 1
-            return web.Response(status=503, text="busy\n", headers={"Server": SERVER, "Retry-After": "1"})
+            headers = {"Server": SERVER, "Retry-After": "1"} if self.busy_status == 503 else {"Server": SERVER}
+            return web.Response(status=self.busy_status, text="busy\n", headers=headers)
         header = request.headers.get("Authorization")
         if header is None:
             return self._bad("an Authorization header with the user name is required")
@@ -311,7 +322,7 @@ class ReferenceBsf:
         rand = secrets.token_bytes(16)
         sqn, subscriber.sequence = subscriber.sequence.issue()
         autn = generate_autn(m, rand, sqn, subscriber.amf)
-        xres, ck, ik, _ak = m.f2345(rand)
+        xres, ck, ik, _ak = m.f2345(rand, subscriber.res_length)
         nonce = digest.make_nonce(rand, autn)
         opaque = secrets.token_hex(16)
         self._pending[nonce] = _Challenge(subscriber.impi, nonce, opaque, self._clock(), rand, xres, ck, ik)
@@ -369,16 +380,10 @@ class ReferenceBsf:
             info = info.replace(rspauth, format(int(rspauth, 16) ^ 1, "032x"))
         self.successes += 1
         log.info("bootstrap", extra={"event": "bsf.bootstrap", "btid": btid_hash(btid), "gba_u": subscriber.gba_u})
-        return web.Response(
-            status=200,
-            body=body,
-            content_type=bsfxml.CONTENT_TYPE,
-            headers={
-                "Authentication-Info": info,
-                "Expires": format_datetime(expires, usegmt=True),
-                "Server": SERVER,
-            },
-        )
+        headers = {"Expires": format_datetime(expires, usegmt=True), "Server": SERVER}
+        if not self.omit_authentication_info:
+            headers["Authentication-Info"] = info
+        return web.Response(status=200, body=body, content_type=bsfxml.CONTENT_TYPE, headers=headers)
 
     def _bad(self, reason: str) -> web.Response:
         self.bad_requests += 1
@@ -520,12 +525,18 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         metavar="SECONDS",
         help="how long a challenge stays fresh (default 30)",
     )
+    parser.add_argument(
+        "--omit-authentication-info",
+        action="store_true",
+        help="answer the final 200 OK without Authentication-Info (no rspauth), as some BSFs in the field do",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     profiles = load_subscribers(args.subscribers)
     bsf = ReferenceBsf(profiles, name=args.name, lifetime=timedelta(seconds=args.lifetime), nonce_ttl=args.nonce_ttl)
+    bsf.omit_authentication_info = args.omit_authentication_info
     host, port = args.listen
     asyncio.run(_serve(bsf, host, port))
     return 0

@@ -19,9 +19,14 @@ AMF_LEN = 2
 #: f1* (MAC-S in AUTS) is always computed with this AMF (TS 33.102 6.3.3).
 RESYNC_AMF = b"\x00\x00"
 
+#: RES lengths TS 33.102 6.3.2 allows (32 to 128 bits), in octets; Milenage's f2 gives 8.
+MIN_RES_LEN, MAX_RES_LEN, MILENAGE_RES_LEN = 4, 16, 8
+
 # Rotation amounts r1..r5 in bytes (64, 0, 32, 64, 96 bits) and the last byte of c1..c5.
 _R1, _R2, _R3, _R4, _R5 = 8, 0, 4, 8, 12
 _C1, _C2, _C3, _C4, _C5 = 0x00, 0x01, 0x02, 0x04, 0x08
+#: The lab cards' RES extension beyond 8 octets (not TS 35.206): an f2-like block with its own constant.
+_C_RES_EXT = 0x10
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -96,13 +101,25 @@ class Milenage:
         """MAC-S, the resynchronisation code carried in AUTS (8 octets)."""
         return self._out1(rand, sqn, amf)[8:]
 
-    def f2345(self, rand: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-        """(RES 8, CK 16, IK 16, AK 6) for one RAND."""
+    def f2345(self, rand: bytes, res_length: int = MILENAGE_RES_LEN) -> tuple[bytes, bytes, bytes, bytes]:
+        """(RES, CK 16, IK 16, AK 6) for one RAND; RES has ``res_length`` octets (4 to 16).
+
+        TS 35.206's f2 gives 8 octets, which is what every TS 35.208 test set checks. So that the lab
+        can exercise the other lengths TS 33.102 allows, a shorter RES is the leading octets of f2's,
+        and a longer one continues with the leading octets of one more block computed like f2's with
+        a constant of its own (``c`` ending in 0x10). That extension is this simulation's, not a
+        standard's: both ends of the simulated world (card and BSF) compute it here.
+        """
+        if not MIN_RES_LEN <= res_length <= MAX_RES_LEN:
+            raise ValueError(f"RES must be {MIN_RES_LEN} to {MAX_RES_LEN} octets, not {res_length}")
         temp = self._temp(rand)
         out2 = self._out(temp, _R2, _C2)
         ck = self._out(temp, _R3, _C3)
         ik = self._out(temp, _R4, _C4)
-        return out2[8:], ck, ik, out2[:6]
+        res = out2[8:]
+        if res_length > MILENAGE_RES_LEN:
+            res += self._out(temp, _R2, _C_RES_EXT)[: res_length - MILENAGE_RES_LEN]
+        return res[:res_length], ck, ik, out2[:6]
 
     def f5star(self, rand: bytes) -> bytes:
         """AK*, the anonymity key that conceals SQN_MS in AUTS (6 octets)."""

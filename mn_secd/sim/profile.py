@@ -26,7 +26,7 @@ from typing import Any
 import tomli_w
 
 from mn_secd.errors import ConfigError
-from mn_secd.sim.milenage import opc_from_op
+from mn_secd.sim.milenage import MAX_RES_LEN, MILENAGE_RES_LEN, MIN_RES_LEN, opc_from_op
 from mn_secd.sim.sqn import DEFAULT_DELTA, MAX_IND_LEN, SqnPolicy, SqnState
 
 #: Longest IMPI / IMPU / domain accepted, in UTF-8 octets, so each fits a one-octet TLV length.
@@ -36,7 +36,7 @@ DEFAULT_SQN = bytes(6)
 
 _TOP_KEYS = frozenset(
     {"iccid", "imsi", "mnc_length", "k", "opc", "op", "amf", "sqn", "isim", "gba_u", "gsm_access",
-     "impi", "impu", "domain", "pin", "puk", "card_state"}
+     "impi", "impu", "domain", "pin", "puk", "card_state", "res_length"}
 )  # fmt: skip
 _STATE_KEYS = frozenset({"ind_len", "seq_ms", "delta", "age_limit", "pin_attempts", "puk_attempts"})
 #: Attempts a PIN and a PUK start with (TS 102 221 9.5: typically 3 and 10).
@@ -109,6 +109,8 @@ class CardProfile:
     puk: str = field(default=DEFAULT_PUK, repr=False)
     pin_attempts: int = PIN_ATTEMPTS
     puk_attempts: int = PUK_ATTEMPTS
+    #: Octets of RES the card answers with (TS 33.102: 4 to 16; see :meth:`Milenage.f2345`).
+    res_length: int = MILENAGE_RES_LEN
 
     def __post_init__(self) -> None:
         if not (self.iccid.isascii() and self.iccid.isdigit() and 19 <= len(self.iccid) <= 20):
@@ -123,6 +125,8 @@ class CardProfile:
                                    ("sqn", self.sqn, 6)):  # fmt: skip
             if len(value) != length:
                 raise ProfileValueError(key, f"must be {length} octets")
+        if not MIN_RES_LEN <= self.res_length <= MAX_RES_LEN:
+            raise ProfileValueError("res_length", f"must be {MIN_RES_LEN} to {MAX_RES_LEN} octets")
         if self.op is not None and (len(self.op) != 16 or opc_from_op(self.k, self.op) != self.opc):
             raise ProfileValueError("op", "does not match opc")
         if self.impi is None:
@@ -259,6 +263,7 @@ def _profile_from_table(file: str, doc: dict[str, Any]) -> CardProfile:
             puk=r.string("puk") if r.has("puk") else DEFAULT_PUK,
             pin_attempts=attempts.integer("pin_attempts") if attempts.has("pin_attempts") else PIN_ATTEMPTS,
             puk_attempts=attempts.integer("puk_attempts") if attempts.has("puk_attempts") else PUK_ATTEMPTS,
+            res_length=r.integer("res_length") if r.has("res_length") else MILENAGE_RES_LEN,
         )
     except ProfileValueError as exc:
         raise ConfigError(file, exc.key, exc.problem) from None
@@ -311,6 +316,8 @@ def render_profile(profile: CardProfile, header: str = _DEFAULT_HEADER) -> str:
     doc.update(amf=profile.amf.hex(), sqn=profile.sqn.hex(), isim=profile.isim, gba_u=profile.gba_u)
     if not profile.gsm_access:
         doc["gsm_access"] = False
+    if profile.res_length != MILENAGE_RES_LEN:
+        doc["res_length"] = profile.res_length
     derived_impi = derive_impi(profile.imsi, profile.mnc_length)
     if profile.impi != derived_impi:
         doc["impi"] = profile.impi

@@ -845,7 +845,7 @@ class SoftUicc:
 
     def _aka(self, rand: bytes, autn: bytes, app: Application) -> tuple[bytes, bytes, bytes] | bytes:
         """The USIM's AKA: (RES, CK, IK) on success, or the DC answer (AUTS). Raises 98 62 / 65 81."""
-        res, ck, ik, ak = self._milenage.f2345(rand)
+        res, ck, ik, ak = self._milenage.f2345(rand, self._profile.res_length)
         sqn = bytes(a ^ b for a, b in zip(autn[:6], ak, strict=True))
         amf, mac = autn[6:8], autn[8:]
         if not hmac.compare_digest(self._milenage.f1(rand, sqn, amf), mac):

@@ -87,7 +87,7 @@ class Ue:
         """(RES, CK, IK) or AUTS; a wrong MAC fails the test (the BSF must never send one)."""
         assert self.state is not None
         self.authenticates += 1
-        res, ck, ik, ak = self.milenage.f2345(rand)
+        res, ck, ik, ak = self.milenage.f2345(rand, self.profile.res_length)
         sqn = bytes(a ^ b for a, b in zip(autn[:6], ak, strict=True))
         assert self.milenage.f1(rand, sqn, autn[6:8]) == autn[8:], "AUTN MAC wrong"
         outcome = check_sqn(self.state, sqn, self.profile.sqn_policy)
@@ -126,7 +126,8 @@ async def _bootstrap(client: httpx.AsyncClient, ue: Ue, algorithm: str = digest.
         r = await client.get("/", headers={"Authorization": header})
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == bsfxml.CONTENT_TYPE
-        assert digest.verify_rspauth(state, r.headers["authentication-info"], r.content)
+        if "authentication-info" in r.headers:  # the BSF's switch may leave it out
+            assert digest.verify_rspauth(state, r.headers["authentication-info"], r.content)
         info = bsfxml.parse_bootstrapping_info(r.content, now=datetime.now(UTC))
         return Result(info.btid, info.lifetime, rand, ck + ik, r, state)
     raise AssertionError("no success after a resync")
@@ -558,6 +559,36 @@ async def test_switch_busy_then_recovers(bsf: ReferenceBsf, client: httpx.AsyncC
     header = digest.initial_authorization(ME.effective_impi, NAME)
     assert [(await client.get("/", headers={"Authorization": header})).status_code for _ in range(3)] == [503, 503, 401]
     assert (bsf.busy, bsf.busy_responses, bsf.requests) == (2, 0, 3)
+    bsf.busy_responses, bsf.busy_status = 1, 500
+    assert [(await client.get("/", headers={"Authorization": header})).status_code for _ in range(2)] == [500, 401]
+
+
+async def test_switch_omit_authentication_info(bsf: ReferenceBsf, client: httpx.AsyncClient) -> None:
+    bsf.omit_authentication_info = True
+    result = await _bootstrap(client, Ue(ME))
+    assert result.response.status_code == 200 and "authentication-info" not in result.response.headers
+    assert bsf.last_btid == result.btid  # a bootstrap like any other, for Zn too
+    assert (await _zn(client, result.btid, *NAFS[0])).status_code == 200
+
+
+@pytest.mark.parametrize("length", [4, 5, 12, 16])
+async def test_res_of_4_to_16_octets(length: int, clock: Clock) -> None:
+    """TS 33.102 allows RES of 32 to 128 bits: XRES has as many octets as the subscriber's card gives."""
+    profile = replace(ME, res_length=length)
+    bsf = ReferenceBsf([profile], name=NAME, clock=clock)
+    url = await bsf.start()
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=5.0) as client:
+            result = await _bootstrap(client, Ue(profile))
+            assert (await _zn(client, result.btid, *NAFS[0])).status_code == 200
+            # a card answering with another length does not authenticate
+            challenge = await _challenge(client, profile.effective_impi)
+            rand, _, _ = digest.split_nonce(challenge.nonce)
+            res = Milenage(K, OPC).f2345(rand, 8 if length != 8 else 16)[0]
+            header, _ = digest.build_authorization(challenge, profile.effective_impi, res)
+            assert (await client.get("/", headers={"Authorization": header})).status_code == 403
+    finally:
+        await bsf.stop()
 
 
 async def test_switch_delay_makes_client_time_out(bsf: ReferenceBsf, client: httpx.AsyncClient) -> None:

@@ -92,6 +92,7 @@ max_retry_interval = 900
 min_forced_interval = 1.5
 http_timeout = 3
 retries = 0
+require_rspauth = true
 
 [control]
 addresses = ["127.0.0.1"]
@@ -129,6 +130,7 @@ naf = ["x.example.org"]
         min_forced_interval=1.5,
         http_timeout=3.0,
         retries=0,
+        require_rspauth=True,
     )
     timing = config.gba.timing()
     assert (timing.refresh_margin, timing.retry_interval, timing.min_forced_interval) == (
@@ -191,6 +193,7 @@ BAD = [
     ("[modem]\nport = '/dev/null'\n[gba]\nretry_interval = '150%'\n", "gba.retry_interval", "exceed 100%"),
     ("[modem]\nport = '/dev/null'\n[gba]\nretry_interval = -1\n", "gba.retry_interval", "negative"),
     ("[modem]\nport = '/dev/null'\n[gba]\nmax_retry_interval = 0\n", "gba.max_retry_interval", "greater than 0"),
+    ("[modem]\nport = '/dev/null'\n[gba]\nrequire_rspauth = 'yes'\n", "gba.require_rspauth", "true or false"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = 'lo'\n", "control.addresses", "list of strings"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = []\n", "control.addresses", "at least one"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = ['localhost']\n", "control.addresses[0]", "IP address"),

@@ -215,6 +215,9 @@ def test_every_error_family_has_a_deliberate_code() -> None:
         (errors.AuthenticateOutcomeUnknown("no answer"), Code.GATEWAY_TIMEOUT, None),
         (errors.BootstrapRateLimited(12.2), Code.TOO_MANY_REQUESTS, 13),
         (errors.BsfRejected(403, "Forbidden"), Code.BAD_GATEWAY, None),
+        # a 5xx from the BSF is worth retrying, like no answer at all
+        (errors.BsfServerError(500, "Internal Server Error"), Code.SERVICE_UNAVAILABLE, 60),
+        (errors.BsfServerError(503, "Service Unavailable"), Code.SERVICE_UNAVAILABLE, 60),
         (errors.ConfigError("f", "k", "p"), Code.INTERNAL_SERVER_ERROR, None),
     ],
 )

@@ -90,7 +90,7 @@ def test_round_trip_with_state_and_identities(tmp_path: Path) -> None:
         iccid="8901150123456789012", imsi="310150123456789", mnc_length=3, k=bytes(16), opc=bytes(range(16)),
         amf=b"\x00\x01", sqn=bytes.fromhex("0000000000e0"), isim=True, gba_u=True, impi="alice@example.org",
         impu=("sip:alice@example.org", "tel:+15551234"), domain="example.org", gsm_access=False,
-        card_state=state, sqn_policy=SqnPolicy(delta=1000, age_limit=50),
+        card_state=state, sqn_policy=SqnPolicy(delta=1000, age_limit=50), res_length=16,
     )  # fmt: skip
     save_profile(path, p)
     assert load_profile(path) == p
@@ -141,6 +141,8 @@ def test_render_is_valid_toml_that_loads_back(tmp_path: Path) -> None:
         (MINIMAL + 'amf = "80"\n', "amf", "2 octets"),
         (MINIMAL + "sqn = 5\n", "sqn", "string"),
         (MINIMAL + 'isim = "yes"\n', "isim", "true or false"),
+        (MINIMAL + "res_length = 3\n", "res_length", "4 to 16 octets"),
+        (MINIMAL + "res_length = 17\n", "res_length", "4 to 16 octets"),
         (MINIMAL + 'impu = "sip:a@b"\n', "impu", "list of strings"),
         (MINIMAL + 'impi = ""\n', "impi", "UTF-8 octets"),
         (MINIMAL + 'domain = "' + "d" * 128 + '"\n', "domain", "UTF-8 octets"),

@@ -18,6 +18,7 @@ from mn_secd.card_identity import Application, CardIdentity
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,
+    BsfServerError,
     BsfUnreachable,
     Culprit,
     DigestParseError,
@@ -60,8 +61,8 @@ def challenge_401(header: str | None = None) -> tuple[int, str, list[tuple[str, 
     return 401, "Unauthorized", [("WWW-Authenticate", header or challenge_header())], b""
 
 
-def new_exchange(mode: GbaMode = GbaMode.GBA_ME) -> UbExchange:
-    return UbExchange(impi=IMPI, realm=REALM, uri="/", mode=mode)
+def new_exchange(mode: GbaMode = GbaMode.GBA_ME, *, require_rspauth: bool = False) -> UbExchange:
+    return UbExchange(impi=IMPI, realm=REALM, uri="/", mode=mode, require_rspauth=require_rspauth)
 
 
 def run_to_challenge(ex: UbExchange, header: str | None = None) -> AkaChallenge:
@@ -98,9 +99,22 @@ def test_full_exchange_akav1() -> None:
     assert isinstance(result, UbResult)
     assert (result.btid, result.lifetime, result.rand) == (BTID, NOW + timedelta(hours=1), RAND)
     assert (result.aka_runs, result.http_requests) == (1, 2)
-    assert result.aka.ck == CK
+    assert result.aka.ck == CK and result.rspauth_verified
     assert "c1c1" not in repr(result).lower()  # no key material in reprs
     assert ex.state == "done"
+
+
+@pytest.mark.parametrize("length", [4, 5, 8, 12, 16])
+@pytest.mark.parametrize("mode", [GbaMode.GBA_ME, GbaMode.GBA_U])
+def test_res_of_4_to_16_octets_is_the_akav1_password(length: int, mode: GbaMode) -> None:
+    """TS 33.102 allows RES of 32 to 128 bits; AKAv1 takes its octets as the password, whatever their number."""
+    res = bytes(range(0xA0, 0xA0 + length))
+    ex = new_exchange(mode)
+    run_to_challenge(ex)
+    request = ex.aka_outcome(AkaSuccess(res, CK, IK) if mode is GbaMode.GBA_ME else AkaSuccess(res))
+    assert digest.verify_response(digest.parse_authorization(request.authorization), res, method="GET")
+    result = ex.receive(*answer_200(request, res), now=NOW)
+    assert isinstance(result, UbResult) and result.aka.res == res
 
 
 def test_full_exchange_akav2_uses_rfc4169_password() -> None:
@@ -171,13 +185,22 @@ def test_200_without_authentication_is_refused() -> None:
         ex.receive(200, "OK", [], build_bootstrapping_info(BTID, NOW + timedelta(hours=1)), now=NOW)
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 500])
+@pytest.mark.parametrize("status", [400, 403, 404, 500, 503])
 def test_error_status_is_bsf_rejected(status: int) -> None:
     ex = new_exchange()
     ex.start()
     with pytest.raises(BsfRejected) as info:
         ex.receive(status, "Nope", [], b"", now=NOW)
     assert info.value.status == status
+    # a 5xx is the BSF failing for now (worth a retry later), a 4xx a refusal no retry changes
+    assert isinstance(info.value, BsfServerError) == (status >= 500)
+
+
+def test_a_5xx_to_the_response_is_a_server_error() -> None:
+    ex, _ = _answered()
+    with pytest.raises(BsfServerError) as info:
+        ex.receive(500, "Internal Server Error", [], b"", now=NOW)
+    assert info.value.status == 500 and ex.aka_runs == 1
 
 
 def test_401_after_the_response_is_a_rejection_naming_stale() -> None:
@@ -259,11 +282,55 @@ def test_a_bsf_header_that_cannot_be_read_is_the_bsfs_fault() -> None:
     assert info.value.culprit is Culprit.BSF and ex.state == "failed"
 
 
-def test_missing_authentication_info_is_refused() -> None:
+def test_missing_authentication_info_is_accepted_unless_required() -> None:
+    """RFC 2617 makes Authentication-Info optional and TS 33.220 does not ask for it in the 200 OK."""
     ex, request = _answered()
     status, reason, headers, body = answer_200(request, RES)
-    with pytest.raises(BsfAnswerInvalid, match="Authentication-Info"):
+    result = ex.receive(status, reason, headers[1:], body, now=NOW)
+    assert isinstance(result, UbResult) and result.btid == BTID and not result.rspauth_verified
+
+    ex = new_exchange(require_rspauth=True)
+    run_to_challenge(ex)
+    request = ex.aka_outcome(AkaSuccess(RES, CK, IK))
+    status, reason, headers, body = answer_200(request, RES)
+    with pytest.raises(BsfAnswerInvalid, match="without rspauth"):
         ex.receive(status, reason, headers[1:], body, now=NOW)
+    assert ex.state == "failed"
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_authentication_info_without_rspauth_counts_as_missing(require: bool) -> None:
+    ex = new_exchange(require_rspauth=require)
+    run_to_challenge(ex)
+    request = ex.aka_outcome(AkaSuccess(RES, CK, IK))
+    status, reason, headers, body = answer_200(request, RES)
+    headers[0] = ("Authentication-Info", 'nextnonce="abc", qop=auth-int')
+    if require:
+        with pytest.raises(BsfAnswerInvalid, match="without rspauth"):
+            ex.receive(status, reason, headers, body, now=NOW)
+    else:
+        result = ex.receive(status, reason, headers, body, now=NOW)
+        assert isinstance(result, UbResult) and not result.rspauth_verified
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_a_wrong_rspauth_fails_whatever_the_policy(require: bool) -> None:
+    ex = new_exchange(require_rspauth=require)
+    run_to_challenge(ex)
+    request = ex.aka_outcome(AkaSuccess(RES, CK, IK))
+    status, reason, headers, body = answer_200(request, RES)
+    creds = digest.parse_authorization(request.authorization)
+    forged = digest.build_authentication_info(creds, b"\x00" * 8, body)  # rspauth from one who lacks RES
+    headers[0] = ("Authentication-Info", forged)
+    with pytest.raises(BsfAnswerInvalid, match="rspauth is wrong"):
+        ex.receive(status, reason, headers, body, now=NOW)
+
+
+def test_two_authentication_info_headers_are_refused() -> None:
+    ex, request = _answered()
+    status, reason, headers, body = answer_200(request, RES)
+    with pytest.raises(BsfAnswerInvalid, match="2 Authentication-Info"):
+        ex.receive(status, reason, [headers[0], *headers], body, now=NOW)
 
 
 def test_malformed_xml_is_refused_even_with_a_valid_rspauth() -> None:
@@ -375,6 +442,29 @@ async def test_transport_failures_before_aka_are_retried() -> None:
     assert len(bsf.requests) == 4 and len(aka.runs) == 1
 
 
+async def test_a_500_to_the_first_request_is_retried_and_after_aka_is_not() -> None:
+    bsf = ScriptedBsf(lambda _: httpx.Response(500), http_challenge, http_success)
+    aka = CountingAka()
+    async with client(bsf) as ub:
+        await ub.run(IDENTITY, aka, mode=GbaMode.GBA_ME)
+    assert len(bsf.requests) == 3 and len(aka.runs) == 1
+
+    bsf = ScriptedBsf(http_challenge, lambda _: httpx.Response(500), http_success)
+    aka = CountingAka()
+    async with client(bsf) as ub:
+        with pytest.raises(BsfServerError) as info:
+            await ub.run(IDENTITY, aka, mode=GbaMode.GBA_ME)
+    assert info.value.status == 500 and len(bsf.requests) == 2 and len(aka.runs) == 1
+
+
+async def test_a_bsf_still_failing_after_the_retries_is_a_server_error() -> None:
+    bsf = ScriptedBsf(*[lambda _: httpx.Response(503)] * 3)
+    async with client(bsf) as ub:
+        with pytest.raises(BsfServerError) as info:
+            await ub.run(IDENTITY, CountingAka(), mode=GbaMode.GBA_ME)
+    assert info.value.status == 503 and len(bsf.requests) == 3
+
+
 async def test_retries_are_bounded() -> None:
     bsf = ScriptedBsf(*[httpx.ConnectError("refused")] * 3)
     aka = CountingAka()
@@ -405,6 +495,52 @@ async def test_slow_bsf_times_out() -> None:
         with pytest.raises(BsfUnreachable, match="did not answer"):
             await ub.run(IDENTITY, CountingAka(), mode=GbaMode.GBA_ME)
         assert loop.time() - started < 1.0
+
+
+async def test_the_timeout_is_one_budget_for_the_whole_attempt() -> None:
+    """A BSF that never answers costs ``timeout`` seconds, not ``timeout`` per try plus the pauses."""
+
+    async def hang(_: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        raise AssertionError("unreachable")
+
+    bsf = ScriptedBsf(*[hang] * 4)
+    async with client(bsf, timeout=0.4, retries=3, backoff=0.05, max_backoff=0.1) as ub:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(BsfUnreachable, match=r"within the 0\.4 s budget"):
+            await ub.run(IDENTITY, CountingAka(), mode=GbaMode.GBA_ME)
+        elapsed = loop.time() - started
+    assert 0.35 <= elapsed < 0.6, elapsed
+    assert len(bsf.requests) == 1  # the first try took the whole budget: no retry could fit
+
+
+async def test_retries_stop_when_the_budget_is_spent() -> None:
+    async def refuse_slowly(_: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.15)
+        raise httpx.ConnectError("refused")
+
+    bsf = ScriptedBsf(*[refuse_slowly] * 10)
+    async with client(bsf, timeout=0.5, retries=9, backoff=0.05, max_backoff=0.05) as ub:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(BsfUnreachable):
+            await ub.run(IDENTITY, CountingAka(), mode=GbaMode.GBA_ME)
+        elapsed = loop.time() - started
+    assert elapsed < 0.7, elapsed
+    assert 2 <= len(bsf.requests) <= 4  # as many tries as fit in half a second, not ten
+
+
+async def test_the_cards_time_is_not_charged_to_the_bsf_budget() -> None:
+    class SlowCard(CountingAka):
+        async def __call__(self, rand: bytes, autn: bytes) -> AkaSuccess:
+            await asyncio.sleep(0.4)  # longer than the whole HTTP budget
+            return await super().__call__(rand, autn)
+
+    bsf = ScriptedBsf(http_challenge, http_success)
+    async with client(bsf, timeout=0.3) as ub:
+        result = await ub.run(IDENTITY, SlowCard(), mode=GbaMode.GBA_ME)
+    assert result.btid == BTID
 
 
 async def test_oversized_answer_is_refused() -> None:

@@ -162,6 +162,21 @@ def test_isim_3g_answer_has_no_kc_and_usim_without_gsm_access_neither() -> None:
     assert data == b"\xdb\x08" + res + b"\x10" + ck + b"\x10" + ik
 
 
+@pytest.mark.parametrize("length", [4, 8, 11, 16])
+def test_res_has_the_profiles_length_in_both_contexts(length: int) -> None:
+    """TS 33.102 allows 4 to 16 octets: 8 is Milenage's f2, shorter ones its leading octets."""
+    p = profile(res_length=length, gba_u=True)
+    host = Host(SoftUicc(p))
+    host.select_aid(USIM_AID)
+    data, sw = host.authenticate(0x81, auth_body(challenge(p, join_sqn(1, 0, 5))))
+    res, ck, _, _ = Milenage(K1, OPC1).f2345(bytes(range(16)), length)
+    assert sw == 0x9000 and data[: 2 + length] == bytes([0xDB, length]) + res and data[2 + length :][1:17] == ck
+    eight = Milenage(K1, OPC1).f2345(bytes(range(16)))[0]
+    assert res[:8] == eight[:length]  # the same f2, cut or extended
+    data, sw = host.authenticate(0x84, auth_body(challenge(p, join_sqn(2, 0, 5)), gba=True))
+    assert sw == 0x9000 and data[:2] == bytes([0xDB, length]) and len(data) == 2 + length
+
+
 def test_host_codec_command_is_accepted_with_trailing_le() -> None:
     p = profile()
     host = Host(SoftUicc(p))
