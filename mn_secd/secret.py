@@ -1,7 +1,8 @@
 """Secrets held for a long time in memory: in mutable buffers that a wipe really overwrites.
 
-Used for GBA_ME's Ks (:mod:`mn_secd.gba.session`) and for the SIM PIN the daemon may enter
-(:mod:`mn_secd.uicc.pin`); both layers share this one leaf class.
+Used for GBA_ME's Ks (:mod:`mn_secd.gba.session`), the NAF keys the keystore caches
+(:mod:`mn_secd.gba.keystore`), the encoded key answers CoAP messages hold (:mod:`mn_secd.control.server`)
+and the SIM PIN the daemon may enter (:mod:`mn_secd.uicc.pin`); all share this one leaf class.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ class SecretBytes:
     Python cannot promise that no copy of a secret survives (``bytes`` handed to ``hmac`` are
     immutable and garbage-collected at leisure), but the long-lived copy, the one that sits in
     memory for the whole key lifetime, is this buffer, and :meth:`wipe` zeroes it in place. The
-    repr never shows the value, and the object refuses to be pickled.
+    repr never shows the value, and the object refuses to be pickled. :meth:`get` hands out a
+    short-lived copy; :meth:`lend` the buffer itself, to a holder that needs bytes-like data for as
+    long as it holds it (an outgoing CoAP message's payload): :meth:`wipe` empties it there too.
     """
 
     __slots__ = ("_buf",)
@@ -27,9 +30,17 @@ class SecretBytes:
             raise ValueError("secret was wiped")
         return bytes(self._buf)
 
+    def lend(self) -> bytearray:
+        """The buffer itself (not a copy), for a holder that must keep bytes-like data; empty once wiped.
+
+        Whoever takes it must not resize it or take a view of it (a wipe that cannot clear the
+        buffer raises ``BufferError``), and must not copy it into ``bytes`` it keeps.
+        """
+        return self._buf
+
     def wipe(self) -> None:
-        for i in range(len(self._buf)):
-            self._buf[i] = 0
+        """Overwrite the buffer in place (an equal-length slice assignment copies into it), then empty it."""
+        self._buf[:] = bytes(len(self._buf))
         self._buf.clear()
 
     @property

@@ -13,7 +13,9 @@ keystore retries by itself (unless the card is gone or cannot do the GBA mode as
 gateway gets its key back after a BSF outage without waiting for an AE to ask.
 
 Keys are bound to the card that made them: on card removal or change, and on :meth:`KeyStore.close`,
-Ks is overwritten and every NAF key dropped.
+Ks is overwritten and every NAF key dropped. Each cached NAF key sits in a
+:class:`~mn_secd.secret.SecretBytes` that is zeroed when it leaves the cache (wipe, expiry, a
+new session, eviction); callers get short-lived copies.
 
 As in aioquic, the decisions live in a clock-free core (:class:`~mn_secd.gba.planner.BootstrapPlanner`,
 time passed in) that tests drive with a fake clock; :class:`KeyStore` is the asyncio adapter that
@@ -21,15 +23,18 @@ sleeps until the planner's next deadline, on the same injected :class:`~mn_secd.
 decides with, and runs bootstraps through any :class:`~mn_secd.gba.ub.UbRunner`.
 
 GBA_U needs one more rule: the card holds a single Ks, which a new bootstrap replaces at its
-AUTHENTICATE, before the BSF has confirmed anything. So once a GBA_U bootstrap starts, the old
-session serves only keys already cached; new derivations wait for the new session (card operations
-are serialised by one lock), and if the bootstrap fails they need another one.
+AUTHENTICATE, before the BSF has confirmed anything. So while a GBA_U bootstrap runs, the old session
+serves only keys already cached, and new derivations wait for it (card operations are serialised by
+one lock). If it fails, what it did to the card decides (:class:`~mn_secd.gba.session.BootstrapAttempt`):
+before any AUTHENTICATE (the BSF down, busy or refusing the first request) the card's Ks is still the
+session's, which goes on serving new keys; after one, only another bootstrap can give new keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -40,11 +45,12 @@ from mn_secd.card_identity import CardEvent, CardEventKind
 from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, GbaError, GbaModeUnavailable, MnSecdError, UiccAbsent
 from mn_secd.gba.planner import BootstrapPlanner, BootstrapTiming, Due
-from mn_secd.gba.session import BootstrapSession, bootstrap, derive_naf_key
+from mn_secd.gba.session import BootstrapAttempt, BootstrapSession, bootstrap, derive_naf_key
 from mn_secd.gba.ub import UbRunner
 from mn_secd.interfaces import CardAccess
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
 from mn_secd.observers import Subscribers
+from mn_secd.secret import SecretBytes
 from mn_secd.ua import UaId, naf_id, normalise_fqdn
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,23 @@ MAX_SLEEP = 60.0
 MAX_CACHED_KEYS = 1024
 #: How often one request re-reads the session when it keeps being replaced under it.
 MAX_SESSION_SWITCHES = 3
+#: What ``status`` says while the session rests on a 200 OK the BSF did not authenticate.
+NO_RSPAUTH_WARNING = (
+    "the BSF's answer to this bootstrap carried no rspauth and was accepted unauthenticated"
+    " ([gba] require_rspauth = false)"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CachedKey:
+    """A NAF key as the cache holds it: the answer without its key, and the key in a wipeable buffer."""
+
+    answer: NafKey  # with an empty key
+    key: SecretBytes
+
+    def handout(self) -> NafKey:
+        """The answer with a short-lived copy of the key, for one caller."""
+        return dataclasses.replace(self.answer, key=self.key.get())
 
 
 _DUE_MESSAGES = {
@@ -91,9 +114,9 @@ class KeyStore:
         self._clock = clock
         self.planner = BootstrapPlanner(timing or BootstrapTiming(), rng or random.Random())
         self._session: BootstrapSession | None = None
-        self._cache: dict[bytes, NafKey] = {}
+        self._cache: dict[bytes, _CachedKey] = {}
         self._inflight: asyncio.Task[BootstrapSession] | None = None
-        self._derivations: dict[bytes, asyncio.Task[NafKey | None]] = {}
+        self._derivations: dict[bytes, asyncio.Task[_CachedKey | None]] = {}
         self._card_lock = asyncio.Lock()
         self._card_ks_current = False  # GBA_U: the card's Ks is the current session's
         self._generation = 0  # bumped on every wipe: work started before it must not store results
@@ -120,19 +143,20 @@ class KeyStore:
         for _ in range(MAX_SESSION_SWITCHES):
             session = await self._usable_session()
             cached = self._cache.get(nid)
-            if cached is not None and cached.btid == session.btid:
-                return cached
+            if cached is not None and cached.answer.btid == session.btid:
+                return cached.handout()
             if session is not self._session:
                 continue  # wiped or replaced while this caller was waking up
             if session.mode is GbaMode.GBA_ME:
-                return self._store(session, fqdn, ua_id, nid, await derive_naf_key(self._card, session, nid))
+                key = await derive_naf_key(self._card, session, nid)
+                return self._store(session, fqdn, ua_id, nid, key).handout()
             if not self._card_ks_current and self._running() is None:
                 # A GBA_U bootstrap failed after the card replaced Ks: new keys need a new session.
                 await self._join_bootstrap()
                 continue
-            key = await self._derive_on_card(session, fqdn, ua_id, nid)
-            if key is not None:
-                return key
+            entry = await self._derive_on_card(session, fqdn, ua_id, nid)
+            if entry is not None and not entry.key.wiped:
+                return entry.handout()
         raise GbaError("the bootstrap session kept changing during the request; try again")
 
     async def force_bootstrap(self) -> None:
@@ -158,6 +182,7 @@ class KeyStore:
             expires=session.expires if session is not None and live else None,
             gba_mode=session.mode if session is not None and live else None,
             last_error=f"{last.kind}: {last}" if last is not None else None,
+            warning=NO_RSPAUTH_WARNING if session is not None and live and not session.rspauth_verified else None,
         )
 
     def subscribe(self, callback: Callable[[KeyEvent], None]) -> Callable[[], None]:
@@ -235,17 +260,22 @@ class KeyStore:
     def _start_bootstrap(self) -> asyncio.Task[BootstrapSession]:
         self._check_open()
         self.planner.bootstrap_started(self._clock.time())
-        if self._session is not None and self._session.mode is GbaMode.GBA_U:
-            self._card_ks_current = False
         task = self._spawn(self._run_bootstrap(self._generation), "mn-secd-bootstrap")
         task.add_done_callback(self._bootstrap_done)
         self._inflight = task
         return task
 
     async def _run_bootstrap(self, generation: int) -> BootstrapSession:
+        attempt = BootstrapAttempt()
         try:
             async with self._card_lock:
-                session = await bootstrap(self._card, self._ub, self._policy)
+                try:
+                    session = await bootstrap(self._card, self._ub, self._policy, attempt)
+                finally:
+                    # Only an AUTHENTICATE that replaced the card's Ks ends what the card can derive
+                    # for the session in use; decided before any derivation waiting for the lock runs.
+                    if attempt.card_ks_replaced:
+                        self._card_ks_current = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -285,7 +315,7 @@ class KeyStore:
     def _install(self, session: BootstrapSession) -> None:
         old = self._session
         self._session = session
-        self._cache.clear()
+        self._clear_cache()
         if old is not None:
             old.wipe()
         self._card_ks_current = True
@@ -319,7 +349,7 @@ class KeyStore:
         self._session = None
         if old is not None:
             old.wipe()
-        self._cache.clear()
+        self._clear_cache()
         self._card_ks_current = False
         self.planner.session_dropped()
         self._wake()
@@ -339,30 +369,39 @@ class KeyStore:
 
     # --- NAF keys ------------------------------------------------------------------------------------
 
-    def _store(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes, key: bytes) -> NafKey:
+    def _store(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes, key: bytes) -> _CachedKey:
         answer = NafKey(
             naf_fqdn=fqdn,
             ua_id=ua,
             naf_id=nid,
             btid=session.btid,
-            key=key,
+            key=b"",
             expires=session.expires,
             gba_mode=session.mode,
         )
+        entry = _CachedKey(answer, SecretBytes(key))
         if session is self._session:
             if len(self._cache) >= MAX_CACHED_KEYS:
-                del self._cache[next(iter(self._cache))]
-            self._cache[nid] = answer
-        return answer
+                self._cache.pop(next(iter(self._cache))).key.wipe()
+            old = self._cache.pop(nid, None)
+            if old is not None:
+                old.key.wipe()
+            self._cache[nid] = entry
+        return entry
 
-    async def _derive_on_card(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes) -> NafKey | None:
+    def _clear_cache(self) -> None:
+        for entry in self._cache.values():
+            entry.key.wipe()
+        self._cache.clear()
+
+    async def _derive_on_card(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes) -> _CachedKey | None:
         """GBA_U: one ``DE`` per NAF_Id however many callers ask at once; None if the session moved on."""
         task = self._derivations.get(nid)
         if task is None:
             task = self._spawn(self._card_derivation(session, fqdn, ua, nid), "mn-secd-naf-derivation")
             self._derivations[nid] = task
 
-            def done(t: asyncio.Task[NafKey | None]) -> None:
+            def done(t: asyncio.Task[_CachedKey | None]) -> None:
                 if self._derivations.get(nid) is t:
                     del self._derivations[nid]
                 if not t.cancelled():
@@ -371,7 +410,7 @@ class KeyStore:
             task.add_done_callback(done)
         return await self._await_shared(task)
 
-    async def _card_derivation(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes) -> NafKey | None:
+    async def _card_derivation(self, session: BootstrapSession, fqdn: str, ua: UaId, nid: bytes) -> _CachedKey | None:
         generation = self._generation
         async with self._card_lock:
             if session is not self._session or not self._card_ks_current:

@@ -12,6 +12,13 @@ key custody:
 A synchronisation failure is handled inside the Ub exchange (AUTS, a second challenge), so a
 resync costs exactly two AUTHENTICATEs and three HTTP requests, and a bootstrap never sends the same
 challenge to the card twice.
+
+The card holds a single GBA Ks, and an AUTHENTICATE in the GBA context that the card accepts
+replaces it at once, before the BSF has confirmed anything (TS 31.102 7.1.2.1, GBA security context
+in bootstrapping mode). So whether a GBA_U card can still derive keys for the session in use after a
+failed bootstrap is a fact about that bootstrap, which :class:`BootstrapAttempt` records for the
+caller: a failure before any AUTHENTICATE (the BSF down, busy or refusing the first request) leaves
+the card's Ks as it was.
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from mn_secd.aka import AkaResult, AuthContext
+from mn_secd.aka import AkaResult, AkaSuccess, AuthContext
 from mn_secd.card_identity import Application, CardIdentity
-from mn_secd.errors import ApduParseError, GbaModeUnavailable
+from mn_secd.errors import ApduParseError, AuthenticateRefused, GbaModeUnavailable
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.ub import UbRunner
@@ -46,6 +53,8 @@ class BootstrapSession:
     mode: GbaMode
     application_aid: bytes
     ks: SecretBytes | None = field(default=None, repr=False)
+    #: False when the BSF's 200 OK carried no rspauth and the policy accepted that (require_rspauth off).
+    rspauth_verified: bool = True
 
     def wipe(self) -> None:
         if self.ks is not None:
@@ -55,6 +64,18 @@ class BootstrapSession:
     def btid_hash(self) -> str:
         """The B-TID as a short hash, for log lines that need to correlate sessions."""
         return btid_hash(self.btid)
+
+
+@dataclass(slots=True)
+class BootstrapAttempt:
+    """What one bootstrap did to the card, known whether it succeeded or failed (see the module docstring)."""
+
+    #: AUTHENTICATE commands in the bootstrap's context handed to the card (answered or not).
+    authenticates: int = 0
+    #: The card's GBA Ks is no longer the one it had before this bootstrap: an AUTHENTICATE in the
+    #: GBA context succeeded, or was sent and its outcome is unknown. A synchronisation or MAC
+    #: failure leaves Ks as it was, and so does the 3G context (GBA_ME).
+    card_ks_replaced: bool = False
 
 
 def choose_mode(identity: CardIdentity, policy: GbaPolicy) -> GbaMode:
@@ -69,18 +90,32 @@ def choose_mode(identity: CardIdentity, policy: GbaPolicy) -> GbaMode:
     return GbaMode.GBA_ME
 
 
-async def bootstrap(card: CardAccess, ub: UbRunner, policy: GbaPolicy) -> BootstrapSession:
+async def bootstrap(
+    card: CardAccess, ub: UbRunner, policy: GbaPolicy, attempt: BootstrapAttempt | None = None
+) -> BootstrapSession:
     """Run one complete bootstrap; raises a typed :class:`~mn_secd.errors.MnSecdError` on failure.
 
     Nothing is left behind on failure: CK and IK of a successful AKA run are only turned into a
-    session once the BSF's answer has been authenticated (``rspauth``) and parsed.
+    session once the BSF's answer has been checked and parsed. ``attempt``, if given, records what
+    the bootstrap did to the card, for a caller that needs to know it after a failure too.
     """
+    record = attempt if attempt is not None else BootstrapAttempt()
     identity = await card.identity()
     mode = choose_mode(identity, policy)
     context = AuthContext.GBA if mode is GbaMode.GBA_U else AuthContext.UMTS
 
     async def aka(rand: bytes, autn: bytes) -> AkaResult:
-        return await card.authenticate(rand, autn, context)
+        record.authenticates += 1
+        gba_context = context is AuthContext.GBA
+        try:
+            outcome = await card.authenticate(rand, autn, context)
+        except AuthenticateRefused:
+            raise  # the card said it would not run it: Ks untouched
+        except BaseException:
+            record.card_ks_replaced |= gba_context  # it may have run: assume it did
+            raise
+        record.card_ks_replaced |= gba_context and isinstance(outcome, AkaSuccess)
+        return outcome
 
     result = await ub.run(identity, aka, mode=mode)
     ks: SecretBytes | None = None
@@ -99,6 +134,7 @@ async def bootstrap(card: CardAccess, ub: UbRunner, policy: GbaPolicy) -> Bootst
         mode=mode,
         application_aid=identity.aid,
         ks=ks,
+        rspauth_verified=result.rspauth_verified,
     )
     log.info(
         "bootstrapped",

@@ -26,6 +26,7 @@ from mn_secd.card_identity import Application, CardEvent, CardEventKind
 from mn_secd.errors import (
     BsfAnswerInvalid,
     BsfRejected,
+    BsfServerError,
     BsfUnreachable,
     DigestParseError,
     MnSecdError,
@@ -282,6 +283,93 @@ async def test_bsf_failure_matrix(name: str, make_rig: Callable[..., Any]) -> No
     finally:
         if other is not None:
             await other.stop()
+
+
+# --- BSFs in the field ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("require", [False, True])
+async def test_a_200_without_authentication_info_follows_require_rspauth(
+    require: bool, make_rig: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 2617 makes Authentication-Info optional; by default a missing one is accepted with a warning."""
+    rig: Rig = await make_rig(policy=GbaPolicy.GBA_ME_ONLY, ub_options={"require_rspauth": require})
+    rig.bsf.omit_authentication_info = True
+    if require:
+        with pytest.raises(BsfAnswerInvalid, match="without rspauth"):
+            await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+        assert rig.aka_runs() == 1 and not rig.store.status().bootstrapped
+        return
+    key = await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    assert (await zn(rig.world.bsf_url, key.btid, NAFS[0], UaId.dtls_psk()))["meKeyMaterial"] == key.key.hex()
+    status = rig.store.status()
+    assert status.bootstrapped and status.warning is not None and "rspauth" in status.warning
+    assert any(r.levelname == "WARNING" and "no rspauth" in r.getMessage() for r in caplog.records)
+    # a BSF that authenticates its next answer clears the warning
+    rig.bsf.omit_authentication_info = False
+    await rig.store.force_bootstrap()
+    assert rig.store.status().warning is None
+
+
+@pytest.mark.parametrize("require", [False, True])
+async def test_a_wrong_rspauth_always_fails(require: bool, make_rig: Callable[..., Any]) -> None:
+    rig: Rig = await make_rig(policy=GbaPolicy.GBA_ME_ONLY, ub_options={"require_rspauth": require})
+    rig.bsf.tamper_rspauth = True
+    with pytest.raises(BsfAnswerInvalid, match="rspauth is wrong"):
+        await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    assert not rig.store.status().bootstrapped and rig.events == []
+
+
+@pytest.mark.parametrize("length", [4, 6, 12, 16])
+@pytest.mark.parametrize("policy", [GbaPolicy.GBA_ME_ONLY, GbaPolicy.GBA_U_ONLY])
+async def test_res_of_4_to_16_octets_end_to_end(length: int, policy: GbaPolicy, make_rig: Callable[..., Any]) -> None:
+    """TS 33.102 allows RES of 32 to 128 bits: card, daemon and BSF carry any of them (AKAv1: RES is the password)."""
+    first, second = lab_cards()
+    rig: Rig = await make_rig(policy=policy, cards=(replace(first, res_length=length), second))
+    key = await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    answer = await zn(rig.world.bsf_url, key.btid, NAFS[0], UaId.dtls_psk(), gba_u_aware=True)
+    assert answer["meKeyMaterial"] == key.key.hex()
+    assert (rig.aka_runs(), rig.bsf.successes, rig.bsf.rejections) == (1, 1, 0)
+
+
+async def test_a_hanging_bsf_costs_one_http_timeout_whatever_the_retries(make_rig: Callable[..., Any]) -> None:
+    """http_timeout is the budget of a whole bootstrap attempt: retries of the first request included."""
+    rig: Rig = await make_rig(
+        policy=GbaPolicy.GBA_ME_ONLY, ub_options={"timeout": 1.0, "retries": 3, "backoff": 0.1, "max_backoff": 0.2}
+    )
+    rig.bsf.delay = 30.0  # accepts the connection, never answers (in time)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(BsfUnreachable, match="budget"):
+        await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    elapsed = loop.time() - started
+    assert 0.9 <= elapsed < 1.6, elapsed  # one budget, not 4 x 1 s plus the pauses
+    assert rig.aka_runs() == 0
+
+
+async def test_a_bsf_answering_500_is_a_retryable_server_error(make_rig: Callable[..., Any]) -> None:
+    rig: Rig = await make_rig(policy=GbaPolicy.GBA_ME_ONLY, ub_options={"retries": 1})
+    rig.bsf.busy_status, rig.bsf.busy_responses = 500, 2
+    with pytest.raises(BsfServerError) as info:
+        await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    assert info.value.status == 500 and rig.bsf.requests == 2 and rig.aka_runs() == 0
+
+
+async def test_gba_u_forced_bootstrap_failing_before_authenticate_keeps_serving_new_keys(
+    make_rig: Callable[..., Any],
+) -> None:
+    """The BSF busy when an AE forces a re-bootstrap: the card's Ks and B-TID are still valid (issue 14, 5)."""
+    rig: Rig = await make_rig(policy=GbaPolicy.GBA_U_ONLY, ub_options={"retries": 1})
+    old = await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    rig.bsf.busy_responses = 10
+    with pytest.raises(BsfServerError):
+        await rig.store.force_bootstrap()
+    assert rig.aka_runs() == 1  # the failed bootstrap never reached the card
+    new = await rig.store.get_key(NAFS[1], UaId.dtls_psk())  # a NAF not cached yet: a DE on the same Ks
+    assert new.btid == old.btid and rig.naf_derivations() == 2
+    answer = await zn(rig.world.bsf_url, new.btid, NAFS[1], UaId.dtls_psk(), gba_u_aware=True)
+    assert answer["meKeyMaterial"] == new.key.hex()
+    assert rig.store.status().bootstrapped
 
 
 # --- concurrency and card changes ---------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from mn_secd.errors import BootstrapRateLimited, BsfUnreachable, GbaError, GbaMo
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.keystore import MAX_CACHED_KEYS, KeyStore
 from mn_secd.gba.planner import BootstrapTiming, Span
-from mn_secd.gba.session import BootstrapSession, SecretBytes, choose_mode
+from mn_secd.gba.session import BootstrapSession, choose_mode
 from mn_secd.gba.ub import AkaCallback, UbResult
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind
+from mn_secd.secret import SecretBytes
 from mn_secd.ua import UaId, naf_id
 
 DTLS = UaId.dtls_psk()
@@ -122,7 +123,8 @@ class FakeUb:
         self.clock = clock
         self.lifetime = lifetime
         self.runs: list[str] = []
-        self.fail_with: Exception | None = None
+        self.fail_with: Exception | None = None  # before the card runs AUTHENTICATE
+        self.fail_after_aka: Exception | None = None  # once it has
         self.delay = 0.0
 
     async def run(self, ident: CardIdentity, aka: AkaCallback, *, mode: GbaMode) -> UbResult:
@@ -133,6 +135,8 @@ class FakeUb:
         rand = len(self.runs).to_bytes(16, "big")
         outcome = await aka(rand, bytes(16))
         assert isinstance(outcome, AkaSuccess)
+        if self.fail_after_aka is not None:
+            raise self.fail_after_aka
         expires = datetime.fromtimestamp(self.clock.time() + self.lifetime, UTC)
         btid = base64.b64encode(rand).decode() + "@bsf.test"
         return UbResult(btid, expires, rand, outcome, aka_runs=1, http_requests=2)
@@ -160,7 +164,8 @@ async def test_first_key_bootstraps_then_comes_from_cache() -> None:
     ck, ik = FakeCard.keys((1).to_bytes(16, "big"))
     assert key.key == ks_naf(ck + ik, (1).to_bytes(16, "big"), card.ident.impi, nid)
     assert (key.naf_fqdn, key.naf_id, key.gba_mode) == ("in-cse.example.org", nid, GbaMode.GBA_ME)
-    assert await store.get_key("in-cse.example.org", DTLS) is key
+    again = await store.get_key("in-cse.example.org", DTLS)
+    assert again == key and again.key is not key.key  # each caller gets its own copy of the cached key
     other = await store.get_key("in-cse.example.org", UaId.http_digest())
     assert other.key != key.key and other.btid == key.btid
     assert len(ub.runs) == 1 and card.authenticates == [AuthContext.UMTS]
@@ -410,11 +415,11 @@ async def test_the_key_cache_holds_max_cached_keys_and_drops_the_oldest() -> Non
     assert len(card.derivations) == MAX_CACHED_KEYS + 1
     # newest first, so that no lookup puts a key back: the newest MAX_CACHED_KEYS are all cached...
     for name, key in reversed(list(zip(names, keys, strict=True))[1:]):
-        assert await store.get_key(name, DTLS) is key
+        assert await store.get_key(name, DTLS) == key
     assert len(card.derivations) == MAX_CACHED_KEYS + 1
     # ...and the oldest was dropped: asking again derives it again, with the same value
     again = await store.get_key(names[0], DTLS)
-    assert again is not keys[0] and again.key == keys[0].key and again.btid == keys[0].btid
+    assert again.key == keys[0].key and again.btid == keys[0].btid
     assert len(card.derivations) == MAX_CACHED_KEYS + 2 and len(ub.runs) == 1
     await store.close()
 
@@ -449,29 +454,64 @@ def test_secrets_stay_out_of_reprs() -> None:
         ks=secret,
     )
     assert "aa" not in repr(session).lower() and "aa" not in repr(secret).lower()
+    lent = secret.lend()  # as a CoAP message holds an answer's payload
+    assert lent == b"\xaa" * 32 and secret.get() == lent and secret.get() is not lent
     session.wipe()
     assert secret.wiped and repr(secret) == "SecretBytes(<wiped>)"
+    assert lent == bytearray()  # the holder's view is emptied too
     with pytest.raises(ValueError):
         secret.get()
     with pytest.raises(TypeError):
         __import__("pickle").dumps(SecretBytes(b"k"))
 
 
-async def test_gba_u_failed_refresh_keeps_cached_keys_but_derives_nothing_new() -> None:
-    """After a failed GBA_U bootstrap the card's Ks may belong to no B-TID the BSF knows."""
+async def test_gba_u_refresh_failing_after_authenticate_keeps_cached_keys_but_derives_nothing_new() -> None:
+    """Once the card has run AUTHENTICATE its Ks may belong to no B-TID the BSF knows."""
     store, card, ub, clock, _ = make_store(gba_u=True, min_forced_interval=0.0, retry_interval=Span(seconds=10.0))
     cached = await store.get_key("a.example.org", DTLS)
-    ub.fail_with = BsfUnreachable("down")
+    ub.fail_after_aka = BsfUnreachable("gone after the challenge")
     with pytest.raises(BsfUnreachable):
         await store.force_bootstrap()
-    assert await store.get_key("a.example.org", DTLS) is cached
+    assert card.authenticates == [AuthContext.GBA] * 2
+    assert await store.get_key("a.example.org", DTLS) == cached
     with pytest.raises(BsfUnreachable):  # a new NAF key needs a new bootstrap, which is backing off
         await store.get_key("b.example.org", DTLS)
     assert len(card.derivations) == 1 and len(ub.runs) == 2
     clock.now += 10.0
-    ub.fail_with = None
+    ub.fail_after_aka = None
     fresh = await store.get_key("b.example.org", DTLS)
     assert fresh.btid != cached.btid and len(ub.runs) == 3
+    await store.close()
+
+
+@pytest.mark.parametrize("forced", [True, False])
+async def test_gba_u_bootstrap_failing_before_authenticate_keeps_serving_new_keys(forced: bool) -> None:
+    """The BSF down: the card's Ks and B-TID are still valid, so keys for new NAFs keep coming (issue 14, 5)."""
+    store, card, ub, clock, _ = make_store(
+        gba_u=True,
+        min_forced_interval=0.0,
+        retry_interval=Span(seconds=10.0),
+        refresh_margin=Span(seconds=300.0),
+        refresh_jitter=Span(),
+    )
+    cached = await store.get_key("a.example.org", DTLS)
+    ub.fail_with = BsfUnreachable("down")
+    if forced:
+        with pytest.raises(BsfUnreachable):
+            await store.force_bootstrap()
+    else:  # the timer's refresh fails the same way
+        clock.advance(3600.0 - 300.0)
+        async with asyncio.timeout(2.0):
+            while len(ub.runs) < 2:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+    assert card.authenticates == [AuthContext.GBA]  # the failed bootstrap never reached the card
+    fresh = await store.get_key("b.example.org", DTLS)
+    assert fresh.btid == cached.btid and len(card.derivations) == 2
+    ck, ik = FakeCard.keys(card._rand or b"")
+    assert fresh.key == ks_naf(ck + ik, card._rand or b"", card.ident.impi, naf_id("b.example.org", DTLS))
+    status = store.status()
+    assert status.bootstrapped and status.btid == cached.btid and status.last_error is not None
     await store.close()
 
 
