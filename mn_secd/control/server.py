@@ -12,6 +12,13 @@ Resources (all behind DTLS; an AE is whoever completed the handshake with its PS
                by the keystore, 4.29 with Max-Age when too soon); answers with the new status.
 ``/.well-known/core`` lists them.
 
+An answer carrying a NAF key keeps its encoded payload in a
+:class:`~mn_secd.secret.SecretBytes` that the CoAP message holds in place of ``bytes``: when
+keys are wiped, every such payload still held anywhere (aiocoap keeps an observation's first answer
+for as long as the observation lives, and an unacknowledged notification until its ACK) is zeroed in
+place, and the DTLS layer's stored answers for deduplication are dropped; an answer whose message
+is freed is zeroed then. So no live object keeps a key the service handed out once keys are wiped.
+
 Failures are answered as CoAP errors with a diagnostic payload (:func:`payloads.error_answer`),
 logged at most once a minute per AE and kind of error (a misbehaving AE must not flood the journal).
 Each AE may hold ``max_observations`` observations at once (RFC 7641 4.1: beyond that, a request
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,10 +56,11 @@ from mn_secd.control.payloads import (
     key_request_from_query,
 )
 from mn_secd.control.registry import AeRegistry, RegistryCredentials
-from mn_secd.errors import MnSecdError, NotAuthorised, OperationTimeout, RequestError
+from mn_secd.errors import GbaError, MnSecdError, NotAuthorised, OperationTimeout, RequestError
 from mn_secd.interfaces import KeyProvider
 from mn_secd.logs import LogLimiter
 from mn_secd.naf_keys import KeyEvent, KeyEventKind, NafKey
+from mn_secd.secret import SecretBytes
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,9 @@ class _KeyService:
         self.keys = keys
         self.registry = registry
         self.request_timeout = request_timeout
+        #: Payloads of key answers whose message is still alive somewhere, zeroed on a wipe.
+        self._key_payloads: set[SecretBytes] = set()
+        self.wipes = 0
 
     def identity(self, request: aiocoap.Message) -> str:
         """The AE behind a request: only the DTLS-authenticated claim counts, never the request."""
@@ -91,7 +103,13 @@ class _KeyService:
         if key_request.force and not entry.may_force_bootstrap:
             raise NotAuthorised(f"AE {identity!r} may not force a re-bootstrap")
         fmt = answer_format(request.opt.accept)
+        wipes = self.wipes
         key = await self.guarded(self.keys.get_key(key_request.naf_fqdn, key_request.ua, key_request.force))
+        if self.wipes != wipes:  # wiped while on its way here: that key must not go out; ask again
+            wipes = self.wipes
+            key = await self.guarded(self.keys.get_key(key_request.naf_fqdn, key_request.ua))
+            if self.wipes != wipes:
+                raise GbaError("keys were wiped twice during this request; ask again")
         if seen is not None:
             seen(key)
         log.debug(  # one line per key handed out would flood the journal of a busy gateway
@@ -101,12 +119,32 @@ class _KeyService:
             extra={"event": "control.key", "ae": identity, "naf_fqdn": key.naf_fqdn, "force": key_request.force},
         )
         seconds_left = (key.expires - datetime.now(UTC)).total_seconds()
-        return aiocoap.Message(
+        message = aiocoap.Message(
             code=Code.CHANGED if request.code == Code.POST else Code.CONTENT,
-            payload=encode_key_answer(key, fmt),
             content_format=fmt,
             max_age=max(0, math.floor(seconds_left)),
         )
+        self._hold_key_payload(message, encode_key_answer(key, fmt))
+        return message
+
+    def _hold_key_payload(self, message: aiocoap.Message, encoded: bytes) -> None:
+        """Give ``message`` its key-bearing payload in a buffer a wipe can reach wherever it is held."""
+        payload = SecretBytes(encoded)
+        message.payload = payload.lend()  # aiocoap keeps and encodes the object it is given
+        self._key_payloads.add(payload)
+        weakref.finalize(message, self._release_key_payload, payload)
+
+    def _release_key_payload(self, payload: SecretBytes) -> None:
+        self._key_payloads.discard(payload)
+        payload.wipe()
+
+    def wipe_key_payloads(self) -> int:
+        """Zero every key answer still held by a live message; later answers carry the new keys only."""
+        self.wipes += 1
+        payloads, self._key_payloads = self._key_payloads, set()
+        for payload in payloads:
+            payload.wipe()
+        return len(payloads)
 
     async def guarded(self, work: Any) -> Any:
         try:
@@ -396,13 +434,12 @@ class ControlServer:
         credentials: RegistryCredentials,
         key_resource: KeyResource,
         contexts: list[aiocoap.Context],
-        unsubscribe: Callable[[], None],
     ) -> None:
         self._service = service
         self._credentials = credentials
         self._key_resource = key_resource
         self._contexts = contexts
-        self._unsubscribe = unsubscribe
+        self._unsubscribe = service.keys.subscribe(self._key_event)
         self._closed = False
 
     @property
@@ -423,6 +460,22 @@ class ControlServer:
     def observation_count(self) -> int:
         """Observations of ``/key`` currently held (at most ``max_observations`` per AE)."""
         return self._key_resource.observation_count
+
+    def _key_event(self, event: KeyEvent) -> None:
+        if event.kind is KeyEventKind.WIPED:
+            self.wipe_answers()
+        self._key_resource.key_event(event)
+
+    def wipe_answers(self) -> None:
+        """Keys were wiped: zero every answer that carried one, and drop those kept for deduplication."""
+        held = self._service.wipe_key_payloads()
+        stored = dtls.forget_answers(self._contexts)
+        log.debug(
+            "key answers wiped: %d held by messages, %d stored for duplicates",
+            held,
+            stored,
+            extra={"event": "control.answers_wiped"},
+        )
 
     def reload_registry(self, registry: AeRegistry) -> None:
         """Swap the AE registry (SIGHUP): new handshakes and requests see it at once.
@@ -516,7 +569,6 @@ async def start_control_server(
         max_handshakes=max_handshakes,
         idle_timeout=idle_timeout,
     )
-    unsubscribe = keys.subscribe(key_resource.key_event)
-    server = ControlServer(service, credentials, key_resource, contexts, unsubscribe)
+    server = ControlServer(service, credentials, key_resource, contexts)
     log.debug("key service listening on %s", server.addresses, extra={"event": "control.listening"})
     return server

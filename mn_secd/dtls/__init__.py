@@ -11,7 +11,13 @@ do that these modules rely on.
 """
 
 from mn_secd.dtls.client import HandshakeProgress, client_handshake_progress, create_dtls_client_context
-from mn_secd.dtls.server import bound_address, create_dtls_server_contexts, evict_sessions, peer_table
+from mn_secd.dtls.server import (
+    bound_address,
+    create_dtls_server_contexts,
+    evict_sessions,
+    forget_answers,
+    peer_table,
+)
 from mn_secd.dtls.session import Session, SessionEnded, authenticated_claim, hold_session
 from mn_secd.dtls.upstream import MAX_IDENTITY_LENGTH, MAX_PSK_LENGTH, check_psk, check_upstream
 
@@ -29,6 +35,7 @@ __all__ = [
     "create_dtls_client_context",
     "create_dtls_server_contexts",
     "evict_sessions",
+    "forget_answers",
     "hold_session",
     "peer_table",
 ]

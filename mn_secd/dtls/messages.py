@@ -8,6 +8,11 @@ and the NAF keys in those answers would outlive a wipe for minutes. Here a sessi
 encoded responses of its last :data:`PER_SESSION` messages (expired lazily, no timers), and all of
 them go when the session ends. A duplicate older than that is processed again, which is harmless
 for the key service (GET and FETCH are safe, forced bootstraps are rate-limited).
+
+The encoded responses are kept in ``bytearray`` buffers that are zeroed when they go, and the owner
+of the server can drop them all at once (:meth:`SessionMessageManager.forget_answers`): the key
+service does so when keys are wiped, so that no answer carrying a NAF key outlives the wipe. A
+duplicate of a message whose answer was dropped is processed again, as above.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class RecentMessages(Generic[R]):
     def __init__(self, *, lifetime: float = EXCHANGE_LIFETIME, per_remote: int = PER_SESSION) -> None:
         self.lifetime = lifetime
         self.per_remote = per_remote
-        self._by_remote: dict[R, OrderedDict[int, tuple[float, bytes | None]]] = {}
+        self._by_remote: dict[R, OrderedDict[int, tuple[float, bytearray | None]]] = {}
 
     def __len__(self) -> int:
         return sum(len(messages) for messages in self._by_remote.values())
@@ -43,12 +48,12 @@ class RecentMessages(Generic[R]):
         """(True, the answer if any) for a duplicate; otherwise records the message and returns (False, None)."""
         messages = self._by_remote.setdefault(remote, OrderedDict())
         while messages and now - next(iter(messages.values()))[0] >= self.lifetime:
-            messages.popitem(last=False)
+            _zero(messages.popitem(last=False)[1][1])
         known = messages.get(mid)
         if known is not None:
-            return True, known[1]
+            return True, None if known[1] is None else bytes(known[1])
         while len(messages) >= self.per_remote:
-            messages.popitem(last=False)
+            _zero(messages.popitem(last=False)[1][1])
         messages[mid] = (now, None)
         return False, None
 
@@ -61,10 +66,31 @@ class RecentMessages(Generic[R]):
         messages = self._by_remote.get(remote)
         known = messages.get(mid) if messages is not None else None
         if messages is not None and known is not None:
-            messages[mid] = (known[0], response)
+            _zero(known[1])
+            messages[mid] = (known[0], bytearray(response))
 
     def forget(self, remote: R) -> None:
-        self._by_remote.pop(remote, None)
+        for _, response in self._by_remote.pop(remote, {}).values():
+            _zero(response)
+
+    def forget_answers(self) -> int:
+        """Zero and drop every stored answer, of every remote; returns how many there were.
+
+        The messages they answered are forgotten with them, so a late duplicate is processed again
+        rather than ignored.
+        """
+        dropped = 0
+        for messages in self._by_remote.values():
+            for mid in [mid for mid, (_, response) in messages.items() if response is not None]:
+                _zero(messages.pop(mid)[1])
+                dropped += 1
+        return dropped
+
+
+def _zero(buffer: bytearray | None) -> None:
+    if buffer is not None:
+        buffer[:] = bytes(len(buffer))
+        buffer.clear()
 
 
 class SessionMessageManager(MessageManager):  # type: ignore[misc]
@@ -89,3 +115,7 @@ class SessionMessageManager(MessageManager):  # type: ignore[misc]
     def forget(self, remote: Any) -> None:
         """The session ended: no duplicate can come from it any more."""
         self._recent.forget(remote)
+
+    def forget_answers(self) -> int:
+        """Drop (zeroed) every stored response of every session; returns how many there were."""
+        return self._recent.forget_answers()

@@ -116,6 +116,21 @@ def evict_sessions(contexts: Iterable[aiocoap.Context], predicate: Callable[[obj
     return sum(_table_of(ctx).evict_where(predicate) for ctx in contexts)
 
 
+def forget_answers(contexts: Iterable[aiocoap.Context]) -> int:
+    """Drop every response kept for deduplication on these contexts (zeroed first); returns how many.
+
+    For an owner whose answers carry secrets that just became void (the key service after a wipe).
+    """
+    dropped = 0
+    for ctx in contexts:
+        _table_of(ctx)  # only contexts made here
+        for tman in ctx.request_interfaces:
+            mman = getattr(tman, "token_interface", None)
+            if isinstance(mman, SessionMessageManager):
+                dropped += mman.forget_answers()
+    return dropped
+
+
 async def create_dtls_server_contexts(
     site: Any,
     credentials: Any,

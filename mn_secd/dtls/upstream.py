@@ -34,6 +34,11 @@ UPSTREAM_SOURCES: dict[str, str] = {
     "aiocoap.transports.generic_udp": "122174962990f2cc9a0800f68c7a11ab1660780bea7d5a15ea7a83c98bbd9670",
     # The base of our client transport (DTLSClientConnection, MessageInterfaceTinyDTLS).
     "aiocoap.transports.tinydtls": "b4398936cb3322c41e0462be903c196e358cd0ca36d44566d5c405c3ffff2b40",
+    # Message keeps the payload object it is given and encodes what it holds at the time, which the
+    # key service relies on to zero key answers in place on a wipe (ObservableResource, here, holds
+    # an observation's first answer for as long as the observation lives).
+    "aiocoap.message": "4d5c24d05fd455976790d5cb8768cfc9929f4e8b2ccda81311086f34f44bee3d",
+    "aiocoap.interfaces": "d0b70787c469686b2b05ad7c950a4dc0189e9cbc81392a8487dbcfce008d284c",
 }
 
 #: tinydtls's DTLS_PSK_MAX_KEY_LEN in our patched build (upstream: 16): room for the 32-octet Ks_NAF.

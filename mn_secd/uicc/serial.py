@@ -322,7 +322,8 @@ class AtPort:
             except _FinalError as exc:
                 raise AtCommandError(name, exc.final.cme, exc.final.text) from None
             finally:
-                self._waiter = None
+                # The lines go to the caller only: a key in an answer (GBA NAF derivation) is not kept here.
+                self._waiter, self._info = None, []
                 if self._conn.pending is command:  # timed out or cancelled: its late answer is not the next's
                     self._conn.abandon()
                     self._stale_cleared.clear()

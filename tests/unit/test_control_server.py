@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
+from key_copies import find_copies
 
 from mn_secd.client import KeyServiceClient
 from mn_secd.control.registry import AeEntry, AeRegistry
@@ -48,6 +50,7 @@ class FakeKeys:
 
     def __init__(self) -> None:
         self.bootstraps = 0
+        self.requests = 0
         self.btid: str | None = None
         self.fail: MnSecdError | None = None
         self.rate_limited = False
@@ -61,6 +64,7 @@ class FakeKeys:
         self.btid = f"btid-{self.bootstraps}@bsf.example"
 
     async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
+        self.requests += 1
         if self.fail is not None:
             raise self.fail
         async with self._lock:
@@ -310,6 +314,81 @@ async def test_observers_hear_of_refresh_and_wipe(server: ControlServer, keys: F
         assert info.value.code.startswith("5.03") and info.value.kind == "uicc-absent"
     assert seen == ["btid-1@bsf.example", "btid-2@bsf.example"]
     assert keys.bootstraps == 2  # notifications never force
+
+
+async def test_a_wipe_zeroes_every_answer_still_held_while_the_observation_goes_on(
+    server: ControlServer, keys: FakeKeys, tmp_path: Path
+) -> None:
+    """aiocoap holds an observation's first answer for as long as the observation lives, and the DTLS
+    layer keeps recent answers for duplicates: after a wipe, neither may still carry a key it held.
+
+    The AE is its own process (tests/ae_key_holder.py), so the keys found here can only be the
+    server's; the provider computes keys when asked and keeps none.
+    """
+    psk_file = tmp_path / "ae-a.psk"
+    psk_file.write_bytes(PSK_A)
+    script = Path(__file__).resolve().parents[1] / "ae_key_holder.py"
+    nafs = (NAF, "a.iot.example.org")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(server.addresses[0][1]), "ae-a", str(psk_file), NAF, *nafs,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    lines: list[dict[str, str]] = []
+
+    async def read_until(event: str) -> None:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while not lines or lines[-1]["event"] != event:
+                raw_line = await proc.stdout.readline()
+                assert raw_line, "the AE ended"
+                lines.append(json.loads(raw_line))
+
+    try:
+        await read_until("observing")
+        old = sorted({bytes.fromhex(line["key"]) for line in lines if line["event"] == "key"})
+        assert len(old) == len(nafs)
+        assert find_copies(old).count > 0  # held while valid (first answer of the observation, duplicates)
+        keys.btid = "btid-after-the-wipe@bsf.example"  # wiped, and bootstrapped again at once
+        keys.emit(KeyEvent(KeyEventKind.WIPED))
+        await read_until("key")  # the observation goes on, with the new key
+        assert lines[-1]["how"] == "notification" and bytes.fromhex(lines[-1]["key"]) not in old
+        await asyncio.sleep(0.5)
+        after = find_copies(old, explain=True)
+        assert after.count == 0, str(after)
+    finally:
+        proc.stdin.close()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_a_key_fetched_before_a_wipe_is_not_handed_out_after_it(server: ControlServer, keys: FakeKeys) -> None:
+    keys.delay = 0.3  # the first bootstrap takes a while; the keys are wiped meanwhile
+    async with client(server) as ae:
+        request = asyncio.create_task(ae.get_key(NAF))
+        await asyncio.sleep(0.1)
+        keys.emit(KeyEvent(KeyEventKind.WIPED))
+        answer = await request
+    assert keys.requests == 2  # the key that was on its way during the wipe was dropped and asked for again
+    assert answer.btid == keys.btid
+
+
+def test_upstream_messages_keep_the_payload_object_they_are_given() -> None:
+    """The key service lends each key answer's buffer to its aiocoap Message and zeroes it on a wipe.
+    That reaches every holder of the message only while aiocoap keeps that very object (copies
+    included) and encodes what it holds at the time; this fails the day upstream copies payloads."""
+
+    def message(payload: bytes | bytearray) -> aiocoap.Message:
+        m = aiocoap.Message(code=Code.CONTENT, content_format=60, payload=payload)
+        m.mtype, m.mid, m.token = aiocoap.ACK, 7, b"tk"  # as the message manager sets them
+        return m
+
+    buffer = bytearray(b"a key-bearing answer")
+    answer = message(buffer)
+    assert answer.payload is buffer and answer.copy().payload is buffer
+    assert answer.encode().endswith(b"\xffa key-bearing answer")
+    buffer[:] = bytes(len(buffer))
+    buffer.clear()
+    assert answer.encode() == message(b"").encode()  # nothing of the key left in what it would send
 
 
 async def test_reload_ends_revoked_and_rekeyed_sessions(server: ControlServer) -> None:

@@ -49,3 +49,23 @@ def test_recent_messages_are_bounded_per_remote_and_forgotten_with_it() -> None:
     assert not recent.knows("flooder", 1)
     recent.forget("flooder")
     assert len(recent) == 0
+
+
+def test_stored_answers_can_all_be_dropped_and_are_zeroed_when_they_go() -> None:
+    """The key service drops every stored answer when keys are wiped: no key outlives the wipe there."""
+    recent = RecentMessages[str](lifetime=100.0, per_remote=4)
+    for remote in ("ae1", "ae2"):
+        for mid in (1, 2):
+            recent.seen(remote, mid, 0.0)
+    recent.seen("ae1", 3, 0.0)  # not answered yet
+    recent.answer("ae1", 1, b"key-bearing answer 1")
+    recent.answer("ae2", 2, b"key-bearing answer 2")
+    buffers = [recent._by_remote["ae1"][1][1], recent._by_remote["ae2"][2][1]]  # the store's own buffers
+    assert recent.forget_answers() == 2
+    assert all(b is not None and b == bytearray() for b in buffers)  # zeroed and emptied in place
+    assert recent.seen("ae1", 1, 1.0) == (False, None)  # its duplicate is processed again
+    assert recent.knows("ae1", 3) and recent.knows("ae2", 1)  # unanswered messages stay known
+    recent.answer("ae1", 3, b"another")
+    kept = recent._by_remote["ae1"][3][1]
+    recent.forget("ae1")
+    assert kept == bytearray()
