@@ -228,12 +228,26 @@ class KeyStore:
         return await self._join_bootstrap()
 
     async def _join_bootstrap(self) -> BootstrapSession:
-        """The running bootstrap, or a new one unless the back-off after a failure is still running."""
-        task = self._running()
-        if task is None:
-            if self.planner.backoff_remaining(self._clock.time()) is not None and self._last_failure is not None:
+        """The running bootstrap, or a new one unless the back-off after a failure is still running.
+
+        A new one replacing a session whose lifetime ran out waits for the planner's
+        ``min_bootstrap_interval`` since the last (a BSF's very short key lifetime must not turn key
+        requests, or observers told of the expiry, into a bootstrap loop); a session that appears
+        meanwhile is returned instead.
+        """
+        while (task := self._running()) is None:
+            now = self._clock.time()
+            if self.planner.backoff_remaining(now) is not None and self._last_failure is not None:
                 raise self._last_failure.with_traceback(None)
-            task = self._start_bootstrap()
+            wait = self.planner.unforced_wait(now)
+            if wait is None:
+                task = self._start_bootstrap()
+                break
+            await self._clock.sleep(wait)
+            self._check_open()
+            session = self._session
+            if session is not None and self._clock.time() < session.expires.timestamp():
+                return session
         return await self._await_shared(task)
 
     async def _await_shared(self, task: asyncio.Task[_T]) -> _T:
@@ -341,17 +355,17 @@ class KeyStore:
         if self._session is not session:
             return
         log.info("Ks expired", extra={"event": "gba.expired", "btid_hash": session.btid_hash})
-        self._drop_session()
+        self._drop_session(expired=True)
         self._subscribers.emit(KeyEvent(KeyEventKind.WIPED, session.btid))
 
-    def _drop_session(self) -> BootstrapSession | None:
+    def _drop_session(self, *, expired: bool = False) -> BootstrapSession | None:
         old = self._session
         self._session = None
         if old is not None:
             old.wipe()
         self._clear_cache()
         self._card_ks_current = False
-        self.planner.session_dropped()
+        self.planner.session_dropped(expired=expired)
         self._wake()
         return old
 

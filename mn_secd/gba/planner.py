@@ -23,7 +23,10 @@ simulation and the README says why:
   whose power comes back does not bootstrap in the same minute.
 
 A forced re-bootstrap (a NAF refused the B-TID) has a minimum interval, and waits for the retry
-time after a failure like any other bootstrap.
+time after a failure like any other bootstrap. Whatever the shares say, a timed refresh or retry,
+and a bootstrap replacing a session whose lifetime ran out, come no sooner than
+``min_bootstrap_interval`` (10 s) after the previous bootstrap: a BSF that hands out very short
+lifetimes gets a refresh at a fraction of the lifetime, never a bootstrap loop.
 """
 
 from __future__ import annotations
@@ -86,9 +89,19 @@ class BootstrapTiming:
     min_forced_interval: float = 30.0
     #: With nothing to resume at start and no AE waiting: bootstrap after a random 0..start_jitter s.
     start_jitter: float = 600.0
+    #: A timed refresh or retry, or a bootstrap replacing an expired session, comes no sooner than
+    #: this many seconds after the previous bootstrap began (short key lifetimes).
+    min_bootstrap_interval: float = 10.0
 
     def __post_init__(self) -> None:
-        names = ("max_retry_interval", "failure_backoff", "max_failure_backoff", "min_forced_interval", "start_jitter")
+        names = (
+            "max_retry_interval",
+            "failure_backoff",
+            "max_failure_backoff",
+            "min_forced_interval",
+            "start_jitter",
+            "min_bootstrap_interval",
+        )
         for name in names:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -131,6 +144,7 @@ class BootstrapPlanner:
         "_retry",
         "_rng",
         "blocked_until",
+        "ended_by_expiry",
         "expires_at",
         "failures",
         "last_start",
@@ -150,6 +164,8 @@ class BootstrapPlanner:
         self.blocked_until: float | None = None
         self.failures = 0
         self._retry = False
+        #: The last session's lifetime ran out (rather than being wiped with its card).
+        self.ended_by_expiry = False
         self.last_start: float | None = None
         self.start_at: float | None = None
 
@@ -194,13 +210,21 @@ class BootstrapPlanner:
         self.start_at = None
 
     def bootstrap_succeeded(self, now: float, expires_at: float) -> float:
-        """Record a new session; returns when it should be refreshed."""
+        """Record a new session; returns when it should be refreshed.
+
+        Never sooner than ``min_bootstrap_interval`` after this bootstrap began: a lifetime shorter
+        than that ends before its refresh, and the next bootstrap is a caller's (:meth:`unforced_wait`).
+        """
         self.failures = 0
         self._retry = False
+        self.ended_by_expiry = False
         self.blocked_until = None
         self.expires_at = expires_at
         self.lifetime = max(0.0, expires_at - now)
-        self.refresh_at = self._refresh_time(expires_at, self.lifetime)
+        started = now if self.last_start is None else self.last_start
+        self.refresh_at = max(
+            self._refresh_time(expires_at, self.lifetime), started + self.policy.min_bootstrap_interval
+        )
         return self.refresh_at
 
     def bootstrap_failed(self, now: float, *, retry: bool = True) -> float:
@@ -229,15 +253,17 @@ class BootstrapPlanner:
                         delay = expires_at - now + self._rng.uniform(0.5, 1.0) * keyless_interval
             else:
                 delay = self._rng.uniform(0.5, 1.0) * keyless_interval
+            delay = max(delay, p.min_bootstrap_interval)  # a very short lifetime makes no retry loop
         else:
             delay = backoff_delay(self.failures - 1, p.failure_backoff, p.max_failure_backoff, self._rng)
         self.blocked_until = now + delay
         return self.blocked_until
 
-    def session_dropped(self) -> None:
-        """Ks is gone (expired or wiped): no refresh is pending any more."""
+    def session_dropped(self, *, expired: bool = False) -> None:
+        """Ks is gone (``expired``, or wiped): no refresh is pending any more."""
         self.expires_at = None
         self.refresh_at = None
+        self.ended_by_expiry = expired
 
     def card_changed(self) -> None:
         """A new or re-inserted card deserves a bootstrap now: forget failures and the forced interval."""
@@ -284,6 +310,17 @@ class BootstrapPlanner:
         if expires_at is not None and (wake is None or expires_at < wake):
             return expires_at
         return wake
+
+    def unforced_wait(self, now: float) -> float | None:
+        """Seconds until a bootstrap replacing a session whose lifetime ran out may start; None: now.
+
+        That is the case a short key lifetime makes common (``min_bootstrap_interval``); after a
+        wipe (the card gone or changed) a bootstrap answers at once, if only to say why it cannot.
+        """
+        if self.last_start is None or not self.ended_by_expiry:
+            return None
+        wait = self.last_start + self.policy.min_bootstrap_interval - now
+        return wait if wait > 0 else None
 
     def backoff_remaining(self, now: float) -> float | None:
         """Seconds until a bootstrap may follow the last failure; None when it may start now."""

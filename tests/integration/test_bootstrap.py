@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,12 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         quirks: Quirks | None = None,
         bsf_url: str | None = None,
         ub_options: dict[str, Any] | None = None,
+        store_options: dict[str, Any] | None = None,
+        bsf_lifetime: timedelta = timedelta(hours=1),
     ) -> Rig:
         nonlocal worlds
         worlds += 1
-        world = SimulatedWorld(tmp_path / f"world{worlds}", quirks=quirks, cards=cards)
+        world = SimulatedWorld(tmp_path / f"world{worlds}", quirks=quirks, cards=cards, bsf_lifetime=bsf_lifetime)
         await world.start()
         stack.push_async_callback(world.stop)
         card = await asyncio.wait_for(open_card(ModemConfig(str(world.modem_link), **FAST_CARD)), 30)
@@ -108,7 +111,8 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         options.update(ub_options or {})
         ub = UbClient(bsf_url or world.bsf_url, **options)
         stack.push_async_callback(ub.aclose)
-        store = KeyStore(card, ub, policy, timing=BootstrapTiming(min_forced_interval=0.0))
+        timing = BootstrapTiming(**{"min_forced_interval": 0.0, **(store_options or {})})
+        store = KeyStore(card, ub, policy, timing=timing)
         stack.push_async_callback(store.close)
         events: list[KeyEvent] = []
         store.subscribe(events.append)
@@ -370,6 +374,16 @@ async def test_gba_u_forced_bootstrap_failing_before_authenticate_keeps_serving_
     answer = await zn(rig.world.bsf_url, new.btid, NAFS[1], UaId.dtls_psk(), gba_u_aware=True)
     assert answer["meKeyMaterial"] == new.key.hex()
     assert rig.store.status().bootstrapped
+
+
+async def test_a_lifetime_shorter_than_refresh_margin_is_not_refreshed_in_a_loop(make_rig: Callable[..., Any]) -> None:
+    """A BSF handing out 3 s keys: the refresh at half to two thirds of the lifetime would mean a
+    bootstrap every 1.5 to 2 s; never sooner than min_bootstrap_interval (10 s by default) after the last."""
+    rig: Rig = await make_rig(policy=GbaPolicy.GBA_ME_ONLY, bsf_lifetime=timedelta(seconds=3))
+    await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    await asyncio.sleep(5.0)  # the key has expired meanwhile
+    assert (rig.bsf.successes, rig.aka_runs()) == (1, 1)
+    assert [e.kind for e in rig.events] == [KeyEventKind.REFRESHED, KeyEventKind.WIPED]  # it just expired
 
 
 # --- concurrency and card changes ---------------------------------------------------------------------------

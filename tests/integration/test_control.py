@@ -97,7 +97,10 @@ async def make_chain(
         world = await make_world(bsf_lifetime=bsf_lifetime)
         card = await open_test_card(cards, str(world.modem_link))
         ub = UbClient(world.bsf_url, timeout=5.0)
-        timing = BootstrapTiming(refresh_margin=Span(seconds=refresh_margin), refresh_jitter=Span())
+        # a refresh may follow a bootstrap after 1 s here (10 s in the daemon): lifetimes of seconds
+        timing = BootstrapTiming(
+            refresh_margin=Span(seconds=refresh_margin), refresh_jitter=Span(), min_bootstrap_interval=1.0
+        )
         keys = KeyStore(card, ub, GbaPolicy.AUTO, timing=timing)
         registry = AeRegistry(aes if aes is not None else [ae("ae-a", PSK_A), ae("ae-b", b"psk-of-ae-b", (OTHER_NAF,))])
         server = await start_control_server(keys, registry, ["127.0.0.1"], 0, max_peers=max_peers, idle_timeout=60)

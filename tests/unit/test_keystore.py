@@ -387,7 +387,9 @@ async def test_proactive_refresh_runs_on_the_real_timer() -> None:
     """The asyncio adapter sleeps until the planner's deadline: a 0.6 s lifetime refreshes by itself."""
     card = FakeCard(identity())
     ub = FakeUb(SYSTEM_CLOCK, lifetime=0.6)
-    timing = BootstrapTiming(refresh_margin=Span(seconds=0.2), refresh_jitter=Span(seconds=0.05))
+    timing = BootstrapTiming(
+        refresh_margin=Span(seconds=0.2), refresh_jitter=Span(seconds=0.05), min_bootstrap_interval=0.1
+    )
     store = KeyStore(card, ub, timing=timing)  # the system clock by default
     refreshed = asyncio.Event()
     events: list[KeyEvent] = []
@@ -616,3 +618,35 @@ def test_a_failure_time_will_not_mend_is_not_retried_by_itself() -> None:
         await store.close()
 
     on_virtual_time(scenario)
+
+
+# --- short key lifetimes ----------------------------------------------------------------------------------------
+
+
+async def test_a_lifetime_shorter_than_the_interval_never_bootstraps_in_a_loop() -> None:
+    """A 4 s key lifetime: no timed refresh at 2 s, and a key asked for after the expiry waits for the
+    minimum interval since the last bootstrap rather than bootstrapping at once."""
+    store, _, ub, clock, events = make_store(min_bootstrap_interval=10.0)
+    ub.lifetime = 4.0
+    first = await store.get_key("a.example.org", DTLS)
+    clock.advance(5.0)  # expired
+    async with asyncio.timeout(2.0):
+        while not any(e.kind is KeyEventKind.WIPED for e in events):
+            await asyncio.sleep(0.001)
+    later = asyncio.create_task(store.get_key("a.example.org", DTLS))
+    await asyncio.sleep(0.05)
+    assert not later.done() and len(ub.runs) == 1
+    clock.advance(5.0)  # 10 s since the first bootstrap began
+    second = await asyncio.wait_for(later, 2.0)
+    assert second.btid != first.btid and len(ub.runs) == 2
+    await store.close()
+
+
+async def test_after_a_wipe_a_key_request_is_answered_at_once_however_recent_the_last_bootstrap() -> None:
+    store, card, ub, _, _ = make_store(min_bootstrap_interval=10.0)
+    await store.get_key("a.example.org", DTLS)
+    card.emit(CardEvent(CardEventKind.REMOVED))
+    ub.fail_with = UiccAbsent("no SIM")
+    with pytest.raises(UiccAbsent):
+        await asyncio.wait_for(store.get_key("a.example.org", DTLS), 0.5)  # no wait for the interval
+    await store.close()

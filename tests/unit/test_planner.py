@@ -43,6 +43,21 @@ def test_absolute_margins_still_work_and_never_refresh_before_half_way() -> None
     assert p.bootstrap_succeeded(1000.0, 1100.0) == 1050.0  # a 100 s lifetime: half-way, not before
 
 
+def test_a_lifetime_shorter_than_the_minimum_interval_is_not_refreshed_in_a_loop() -> None:
+    """Half-way through a 4 s lifetime would be every 2 s: never sooner than min_bootstrap_interval."""
+    p = planner(min_bootstrap_interval=10.0)
+    p.bootstrap_started(1000.0)
+    assert p.bootstrap_succeeded(1000.5, 1004.5) == 1010.0  # after the expiry: the session just ends
+    assert p.due(1004.5) is Due.EXPIRE
+    p.session_dropped(expired=True)
+    assert p.unforced_wait(1004.5) == 5.5 and p.unforced_wait(1010.0) is None
+    assert p.due(1020.0) is None  # no failure, no session: the next bootstrap is a caller's
+    p.session_dropped()  # wiped (the card went): whatever comes next answers at once
+    assert p.unforced_wait(1004.5) is None
+    p.bootstrap_failed(1005.0)  # nor do retries come sooner, whatever share of 4 s they are
+    assert p.blocked_until is not None and p.blocked_until >= 1015.0
+
+
 def test_due_and_deadlines_follow_the_clock() -> None:
     p = planner(refresh_jitter=Span())
     refresh = p.bootstrap_succeeded(T0, T0 + HOUR)
