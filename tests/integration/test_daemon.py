@@ -201,6 +201,37 @@ async def test_card_swap_shows_in_status_and_bootstraps_the_new_card(
     assert code == 0
 
 
+@pytest.mark.parametrize("require", [False, True])
+async def test_a_bsf_without_rspauth_is_a_warning_in_status_and_journal_unless_required(
+    require: bool, world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon
+) -> None:
+    """[gba] require_rspauth over the real daemon: default accepts with a warning, true refuses."""
+    bsf(world).omit_authentication_info = True
+    local_aes.add("ae-one")
+    config = local_aes.write_config()
+    if require:
+        config.write_text(config.read_text().replace("http_timeout = ", "require_rspauth = true\nhttp_timeout = "))
+    daemon = await start_daemon(config)
+    try:
+        await daemon.notify.wait_for(lambda m: m.startswith("READY=1"))
+        if require:
+            with pytest.raises(KeyServiceRejected) as info:
+                await local_aes.get_key("ae-one")
+            assert (info.value.code, info.value.kind) == ("5.02 Bad Gateway", "bsf-answer-invalid")
+            assert "without rspauth" in str(info.value)
+        else:
+            answer = await local_aes.get_key("ae-one")
+            assert answer.btid == bsf(world).last_btid
+            async with local_aes.client("ae-one") as ae:
+                status = await ae.status()
+            assert status.bootstrapped and status.warning is not None and "rspauth" in status.warning
+            await daemon.wait_log("event=ub.no_rspauth")
+        code = await daemon.stop()
+    finally:
+        await daemon.kill()
+    assert code == 0
+
+
 BAD_CONFIGS = {
     "unknown key": ("[control]\nport = 5684\nbacklog = 3\n", "control.backlog"),
     "wrong type": ('[gba]\nrefresh_margin = "soon"\n', "gba.refresh_margin"),

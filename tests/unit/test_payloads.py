@@ -152,13 +152,18 @@ def test_status_masks_the_impi_and_round_trips() -> None:
         expires=EXPIRES,
         gba_mode=GbaMode.GBA_ME,
         last_error=None,
+        warning="accepted without rspauth",
     )
     for fmt in (CBOR, JSON):
         back = decode_status(encode_status(status, fmt), fmt)
         assert back.impi == "001010*********@ims.mnc001.mcc001.3gppnetwork.org"
         assert back.expires == EXPIRES and back.gba_mode is GbaMode.GBA_ME and back.btid == "tid@bsf"
+        assert back.warning == "accepted without rspauth"
     empty = KeyServiceStatus(False, None, False, None, None, None, "uicc-absent: no card")
     assert decode_status(encode_status(empty, CBOR), CBOR) == empty
+    older = cbor2.loads(encode_status(empty, CBOR))
+    del older["warning"]  # a daemon from before the field
+    assert decode_status(cbor2.dumps(older), CBOR) == empty
 
 
 def test_mask_impi_short_user_parts() -> None:
