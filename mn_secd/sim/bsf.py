@@ -30,7 +30,8 @@ XRES has as many octets as the subscriber's card gives RES (``res_length`` of it
 Test switches (plain attributes, changeable while serving) let client tests drive each failure over
 real HTTP: :attr:`ReferenceBsf.delay`, :attr:`~ReferenceBsf.busy_responses` (with
 :attr:`~ReferenceBsf.busy_status`), :attr:`~ReferenceBsf.tamper_rspauth`,
-:attr:`~ReferenceBsf.omit_authentication_info`, :attr:`~ReferenceBsf.malformed_xml`,
+:attr:`~ReferenceBsf.omit_authentication_info`, :attr:`~ReferenceBsf.opaque_btids`,
+:attr:`~ReferenceBsf.malformed_xml`,
 :attr:`~ReferenceBsf.lifetime_in_past`, :attr:`~ReferenceBsf.garbage_challenge`.
 """
 
@@ -168,6 +169,9 @@ class ReferenceBsf:
         #: Send the 200 OK without ``Authentication-Info`` (as some BSFs in the field do; RFC 2617
         #: makes the header optional).
         self.omit_authentication_info = False
+        #: Make B-TIDs that are not base64(RAND)@name (TS 33.220 asks for that form; a client must
+        #: not rely on it, only on the B-TID being the BSF's name for the bootstrap).
+        self.opaque_btids = False
         #: Send a truncated XML body in the 200 OK (with an rspauth that is right for those bytes).
         self.malformed_xml = False
         #: Put a lifetime one hour in the past into the 200 OK (the stored bootstrap is expired too).
@@ -360,7 +364,7 @@ class ReferenceBsf:
     ) -> web.Response:
         now = self._now()
         expires = now - timedelta(hours=1) if self.lifetime_in_past else now + self.lifetime
-        btid = nai.btid(pending.rand, self.name)
+        btid = f"{secrets.token_hex(12)}@{self.name}" if self.opaque_btids else nai.btid(pending.rand, self.name)
         self._purge_bootstraps(now)
         self._bootstraps[btid] = Bootstrap(
             btid=btid,

@@ -336,6 +336,19 @@ async def test_res_of_4_to_16_octets_end_to_end(length: int, policy: GbaPolicy, 
     assert (rig.aka_runs(), rig.bsf.successes, rig.bsf.rejections) == (1, 1, 0)
 
 
+@pytest.mark.parametrize("policy", [GbaPolicy.GBA_ME_ONLY, GbaPolicy.GBA_U_ONLY])
+async def test_a_btid_that_is_not_base64_rand_is_taken_as_it_is(
+    policy: GbaPolicy, make_rig: Callable[..., Any]
+) -> None:
+    """The B-TID names the bootstrap for the NAF; the daemon takes RAND from the challenge, not from it."""
+    rig: Rig = await make_rig(policy=policy)
+    rig.bsf.opaque_btids = True
+    key = await rig.store.get_key(NAFS[0], UaId.dtls_psk())
+    assert key.btid == rig.bsf.last_btid and "==" not in key.btid
+    answer = await zn(rig.world.bsf_url, key.btid, NAFS[0], UaId.dtls_psk(), gba_u_aware=True)
+    assert answer["meKeyMaterial"] == key.key.hex()
+
+
 async def test_a_hanging_bsf_costs_one_http_timeout_whatever_the_retries(make_rig: Callable[..., Any]) -> None:
     """http_timeout is the budget of a whole bootstrap attempt: retries of the first request included."""
     rig: Rig = await make_rig(
