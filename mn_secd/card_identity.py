@@ -40,6 +40,16 @@ class CardIdentity:
         return self.imsi[3 : 3 + self.mnc_length]
 
 
+@dataclass(frozen=True, slots=True)
+class GbaBootstrapParams:
+    """EF_GBABP (TS 31.102 4.2.79): RAND, written by the card at a GBA bootstrap AUTHENTICATE; B-TID
+    and key lifetime, written by the ME after the BSF's 200 OK. Empty parts read as empty."""
+
+    rand: bytes
+    btid: str
+    lifetime: str
+
+
 class CardEventKind(enum.StrEnum):
     REMOVED = "removed"  # the card went away (URC, +CME ERROR: 10, port gone)
     INSERTED = "inserted"  # a card is back: identity re-read, may be the same card

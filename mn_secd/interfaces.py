@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.card_identity import CardEvent, CardIdentity
+from mn_secd.card_identity import CardEvent, CardIdentity, GbaBootstrapParams
 from mn_secd.naf_keys import KeyEvent, KeyServiceStatus, NafKey
 from mn_secd.ua import UaId
 
@@ -31,6 +31,9 @@ class CardAccess(Protocol):
 
     async def write_gba_bootstrap_params(self, btid: str, lifetime: str) -> None:
         """Store B-TID and key lifetime in EF_GBABP after a GBA_U bootstrap (TS 31.102 4.2.79)."""
+
+    async def read_gba_bootstrap_params(self) -> GbaBootstrapParams:
+        """EF_GBABP as the card holds it, read without any AUTHENTICATE (a GBA_U session resumed at start)."""
 
     def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
         """Be told of removal, insertion and change; returns an unsubscribe function."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity
+from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity, GbaBootstrapParams
 from mn_secd.errors import (
     AnswerLost,
     AtCommandError,
@@ -284,6 +284,13 @@ class Card:
             channel, identity = self._ready()
             async with self._absence_noticed():
                 await channel.write_gba_bootstrap_params(identity, btid, lifetime)
+
+    async def read_gba_bootstrap_params(self) -> GbaBootstrapParams:
+        """EF_GBABP as the card holds it: RAND from its last GBA bootstrap, the B-TID and lifetime we wrote."""
+        async with self._lock:
+            channel, identity = self._ready()
+            async with self._absence_noticed():
+                return await channel.read_gba_bootstrap_params(identity)
 
     def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
         return self._subscribers.subscribe(callback)

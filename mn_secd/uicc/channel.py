@@ -22,12 +22,13 @@ A channel is not safe for concurrent use: its owner runs one operation at a time
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.card_identity import Application, CardIdentity
+from mn_secd.card_identity import Application, CardIdentity, GbaBootstrapParams
 from mn_secd.errors import ApduParseError, ApplicationNotFound, CardStatusError, MnSecdError, UiccAbsent, UiccError
 from mn_secd.nai import impi_from_imsi
 from mn_secd.uicc import files
@@ -164,16 +165,30 @@ class CardChannel:
 
     # --- EF_GBABP --------------------------------------------------------------------------------
 
-    async def write_gba_bootstrap_params(self, identity: CardIdentity, btid: str, lifetime: str) -> None:
-        """B-TID and lifetime into EF_GBABP (TS 31.102 4.2.79), keeping the RAND the card wrote there.
+    async def read_gba_bootstrap_params(self, identity: CardIdentity) -> GbaBootstrapParams:
+        """EF_GBABP as the card holds it (TS 31.102 4.2.79): what a GBA_U session resumed at start-up
+        is checked against. The same file :meth:`write_gba_bootstrap_params` writes."""
+        async with self._gbabp(identity) as fcp:
+            return files.decode_gbabp(await self._read_binary(_gbabp_size(fcp)))
 
-        The ISIM's EF_GBABP when the ISIM is in use and has one, else the USIM's; the application in
-        use is selected again afterwards.
-        """
+    async def write_gba_bootstrap_params(self, identity: CardIdentity, btid: str, lifetime: str) -> None:
+        """B-TID and lifetime into EF_GBABP (TS 31.102 4.2.79), keeping the RAND the card wrote there."""
+        async with self._gbabp(identity) as fcp:
+            size = _gbabp_size(fcp)
+            current = files.decode_gbabp(await self._read_binary(size))
+            new = files.encode_gbabp(replace(current, btid=btid, lifetime=lifetime))
+            if len(new) > size:
+                raise UiccError(f"EF_GBABP holds {size} octets, B-TID and lifetime need {len(new)}")
+            await self._update_binary(new + b"\xff" * (size - len(new)))
+
+    @contextlib.asynccontextmanager
+    async def _gbabp(self, identity: CardIdentity) -> AsyncIterator[files.Fcp]:
+        """EF_GBABP selected: the ISIM's when the ISIM is in use and has one, else the USIM's; the
+        application in use is selected again afterwards."""
         if identity.application is Application.ISIM:
             fcp = await self.select_file(files.FID_EF_GBABP_ISIM, optional=True)
             if fcp is not None:
-                await self._rewrite_gbabp(fcp, btid, lifetime)
+                yield fcp
                 return
         usim = next((aid for app, aid in identity.applications if app is Application.USIM), None)
         if usim is None:
@@ -183,19 +198,10 @@ class CardChannel:
         try:
             fcp = await self.select_file(files.FID_EF_GBABP_USIM)
             assert fcp is not None
-            await self._rewrite_gbabp(fcp, btid, lifetime)
+            yield fcp
         finally:
             if usim != identity.aid:
                 await self.select_aid(identity.aid)
-
-    async def _rewrite_gbabp(self, fcp: files.Fcp, btid: str, lifetime: str) -> None:
-        if fcp.file_size is None:
-            raise ApduParseError("FCP of EF_GBABP has no file size")
-        current = files.decode_gbabp(await self._read_binary(fcp.file_size))
-        new = files.encode_gbabp(replace(current, btid=btid, lifetime=lifetime))
-        if len(new) > fcp.file_size:
-            raise UiccError(f"EF_GBABP holds {fcp.file_size} octets, B-TID and lifetime need {len(new)}")
-        await self._update_binary(new + b"\xff" * (fcp.file_size - len(new)))
 
     # --- files -----------------------------------------------------------------------------------
 
@@ -243,3 +249,9 @@ class CardChannel:
             response = await exchange(self.transport, Apdu(0x00, 0xD6, offset >> 8, offset & 0xFF, chunk))
             if response.sw != SW_OK:
                 raise CardStatusError("UPDATE BINARY", response.sw)
+
+
+def _gbabp_size(fcp: files.Fcp) -> int:
+    if fcp.file_size is None:
+        raise ApduParseError("FCP of EF_GBABP has no file size")
+    return fcp.file_size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from mn_secd.card_identity import Application
+from mn_secd.card_identity import Application, GbaBootstrapParams
 from mn_secd.errors import ApduParseError, ApplicationNotFound
 from mn_secd.uicc.apdu import find_tlv, parse_tlvs
 from mn_secd.uicc.options import ApplicationChoice
@@ -224,15 +224,6 @@ def decode_nai(data: bytes, what: str = "EF_IMPI") -> str:
 
 
 # --- EF_GBABP ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GbaBootstrapParams:
-    """EF_GBABP: RAND (written by the card), B-TID and key lifetime (written by the ME)."""
-
-    rand: bytes
-    btid: str
-    lifetime: str
 
 
 def _lv(value: bytes, what: str) -> bytes:

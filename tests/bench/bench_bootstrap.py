@@ -37,7 +37,7 @@ import httpx
 from targets import EXACTLY, Targets
 
 from mn_secd.aka import AkaResult, AuthContext
-from mn_secd.card_identity import CardEvent, CardIdentity
+from mn_secd.card_identity import CardEvent, CardIdentity, GbaBootstrapParams
 from mn_secd.gba.session import bootstrap
 from mn_secd.gba.ub import UbClient
 from mn_secd.interfaces import CardAccess
@@ -83,6 +83,9 @@ class TimedCard:
 
     async def write_gba_bootstrap_params(self, btid: str, lifetime: str) -> None:
         await self._timed(self.inner.write_gba_bootstrap_params(btid, lifetime))
+
+    async def read_gba_bootstrap_params(self) -> GbaBootstrapParams:
+        return await self.inner.read_gba_bootstrap_params()
 
     def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
         return self.inner.subscribe(callback)

@@ -292,11 +292,12 @@ async def test_gba_u_bootstrap_naf_derivation_and_ef_gbabp(application: Applicat
     _, ck, ik, _ = Milenage(K, OPC).f2345(RAND)
     assert await ch.gba_naf_derivation(identity, naf_id, identity.impi) == ks_naf(ck + ik, RAND, identity.impi, naf_id)
 
+    content = await ch.read_gba_bootstrap_params(identity)
+    assert (content.rand, content.btid, content.lifetime) == (RAND, btid, lifetime)  # the card's RAND kept
     fid = files.FID_EF_GBABP_ISIM if application is ApplicationChoice.ISIM else files.FID_EF_GBABP_USIM
     fcp = await ch.select_file(fid)
     assert fcp is not None and fcp.file_size is not None
-    content = files.decode_gbabp(await ch._read_binary(fcp.file_size))
-    assert (content.rand, content.btid, content.lifetime) == (RAND, btid, lifetime)  # the card's RAND kept
+    assert files.decode_gbabp(await ch._read_binary(fcp.file_size)) == content  # the file of this application
 
 
 async def test_ef_gbabp_falls_back_to_the_usim_and_reselects_the_isim() -> None:
@@ -314,6 +315,10 @@ async def test_ef_gbabp_falls_back_to_the_usim_and_reselects_the_isim() -> None:
     assert aids[-2:] == [usim, identity.aid]  # written under the USIM, the ISIM selected again
     result = await ch.authenticate(identity, RAND, autn(ISIM_CARD, 2), AuthContext.UMTS)
     assert isinstance(result, AkaSuccess)  # in the ISIM, as before
+    content = await ch.read_gba_bootstrap_params(identity)  # read back from the same USIM file ...
+    assert content.btid == "b@bsf.example"
+    aids = [apdu.data for apdu in transport.sent if apdu.ins == INS_SELECT and apdu.p1 == 0x04]
+    assert aids[-2:] == [usim, identity.aid]  # ... and the ISIM selected again
 
 
 async def test_a_b_tid_too_long_for_ef_gbabp_is_refused_before_writing() -> None:

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mn_secd.card_identity import Application
+from mn_secd.card_identity import Application, GbaBootstrapParams
 from mn_secd.errors import ApduParseError, ApplicationNotFound
 from mn_secd.uicc import files
-from mn_secd.uicc.files import DirEntry, GbaBootstrapParams, Structure
+from mn_secd.uicc.files import DirEntry, Structure
 
 USIM_AID = bytes.fromhex("A0000000871002FFFFFFFF8907090000")
 ISIM_AID = bytes.fromhex("A0000000871004FFFFFFFF8907090000")
