@@ -28,8 +28,8 @@ Ub answers, in the order they are checked:
 XRES has as many octets as the subscriber's card gives RES (``res_length`` of its profile, 4 to 16).
 
 Test switches (plain attributes, changeable while serving) let client tests drive each failure over
-real HTTP: :attr:`ReferenceBsf.delay`, :attr:`~ReferenceBsf.busy_responses` (with
-:attr:`~ReferenceBsf.busy_status`), :attr:`~ReferenceBsf.tamper_rspauth`,
+real HTTP: :attr:`ReferenceBsf.delay`, :attr:`~ReferenceBsf.success_delay`,
+:attr:`~ReferenceBsf.busy_responses` (with :attr:`~ReferenceBsf.busy_status`), :attr:`~ReferenceBsf.tamper_rspauth`,
 :attr:`~ReferenceBsf.omit_authentication_info`, :attr:`~ReferenceBsf.opaque_btids`,
 :attr:`~ReferenceBsf.malformed_xml`,
 :attr:`~ReferenceBsf.lifetime_in_past`, :attr:`~ReferenceBsf.garbage_challenge`.
@@ -160,6 +160,9 @@ class ReferenceBsf:
         # --- test switches -------------------------------------------------------------------------
         #: Seconds to wait before answering each Ub request (a slow BSF).
         self.delay = 0.0
+        #: Seconds to hold back each 200 OK, i.e. after the card has run its AUTHENTICATE (a BSF that
+        #: hangs at the worst moment for a GBA_U card, whose Ks the AUTHENTICATE has replaced).
+        self.success_delay = 0.0
         #: Answer this many of the next Ub requests with ``busy_status``, then recover.
         self.busy_responses = 0
         #: The status of those answers: 503 (an overloaded BSF / HSS), 500 (a failing one), ...
@@ -303,6 +306,9 @@ class ReferenceBsf:
             return self._reject("wrong response")
         if self._clock() - pending.issued > self.nonce_ttl:
             return self._challenge(subscriber, stale=True)
+        if self.success_delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.success_delay)
         return self._success(subscriber, pending, creds, password)
 
     def _mismatch(self, creds: digest.Credentials, pending: _Challenge, path: str) -> str | None:

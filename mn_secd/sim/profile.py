@@ -9,6 +9,10 @@ A card may have its PIN lock on (``pin``, with ``puk``): the attempts left are c
 (``[card_state] pin_attempts`` / ``puk_attempts``), written back after every VERIFY, as a real
 card keeps them across power cycles.
 
+GBA_U state is card state too (``[gba_state.usim]``, ``[gba_state.isim]``): Ks, the RAND it came
+from and EF_GBABP, written back after every GBA bootstrap and every write to EF_GBABP, as a real
+card keeps them in non-volatile memory across power cycles and re-insertions.
+
 The file holds subscriber keys, so it is written with mode 0600 and the keys never appear in a
 ``repr`` or in an error message.
 """
@@ -36,13 +40,18 @@ DEFAULT_SQN = bytes(6)
 
 _TOP_KEYS = frozenset(
     {"iccid", "imsi", "mnc_length", "k", "opc", "op", "amf", "sqn", "isim", "gba_u", "gsm_access",
-     "impi", "impu", "domain", "pin", "puk", "card_state", "res_length"}
+     "impi", "impu", "domain", "pin", "puk", "card_state", "res_length", "gba_state"}
 )  # fmt: skip
 _STATE_KEYS = frozenset({"ind_len", "seq_ms", "delta", "age_limit", "pin_attempts", "puk_attempts"})
 #: Attempts a PIN and a PUK start with (TS 102 221 9.5: typically 3 and 10).
 PIN_ATTEMPTS = 3
 PUK_ATTEMPTS = 10
 DEFAULT_PUK = "12345678"
+_GBA_STATE_KEYS = frozenset({"ks", "rand", "gbabp"})
+#: The applications that may hold GBA state, as ``[gba_state.<name>]`` tables.
+GBA_APPLICATIONS = ("usim", "isim")
+#: EF_GBABP is LV(RAND) LV(B-TID) LV(lifetime): at most three 255-octet values with their lengths.
+MAX_GBABP = 3 * 256
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _DEFAULT_HEADER = (
     "# Software UICC card profile: a LAB card with test keys, never a real subscriber.\n"
@@ -82,6 +91,19 @@ def _check_uri(key: str, value: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class GbaCardState:
+    """What one application keeps after a GBA bootstrap: Ks = CK || IK, its RAND, and EF_GBABP."""
+
+    ks: bytes = field(repr=False)
+    rand: bytes
+    gbabp: bytes  # the file's contents without its trailing FF padding
+
+    def __post_init__(self) -> None:
+        if len(self.ks) != 32 or len(self.rand) != 16 or len(self.gbabp) > MAX_GBABP:
+            raise ProfileValueError("gba_state", "needs ks of 32 octets, rand of 16, gbabp of at most 768")
+
+
+@dataclass(frozen=True, slots=True)
 class CardProfile:
     """One lab card. ``impi``, ``impu`` and ``domain`` default from the IMSI when left out.
 
@@ -111,6 +133,8 @@ class CardProfile:
     puk_attempts: int = PUK_ATTEMPTS
     #: Octets of RES the card answers with (TS 33.102: 4 to 16; see :meth:`Milenage.f2345`).
     res_length: int = MILENAGE_RES_LEN
+    #: (application, state) for each application that has run a GBA bootstrap: "usim" or "isim".
+    gba_state: tuple[tuple[str, GbaCardState], ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.iccid.isascii() and self.iccid.isdigit() and 19 <= len(self.iccid) <= 20):
@@ -241,6 +265,7 @@ def _profile_from_table(file: str, doc: dict[str, Any]) -> CardProfile:
         impu = tuple(value)
     card_state, policy = _state_from_table(file, doc.get("card_state", {}))
     attempts = _Reader(file, doc.get("card_state", {}), "card_state.")
+    gba_state = _gba_state_from_table(file, doc.get("gba_state", {}))
     try:
         return CardProfile(
             iccid=r.string("iccid"),
@@ -264,6 +289,7 @@ def _profile_from_table(file: str, doc: dict[str, Any]) -> CardProfile:
             pin_attempts=attempts.integer("pin_attempts") if attempts.has("pin_attempts") else PIN_ATTEMPTS,
             puk_attempts=attempts.integer("puk_attempts") if attempts.has("puk_attempts") else PUK_ATTEMPTS,
             res_length=r.integer("res_length") if r.has("res_length") else MILENAGE_RES_LEN,
+            gba_state=gba_state,
         )
     except ProfileValueError as exc:
         raise ConfigError(file, exc.key, exc.problem) from None
@@ -296,6 +322,29 @@ def _state_from_table(file: str, table: object) -> tuple[SqnState, SqnPolicy]:
     if age_limit is not None and age_limit < 1:
         raise r.error("age_limit", "must be at least 1")
     return state, SqnPolicy(delta, age_limit)
+
+
+def _gba_state_from_table(file: str, table: object) -> tuple[tuple[str, GbaCardState], ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(file, "gba_state", "must be a table")
+    states = []
+    for app, values in table.items():
+        prefix = f"gba_state.{app}."
+        if app not in GBA_APPLICATIONS or not isinstance(values, dict):
+            raise ConfigError(file, f"gba_state.{app}", f"must be a table named after one of {GBA_APPLICATIONS}")
+        r = _Reader(file, values, prefix)
+        for key in values:
+            if key not in _GBA_STATE_KEYS:
+                raise r.error(key, "unknown key")
+        gbabp = r.string("gbabp")
+        if len(gbabp) % 2 or len(gbabp) > 2 * MAX_GBABP or not _HEX.fullmatch(gbabp):
+            raise r.error("gbabp", f"must be at most {MAX_GBABP} octets as hexadecimal digits")
+        try:
+            state = GbaCardState(r.hexbytes("ks", 32), r.hexbytes("rand", 16), bytes.fromhex(gbabp))
+        except ProfileValueError as exc:
+            raise ConfigError(file, f"gba_state.{app}", exc.problem) from None
+        states.append((app, state))
+    return tuple(states)
 
 
 # --- saving -----------------------------------------------------------------------------------------
@@ -342,6 +391,9 @@ def render_profile(profile: CardProfile, header: str = _DEFAULT_HEADER) -> str:
     seq = profile.card_state.seq_ms
     rows = [", ".join(str(s) for s in seq[i : i + 8]) for i in range(0, len(seq), 8)]
     lines.append("seq_ms = [\n" + "".join(f"    {row},\n" for row in rows) + "]")
+    for app, state in profile.gba_state:
+        lines += ["", f"[gba_state.{app}]", f'ks = "{state.ks.hex()}"', f'rand = "{state.rand.hex()}"']
+        lines.append(f'gbabp = "{state.gbabp.hex()}"')
     return "\n".join(lines) + "\n"
 
 

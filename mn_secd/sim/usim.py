@@ -20,8 +20,9 @@ Card-side rules that matter for the daemon:
   they only report the attempts left. The counters are written back to the profile.
 * GBA_U: bootstrapping (``DD``) keeps Ks = CK ‖ IK and RAND inside the card and writes RAND into
   EF_GBABP; NAF derivation (``DE``) returns Ks_ext_NAF and keeps Ks_int_NAF with an EF_GBANL
-  record. Ks lives in memory only: it is never written to the profile file, so after a restart of
-  the process the card answers ``DE`` with ``69 85`` until the host bootstraps again.
+  record. Ks, its RAND and EF_GBABP are card state, handed to ``on_state_change`` like SQN, so a
+  card started again from its profile (a power cycle, a re-insertion) still derives NAF keys for
+  its last bootstrap, as a real card's non-volatile memory does (EF_GBANL is not kept).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from enum import StrEnum
 
 from mn_secd.gba.kdf import ks_int_naf, ks_naf
 from mn_secd.sim.milenage import Milenage, build_auts
-from mn_secd.sim.profile import PIN_ATTEMPTS, PUK_ATTEMPTS, CardProfile, load_profile, save_profile
+from mn_secd.sim.profile import PIN_ATTEMPTS, PUK_ATTEMPTS, CardProfile, GbaCardState, load_profile, save_profile
 from mn_secd.sim.sqn import SqnAccepted, check_sqn
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class AppKind(StrEnum):
 
 @dataclass(eq=False)
 class GbaState:
-    """What GBA_U keeps inside the card for one application. Never persisted, never printed."""
+    """What GBA_U keeps inside the card for one application (Ks and RAND persisted, never printed)."""
 
     ks: bytes | None = field(default=None, repr=False)
     rand: bytes | None = None
@@ -374,6 +375,12 @@ class SoftUicc:
         self._on_state_change = on_state_change
         self._milenage = Milenage(profile.k, profile.opc)
         self._mf, self._apps = _build_filesystem(profile)
+        kept = dict(profile.gba_state)
+        for app in self._apps:
+            state = kept.get(app.kind.value)
+            if state is not None and app.gbabp is not None:
+                app.gba.ks, app.gba.rand = state.ks, state.rand
+                app.gbabp.data[:] = _padded(state.gbabp[:GBABP_SIZE], GBABP_SIZE)
         self._lock = threading.Lock()
         self._channels: dict[int, Channel] = {}
         self._pin_verified = False  # since the last reset
@@ -652,6 +659,8 @@ class SoftUicc:
         if not cmd.data or offset + len(cmd.data) > len(ef.data):
             raise _Refused(SW_WRONG_LENGTH)
         ef.data[offset : offset + len(cmd.data)] = cmd.data
+        if any(app.gbabp is ef for app in self._apps):
+            self._keep_gba_state()
         return _sw(SW_OK)
 
     def _record_target(self, ch: Channel, cmd: Command) -> tuple[LinearEf, int]:
@@ -892,7 +901,23 @@ class SoftUicc:
         assert app.gbabp is not None  # present whenever GBA is enabled
         # A new bootstrap replaces RAND; B-TID and lifetime are left empty for the ME to write.
         app.gbabp.data[:] = _padded(tlv_lv(rand) + b"\x00\x00", GBABP_SIZE)
+        self._keep_gba_state()
         return self._case4(ch, bytes([TAG_SUCCESS]) + tlv_lv(res))
+
+    def _keep_gba_state(self) -> None:
+        """Ks, RAND and EF_GBABP of every application into the profile, and on to ``on_state_change``."""
+        states = tuple(
+            (app.kind.value, GbaCardState(app.gba.ks, app.gba.rand, bytes(app.gbabp.data).rstrip(b"\xff")))
+            for app in self._apps
+            if app.gba.ks is not None and app.gba.rand is not None and app.gbabp is not None
+        )
+        self._profile = replace(self._profile, gba_state=states)
+        if self._on_state_change is not None:
+            try:
+                self._on_state_change(self._profile)
+            except Exception:
+                log.exception("could not persist the GBA state", extra={"event": "sim.gba.persist_failed"})
+                raise _Refused(SW_MEMORY_PROBLEM) from None
 
     def _gba_naf_derivation(self, ch: Channel, app: Application, body: bytes) -> bytes:
         if not body or 1 + body[0] >= len(body):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mn_secd.errors import ConfigError
-from mn_secd.sim.profile import CardProfile, derive_impi, load_profile, render_profile, save_profile
+from mn_secd.sim.profile import CardProfile, GbaCardState, derive_impi, load_profile, render_profile, save_profile
 from mn_secd.sim.sqn import SqnPolicy, SqnState
 
 ETC = Path(__file__).parent.parent.parent / "etc" / "sim"
@@ -91,6 +91,7 @@ def test_round_trip_with_state_and_identities(tmp_path: Path) -> None:
         amf=b"\x00\x01", sqn=bytes.fromhex("0000000000e0"), isim=True, gba_u=True, impi="alice@example.org",
         impu=("sip:alice@example.org", "tel:+15551234"), domain="example.org", gsm_access=False,
         card_state=state, sqn_policy=SqnPolicy(delta=1000, age_limit=50), res_length=16,
+        gba_state=(("isim", GbaCardState(bytes(range(32)), bytes(16), b"\x10" + bytes(16) + b"\x01b\x00")),),
     )  # fmt: skip
     save_profile(path, p)
     assert load_profile(path) == p
@@ -154,6 +155,11 @@ def test_render_is_valid_toml_that_loads_back(tmp_path: Path) -> None:
         (MINIMAL + "[card_state]\ndelta = 0\n", "card_state.delta", "at least 1"),
         (MINIMAL + "[card_state]\nage_limit = 0\n", "card_state.age_limit", "at least 1"),
         (MINIMAL + "[card_state]\nseq = []\n", "card_state.seq", "unknown key"),
+        (MINIMAL + "gba_state = 3\n", "gba_state", "table"),
+        (MINIMAL + "[gba_state.esim]\n", "gba_state.esim", "usim"),
+        (MINIMAL + f'[gba_state.usim]\nks = "{K1}"\nrand = "{K1}"\ngbabp = ""\n', "gba_state.usim.ks", "32 octets"),
+        (MINIMAL + f'[gba_state.usim]\nks = "{K1 * 2}"\nrand = "{K1}"\ngbabp = "x"\n', "gba_state.usim.gbabp", "hex"),
+        (MINIMAL + f'[gba_state.usim]\nks = "{K1 * 2}"\nrand = "{K1}"\n', "gba_state.usim.gbabp", "missing"),
         ("iccid = \n", "(syntax)", "not valid TOML"),
     ],
 )

@@ -655,6 +655,36 @@ def test_state_is_persisted_and_a_restarted_card_rejects_the_replay(tmp_path: Pa
     assert verify_auts(Milenage(p.k, p.opc), body[1:17], data[2:]) == join_sqn(7, 5, 5)
 
 
+def test_gba_state_survives_a_restart_of_the_card_like_a_real_cards_memory(tmp_path: Path) -> None:
+    """Ks, its RAND and EF_GBABP are in the profile: a card started again from it still answers DE
+    for its last bootstrap, and shows the host the same EF_GBABP (what a resumed GBA_U session needs)."""
+    path = tmp_path / "card-isim.toml"
+    shutil.copy(ETC / "card-isim.toml", path)
+    p = load_profile(path)
+    rand = bytes.fromhex("3c" * 16)
+    host = Host(SoftUicc.from_file(path))
+    host.select_aid(ISIM_AID)
+    gba_bootstrap(host, p, join_sqn(9, 2, 5), rand)
+    host.select_fid(0x6FD5)
+    btid, lifetime = b"opaque-btid@bsf.example", b"2030-01-01T00:00:00Z"
+    gbabp = b"\x10" + rand + bytes([len(btid)]) + btid + bytes([len(lifetime)]) + lifetime
+    assert host.transmit(h("00 D6 00 00") + bytes([len(gbabp)]) + gbabp) == (b"", 0x9000)
+    assert "[gba_state.isim]" in path.read_text() and "[gba_state.usim]" not in path.read_text()
+
+    restarted = Host(SoftUicc.from_file(path))
+    restarted.select_aid(ISIM_AID)
+    restarted.select_fid(0x6FD5)
+    assert restarted.read_binary()[: len(gbabp)] == gbabp
+    nid = naf_id("naf.example.org", UaId.parse("dtls-psk"))
+    impi = p.effective_impi
+    data, sw = restarted.authenticate(0x84, b"\xde" + bytes([len(nid)]) + nid + bytes([len(impi)]) + impi.encode())
+    _, ck, ik, _ = Milenage(p.k, p.opc).f2345(rand)
+    assert (data, sw) == (b"\xdb\x20" + ks_naf(ck + ik, rand, impi, nid), 0x9000)
+    assert repr(load_profile(path)).count(ck.hex()) == 0  # Ks is in the file, never in a repr
+    restarted.select_aid(USIM_AID)  # the USIM never bootstrapped: nothing was kept for it
+    assert restarted.authenticate(0x84, b"\xde" + bytes([len(nid)]) + nid + b"\x01a") == (b"", 0x6985)
+
+
 def test_persistence_failure_withholds_res() -> None:
     def broken(_: CardProfile) -> None:
         raise OSError("disk full")
