@@ -355,6 +355,20 @@ class BootstrapRateLimited(GbaError):
         super().__init__(f"re-bootstrap refused: try again in {retry_after:.1f} s")
 
 
+class StoredSessionInvalid(GbaError):
+    """A session kept across restarts cannot be used: unreadable, malformed, or not what the card holds."""
+
+    culprit = Culprit.LOCAL
+    kind = "stored-session-invalid"
+
+
+class SealingUnavailable(GbaError):
+    """``systemd-creds`` cannot seal or unseal here (missing, no host key, not root, no TPM2, or it failed)."""
+
+    culprit = Culprit.LOCAL
+    kind = "sealing-unavailable"
+
+
 # --- DTLS (the local aiocoap/tinydtls stack) ----------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +22,18 @@ def milenage_vectors() -> list[dict[str, Any]]:
 def gba_vectors() -> dict[str, dict[str, Any]]:
     """GBA KDF and Ub digest vectors by name."""
     return {v["name"]: v for v in json.loads((DATA / "gba_kdf.json").read_text())["vectors"]}
+
+
+@pytest.fixture
+def host_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host credential secret of this test's own for ``systemd-creds --with-key=host``.
+
+    systemd-creds reads the host key from ``$SYSTEMD_CREDENTIAL_SECRET`` when it is set (systemd's
+    ENVIRONMENT.md), so tests seal with the real tool without creating the machine's
+    ``/var/lib/systemd/credential.secret``; daemons started by the test inherit it.
+    """
+    path = tmp_path / "credential.secret"
+    path.write_bytes(os.urandom(4096))
+    path.chmod(0o400)
+    monkeypatch.setenv("SYSTEMD_CREDENTIAL_SECRET", str(path))
+    return path

@@ -17,6 +17,12 @@ Ks is overwritten and every NAF key dropped. Each cached NAF key sits in a
 :class:`~mn_secd.secret.SecretBytes` that is zeroed when it leaves the cache (wipe, expiry, a
 new session, eviction); callers get short-lived copies.
 
+At start-up (:meth:`KeyStore.start`) a session kept from the last run is resumed when the planner's
+rule and the card allow (:mod:`mn_secd.gba.continuity`): no AUTHENTICATE, no BSF request. Otherwise
+the first bootstrap waits for the planner's start jitter, unless an AE is waiting for a key. With a
+:class:`~mn_secd.gba.session_store.SessionKeeper`, each new session is kept for the next start and
+forgotten when it ends for good (card removed or changed, Ks expired), not when the daemon stops.
+
 As in aioquic, the decisions live in a clock-free core (:class:`~mn_secd.gba.planner.BootstrapPlanner`,
 time passed in) that tests drive with a fake clock; :class:`KeyStore` is the asyncio adapter that
 sleeps until the planner's next deadline, on the same injected :class:`~mn_secd.clock.Clock` it
@@ -44,8 +50,9 @@ from typing import Any, TypeVar
 from mn_secd.card_identity import CardEvent, CardEventKind
 from mn_secd.clock import SYSTEM_CLOCK, Clock
 from mn_secd.errors import BootstrapRateLimited, GbaError, GbaModeUnavailable, MnSecdError, UiccAbsent
-from mn_secd.gba.planner import BootstrapPlanner, BootstrapTiming, Due
-from mn_secd.gba.session import BootstrapAttempt, BootstrapSession, bootstrap, derive_naf_key
+from mn_secd.gba.planner import BootstrapPlanner, BootstrapTiming, Due, StartAction, StartDecision
+from mn_secd.gba.session import BootstrapAttempt, BootstrapSession, bootstrap, choose_mode, derive_naf_key
+from mn_secd.gba.session_store import SessionKeeper
 from mn_secd.gba.ub import UbRunner
 from mn_secd.interfaces import CardAccess
 from mn_secd.naf_keys import GbaMode, GbaPolicy, KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
@@ -95,7 +102,8 @@ class KeyStore:
     The keystore does not own ``card`` or ``ub``: :meth:`close` wipes its keys and stops its timer,
     the caller closes the card and the Ub client. ``timing`` is the planner's (its defaults are what
     the fleet simulation recommends); ``clock`` is what the keystore both decides and sleeps on (a
-    test passes its own); ``rng`` draws the refresh and retry jitter.
+    test passes its own); ``rng`` draws the refresh and retry jitter; ``keeper`` keeps sessions
+    across restarts.
     """
 
     def __init__(
@@ -107,8 +115,10 @@ class KeyStore:
         timing: BootstrapTiming | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
+        keeper: SessionKeeper | None = None,
     ) -> None:
         self._card = card
+        self._keeper = keeper
         self._ub = ub
         self._policy = policy
         self._clock = clock
@@ -189,6 +199,42 @@ class KeyStore:
         return self._subscribers.subscribe(callback)
 
     # --- life cycle ----------------------------------------------------------------------------------
+
+    async def start(self, *, ae_waiting: bool = False) -> StartDecision:
+        """At start-up: resume the kept session, or plan the first bootstrap (the refresh timer runs it).
+
+        Resuming costs one read of the card's EF_GBABP (GBA_U) or one unsealing (GBA_ME). What is
+        not resumed is forgotten; the first bootstrap then comes after the start jitter, or at once
+        when ``ae_waiting`` (an AE asked for a key before there was a card to answer it).
+        """
+        self._check_open()
+        identity = await self._card.identity()
+        recalled = None
+        if self._keeper is not None:
+            try:
+                mode: GbaMode | None = choose_mode(identity, self._policy)
+            except GbaModeUnavailable:
+                mode = None
+            async with self._card_lock:
+                recalled = await self._keeper.recall(self._card, identity, mode)
+        stored = recalled.record.stored if recalled is not None else None
+        decision = self.planner.start(self._clock.time(), iccid=identity.iccid, stored=stored, ae_waiting=ae_waiting)
+        log.info(
+            "start-up: %s (%s)",
+            "session resumed" if decision.action is StartAction.RESUME else "bootstrap planned",
+            decision.reason,
+            extra={"event": f"gba.start_{decision.action.value}", "in": round(decision.at - self._clock.time(), 1)},
+        )
+        if recalled is not None and decision.action is StartAction.RESUME:
+            self._install(recalled.session, resumed=True)
+        else:
+            if recalled is not None:
+                recalled.session.wipe()
+                if self._keeper is not None:
+                    self._keeper.forget(decision.reason)
+            self._ensure_timer()
+            self._wake()
+        return decision
 
     async def ensure_bootstrapped(self) -> BootstrapSession:
         """The current session, bootstrapping first if there is none (daemon start-up warms up with it)."""
@@ -326,7 +372,8 @@ class KeyStore:
         if not task.cancelled():
             task.exception()  # retrieved here so that a failure nobody awaited is not reported as lost
 
-    def _install(self, session: BootstrapSession) -> None:
+    def _install(self, session: BootstrapSession, *, resumed: bool = False) -> None:
+        """A new session (or, ``resumed``, the one the planner's :meth:`start` accepted) is current."""
         old = self._session
         self._session = session
         self._clear_cache()
@@ -336,10 +383,15 @@ class KeyStore:
         self._impi = session.impi
         self._card_present = True
         self._last_failure = None
-        self.bootstraps += 1
-        refresh_at = self.planner.bootstrap_succeeded(self._clock.time(), session.expires.timestamp())
+        if resumed:
+            refresh_at = self.planner.refresh_at or self._clock.time()
+        else:
+            self.bootstraps += 1
+            refresh_at = self.planner.bootstrap_succeeded(self._clock.time(), session.expires.timestamp())
+            if self._keeper is not None and self.planner.lifetime is not None:
+                self._keeper.remember(session, self.planner.lifetime)
         log.info(
-            "new bootstrap session",
+            "resumed bootstrap session" if resumed else "new bootstrap session",
             extra={
                 "event": "gba.session",
                 "btid_hash": session.btid_hash,
@@ -356,6 +408,8 @@ class KeyStore:
             return
         log.info("Ks expired", extra={"event": "gba.expired", "btid_hash": session.btid_hash})
         self._drop_session(expired=True)
+        if self._keeper is not None:
+            self._keeper.forget("Ks expired")
         self._subscribers.emit(KeyEvent(KeyEventKind.WIPED, session.btid))
 
     def _drop_session(self, *, expired: bool = False) -> BootstrapSession | None:
@@ -375,6 +429,8 @@ class KeyStore:
         self._inflight = None
         self._derivations.clear()
         old = self._drop_session()
+        if self._keeper is not None and not self._closed:  # a stop keeps the session for the next start
+            self._keeper.forget(reason)
         log.info(
             "keys wiped",
             extra={"event": "gba.wiped", "reason": reason, "btid_hash": old.btid_hash if old else None},
