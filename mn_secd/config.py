@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 from mn_secd.control import pskfile
 from mn_secd.errors import ConfigError, InvalidNafId, PcscUnavailable, UnsupportedUaProtocol
 from mn_secd.gba.planner import BootstrapTiming, Span
+from mn_secd.gba.sealing import SEAL_KEYS
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.secret import SecretBytes
 from mn_secd.ua import UaId, normalise_fqdn
@@ -61,6 +63,11 @@ class GbaConfig:
     http_timeout: float = 10.0  # the budget of one bootstrap attempt at the BSF, retries included
     retries: int = 3
     require_rspauth: bool = False  # refuse a 200 OK without rspauth (a wrong one is always refused)
+    # Session continuity across restarts (README "Session continuity", docs/SESSIONS.md).
+    start_jitter: float = _TIMING.start_jitter
+    persist_session: bool = False  # keep a GBA_ME session (Ks sealed by systemd-creds) for the next start
+    seal_key: str = "auto"  # systemd-creds --with-key=
+    state_directory: Path | None = None  # None: $STATE_DIRECTORY (systemd's StateDirectory=)
 
     def timing(self) -> BootstrapTiming:
         """The keystore's bootstrap timing from this section (the rest keeps the planner's defaults)."""
@@ -70,7 +77,16 @@ class GbaConfig:
             retry_interval=self.retry_interval,
             max_retry_interval=self.max_retry_interval,
             min_forced_interval=self.min_forced_interval,
+            start_jitter=self.start_jitter,
         )
+
+    def state_path(self, environ: Mapping[str, str]) -> Path | None:
+        """Where sessions are kept: ``state_directory``, else systemd's ``$STATE_DIRECTORY`` (its first
+        entry), else nowhere."""
+        if self.state_directory is not None:
+            return self.state_directory
+        first = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(first) if first else None
 
 
 @dataclass(frozen=True)
@@ -246,9 +262,23 @@ def _gba(t: _Table) -> GbaConfig:
         http_timeout=t.number("http_timeout", GbaConfig.http_timeout, positive=True),
         retries=t.integer("retries", GbaConfig.retries, minimum=0),
         require_rspauth=t.boolean("require_rspauth", GbaConfig.require_rspauth),
+        start_jitter=t.number("start_jitter", GbaConfig.start_jitter),
+        persist_session=t.boolean("persist_session", GbaConfig.persist_session),
+        seal_key=t.choice("seal_key", GbaConfig.seal_key, SEAL_KEYS),
+        state_directory=_state_directory(t),
     )
     t.finish()
     return gba
+
+
+def _state_directory(t: _Table) -> Path | None:
+    value = t.optional_string("state_directory")
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute():
+        raise t.error("state_directory", f"expected an absolute path, got {_show(value)}")
+    return path
 
 
 def _control(t: _Table) -> ControlConfig:

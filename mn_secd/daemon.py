@@ -8,7 +8,10 @@ Start-up, in order:
    the card's identity read, retrying with a capped exponential back-off; while the modem may still
    be booting the daemon asks systemd for more start-up time (EXTEND_TIMEOUT_USEC);
 3. READY=1 as soon as the control socket is up and the card has answered. The first GBA bootstrap
-   is *not* awaited: it starts right away in the background, and the first key request joins it.
+   is *not* awaited: the session of the last run is resumed if it is still valid (a GBA_U card's
+   EF_GBABP, or a GBA_ME session sealed in the state directory: :mod:`mn_secd.gba.session_store`),
+   else the bootstrap starts in the background after the start jitter (``[gba] start_jitter``), at
+   once if an AE asked for a key while there was no card; the first key request joins it or starts it.
 
 **A modem that does not answer is not fatal.** A port that does not exist at all is a configuration
 error and the daemon exits (``modem.port``), but a modem that exists and does not answer (still
@@ -39,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -50,8 +54,11 @@ from mn_secd.config import Config, load_config
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import AeRegistry, load_registry
 from mn_secd.control.server import ControlServer, start_control_server
-from mn_secd.errors import ConfigError, MnSecdError, UiccAbsent, UiccBusy
+from mn_secd.errors import ConfigError, MnSecdError, SealingUnavailable, StoredSessionInvalid, UiccAbsent, UiccBusy
 from mn_secd.gba.keystore import KeyStore
+from mn_secd.gba.planner import StartAction
+from mn_secd.gba.sealing import CredsSealer
+from mn_secd.gba.session_store import SessionKeeper, StateDirectory
 from mn_secd.gba.ub import UbClient
 from mn_secd.logs import btid_hash
 from mn_secd.naf_keys import KeyEvent, KeyEventKind, KeyServiceStatus, NafKey
@@ -100,6 +107,8 @@ class KeyStoreSlot:
         self._unavailable = unavailable
         self._subscribers = Subscribers[KeyEvent](log, "daemon.subscriber_error")
         self._unsubscribe_store: Callable[[], None] | None = None
+        #: An AE asked for a key before there was a keystore: the first bootstrap skips the start jitter.
+        self.asked = False
 
     @property
     def store(self) -> KeyStore | None:
@@ -123,11 +132,13 @@ class KeyStoreSlot:
 
     async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
         if self._store is None:
+            self.asked = True
             raise self._unavailable
         return await self._store.get_key(naf_fqdn, ua_id, force)
 
     async def force_bootstrap(self) -> None:
         if self._store is None:
+            self.asked = True
             raise self._unavailable
         await self._store.force_bootstrap()
 
@@ -161,6 +172,7 @@ class Daemon:
         self.server: ControlServer | None = None
         self.card: Card | None = None
         self.ub: UbClient | None = None
+        self.keeper: SessionKeeper | None = None
         self.ready = False
         self._stop = asyncio.Event()
         self._card_up = asyncio.Event()
@@ -223,6 +235,7 @@ class Daemon:
             self._unsubscribe_card()
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
             ("the keystore", self.keys.close),
+            ("the session store", self.keeper.aclose if self.keeper is not None else None),
             ("the control socket", self.server.close if self.server is not None else None),
             ("the card", self.card.close if self.card is not None else None),
             ("the BSF client", self.ub.aclose if self.ub is not None else None),
@@ -297,12 +310,13 @@ class Daemon:
             require_rspauth=self.config.gba.require_rspauth,
         )
         gba = self.config.gba
-        store = KeyStore(card, self.ub, gba.mode, timing=gba.timing())
+        self.keeper = await self._session_keeper()
+        store = KeyStore(card, self.ub, gba.mode, timing=gba.timing(), keeper=self.keeper)
         self.keys.attach(store)
         store.subscribe(self._on_key_event)
         self._unsubscribe_card = card.subscribe(self._on_card_event)
         self._card_up.set()
-        self._bootstrap_in_background()
+        self._spawn(self._start_keys(store), "start-keys")
 
     async def _open_card(self) -> tuple[Card, CardIdentity]:
         """One attempt: the port opened, the card up and its identity read, or nothing left open."""
@@ -343,6 +357,57 @@ class Daemon:
             self._degraded(f"card not usable ({_describe(notice)})", "card.unusable")
 
     # --- GBA -----------------------------------------------------------------------------------------
+
+    async def _session_keeper(self) -> SessionKeeper | None:
+        """Where sessions are kept across restarts, or None (said once in the log, with why)."""
+        gba = self.config.gba
+        path = gba.state_path(os.environ)
+        if path is None:
+            log.log(
+                logging.WARNING if gba.persist_session else logging.INFO,
+                "no state directory ($STATE_DIRECTORY unset, no [gba] state_directory): sessions are not"
+                " kept across restarts",
+                extra={"event": "gba.no_state_directory"},
+            )
+            return None
+        try:
+            directory = await asyncio.to_thread(StateDirectory.open, path)
+        except StoredSessionInvalid as exc:
+            log.warning("sessions are not kept across restarts: %s", exc, extra={"event": "gba.no_state_directory"})
+            return None
+        keeper = SessionKeeper(directory, CredsSealer(gba.seal_key) if gba.persist_session else None)
+        try:
+            await keeper.check_sealing(time.time())
+        except SealingUnavailable as exc:
+            log.warning(
+                "persist_session refused, GBA_ME sessions are not kept (Ks is never written unsealed): %s",
+                exc,
+                extra={"event": "gba.persist_refused"},
+            )
+        return keeper
+
+    async def _start_keys(self, store: KeyStore) -> None:
+        """Resume the last run's session, or bootstrap after the start jitter (at once if an AE asked)."""
+        try:
+            decision = await store.start(ae_waiting=self.keys.asked)
+        except MnSecdError as exc:  # the card went away meanwhile: its return bootstraps
+            self._degraded(f"start-up failed ({_describe(exc)})", "gba.start_failed")
+            return
+        status = store.status()
+        if decision.action is StartAction.RESUME and status.expires is not None and status.btid is not None:
+            until = status.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            mode = status.gba_mode.value if status.gba_mode is not None else "?"
+            hashed = btid_hash(status.btid)
+            self._status(f"bootstrapped until {until} ({mode}, B-TID #{hashed}; resumed from the last run)")
+            return
+        wait = decision.at - time.time()
+        if wait > 0:
+            self._status(f"bootstrapping in {wait:.0f} s (start jitter; at once when an AE asks for a key)")
+            await asyncio.sleep(wait)
+            status = store.status()
+            if store is not self.keys.store or status.bootstrapped or not status.card_present:
+                return  # an AE's request bootstrapped already, or the card went
+        await self._bootstrap()
 
     def _bootstrap_in_background(self) -> None:
         """The first key request would bootstrap anyway; doing it now makes that request fast."""

@@ -145,12 +145,18 @@ class SimulatedWorld:
         log_level: str = "info",
         reader: str | None = None,
         sim_pin: str | None = None,
+        start_jitter: float = 0.0,
+        state_directory: Path | None = None,
+        persist_session: bool = False,
+        seal_key: str = "auto",
     ) -> Path:
         """A daemon configuration for this world (PSK files 0600 beside it); returns its path.
 
         The card is the modem's, or with ``reader`` the one in the PC/SC reader of that name (a
         virtual card in pcscd's vpcd reader: :mod:`mn_secd.sim.vicc`, :mod:`mn_secd.sim.pcscd`).
         ``sim_pin``: a ``[modem] pin_file`` holding it (0600 beside the configuration).
+        The lab bootstraps at once (``start_jitter``) and keeps no session across restarts unless
+        given a ``state_directory``.
         """
         conf_dir = self.workdir / "etc"
         conf_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -177,6 +183,10 @@ class SimulatedWorld:
             "refresh_jitter = 0.0",
             f"min_forced_interval = {float(min_forced_interval)}",
             "http_timeout = 5.0",
+            f"start_jitter = {float(start_jitter)}",
+            f"persist_session = {'true' if persist_session else 'false'}",
+            f'seal_key = "{seal_key}"',
+            *([f'state_directory = "{state_directory}"'] if state_directory is not None else []),
             "",
             "[control]",
             'addresses = ["127.0.0.1"]',

@@ -100,7 +100,7 @@ class Bench:
         self.control_port = free_udp_port()
         path = self.dir / "mn-secd.toml"
         path.write_text(
-            f'[modem]\nport = "{self.port}"\n\n[gba]\nbsf_url = "{self.bsf_url}"\n\n'
+            f'[modem]\nport = "{self.port}"\n\n[gba]\nbsf_url = "{self.bsf_url}"\nstart_jitter = 0.0\n\n'
             f'[control]\naddresses = ["127.0.0.1"]\nport = {self.control_port}\nmax_peers = {max(256, self.n_aes)}\n\n'
             f'[log]\nlevel = "warning"\n\n' + "\n".join(aes)
         )

@@ -71,6 +71,7 @@ port = "{port}"
 [gba]
 bsf_url = "http://127.0.0.1:8080"
 refresh_jitter = 0.0
+start_jitter = 0.0
 min_forced_interval = 1.0
 
 [control]

@@ -93,6 +93,10 @@ min_forced_interval = 1.5
 http_timeout = 3
 retries = 0
 require_rspauth = true
+start_jitter = 120
+persist_session = true
+seal_key = "TPM2"
+state_directory = "/var/lib/mn-secd-test"
 
 [control]
 addresses = ["127.0.0.1"]
@@ -131,12 +135,17 @@ naf = ["x.example.org"]
         http_timeout=3.0,
         retries=0,
         require_rspauth=True,
+        start_jitter=120.0,
+        persist_session=True,
+        seal_key="tpm2",
+        state_directory=Path("/var/lib/mn-secd-test"),
     )
     timing = config.gba.timing()
-    assert (timing.refresh_margin, timing.retry_interval, timing.min_forced_interval) == (
+    assert (timing.refresh_margin, timing.retry_interval, timing.min_forced_interval, timing.start_jitter) == (
         Span(seconds=10.0),
         Span(share=0.2),
         1.5,
+        120.0,
     )
     assert config.control == ControlConfig(("127.0.0.1",), 15684, 8, 30.0, 16, 2)
     assert config.log.level == "debug"
@@ -194,6 +203,10 @@ BAD = [
     ("[modem]\nport = '/dev/null'\n[gba]\nretry_interval = -1\n", "gba.retry_interval", "negative"),
     ("[modem]\nport = '/dev/null'\n[gba]\nmax_retry_interval = 0\n", "gba.max_retry_interval", "greater than 0"),
     ("[modem]\nport = '/dev/null'\n[gba]\nrequire_rspauth = 'yes'\n", "gba.require_rspauth", "true or false"),
+    ("[modem]\nport = '/dev/null'\n[gba]\nstart_jitter = -1\n", "gba.start_jitter", "negative"),
+    ("[modem]\nport = '/dev/null'\n[gba]\npersist_session = 'yes'\n", "gba.persist_session", "true or false"),
+    ("[modem]\nport = '/dev/null'\n[gba]\nseal_key = 'fido2'\n", "gba.seal_key", '"host", "tpm2"'),
+    ("[modem]\nport = '/dev/null'\n[gba]\nstate_directory = 'state'\n", "gba.state_directory", "absolute path"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = 'lo'\n", "control.addresses", "list of strings"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = []\n", "control.addresses", "at least one"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = ['localhost']\n", "control.addresses[0]", "IP address"),
@@ -344,3 +357,11 @@ def test_the_shipped_example_documents_every_key_and_loads(cfg_dir: Path) -> Non
         assert f"[{section}]" in text
         for key in keys:
             assert f"{key} =" in text, f"{section}.{key} is not documented in the example"
+
+
+def test_sessions_are_kept_in_the_configured_directory_else_in_systemds_state_directory() -> None:
+    assert GbaConfig(state_directory=Path("/srv/state")).state_path({"STATE_DIRECTORY": "/var/lib/x"}) == Path(
+        "/srv/state"
+    )
+    assert GbaConfig().state_path({"STATE_DIRECTORY": "/var/lib/mn-secd:/var/lib/other"}) == Path("/var/lib/mn-secd")
+    assert GbaConfig().state_path({}) is None  # outside systemd and unconfigured: nothing is kept
