@@ -119,6 +119,7 @@ class KeyStore:
     ) -> None:
         self._card = card
         self._keeper = keeper
+        self._starting: asyncio.Event | None = None  # set once start() has decided
         self._ub = ub
         self._policy = policy
         self._clock = clock
@@ -205,10 +206,19 @@ class KeyStore:
 
         Resuming costs one read of the card's EF_GBABP (GBA_U) or one unsealing (GBA_ME). What is
         not resumed is forgotten; the first bootstrap then comes after the start jitter, or at once
-        when ``ae_waiting`` (an AE asked for a key before there was a card to answer it).
+        when ``ae_waiting`` (an AE asked for a key before there was a card to answer it). Key
+        requests that arrive meanwhile wait for the decision.
         """
         self._check_open()
+        self._starting = asyncio.Event()
+        try:
+            return await self._start(ae_waiting)
+        finally:
+            self._starting.set()
+
+    async def _start(self, ae_waiting: bool) -> StartDecision:
         identity = await self._card.identity()
+        generation = self._generation
         recalled = None
         if self._keeper is not None:
             try:
@@ -217,6 +227,9 @@ class KeyStore:
                 mode = None
             async with self._card_lock:
                 recalled = await self._keeper.recall(self._card, identity, mode)
+        if recalled is not None and generation != self._generation:  # the card went meanwhile
+            recalled.session.wipe()
+            recalled = None
         stored = recalled.record.stored if recalled is not None else None
         decision = self.planner.start(self._clock.time(), iccid=identity.iccid, stored=stored, ae_waiting=ae_waiting)
         log.info(
@@ -266,6 +279,9 @@ class KeyStore:
     # --- sessions and bootstraps ---------------------------------------------------------------------
 
     async def _usable_session(self) -> BootstrapSession:
+        starting = self._starting
+        if starting is not None and not starting.is_set():
+            await starting.wait()  # the session of the last run may be about to be resumed
         session = self._session
         if session is not None:
             if self._clock.time() < session.expires.timestamp():

@@ -80,6 +80,8 @@ class GbaCard:
         self.ks: bytes | None = None
         self.gbabp = GbaBootstrapParams(b"", "", "")
         self.subscribers: list[Callable[[CardEvent], None]] = []
+        self.slow_read = asyncio.Event()  # EF_GBABP answers once this is set
+        self.slow_read.set()
 
     async def identity(self) -> CardIdentity:
         return self.ident
@@ -100,6 +102,7 @@ class GbaCard:
         self.gbabp = GbaBootstrapParams(self.gbabp.rand, btid, lifetime)
 
     async def read_gba_bootstrap_params(self) -> GbaBootstrapParams:
+        await self.slow_read.wait()
         return self.gbabp
 
     def subscribe(self, callback: Callable[[CardEvent], None]) -> Callable[[], None]:
@@ -228,6 +231,47 @@ async def test_the_kept_session_ends_with_the_card_in_the_running_daemon(tmp_pat
     await settled(store)
     assert os.listdir(tmp_path / "state") == []
     await store.close()
+
+
+async def test_a_key_asked_for_while_the_start_decides_waits_for_the_resumed_session(tmp_path: Path) -> None:
+    clock, card = Clockwork(), GbaCard(identity())
+    ub = Ub(clock)
+    first = KeyStore(card, ub, clock=clock, keeper=keeper(tmp_path))
+    before = await first.get_key(NAF, DTLS)
+    await settled(first)
+    await first.close()
+
+    card.slow_read.clear()
+    second = KeyStore(card, ub, clock=clock, keeper=keeper(tmp_path))
+    starting = asyncio.create_task(second.start())
+    asking = asyncio.create_task(second.get_key(NAF, DTLS))
+    await asyncio.sleep(0.05)
+    assert not asking.done() and ub.runs == [ub.runs[0]]  # neither answered nor bootstrapping
+    card.slow_read.set()
+    assert (await starting).action is StartAction.RESUME
+    assert (await asking).key == before.key and len(ub.runs) == 1
+    await second.close()
+
+
+async def test_a_card_removed_while_the_start_decides_resumes_nothing(tmp_path: Path) -> None:
+    clock, card = Clockwork(), GbaCard(identity())
+    first = KeyStore(card, Ub(clock), clock=clock, keeper=keeper(tmp_path))
+    await first.ensure_bootstrapped()
+    await settled(first)
+    await first.close()
+
+    card.slow_read.clear()
+    second = KeyStore(card, Ub(clock), clock=clock, keeper=keeper(tmp_path))
+    starting = asyncio.create_task(second.start())
+    await asyncio.sleep(0.05)
+    for callback in list(card.subscribers):
+        callback(CardEvent(CardEventKind.REMOVED))
+    card.slow_read.set()
+    assert (await starting).action is StartAction.BOOTSTRAP
+    assert not second.status().bootstrapped
+    await settled(second)
+    assert os.listdir(tmp_path / "state") == []
+    await second.close()
 
 
 async def test_a_session_of_a_mode_the_policy_no_longer_gives_is_forgotten(tmp_path: Path) -> None:
