@@ -43,7 +43,7 @@ RECORD_VERSION = 1
 KS_LENGTH = 32
 #: A record is a few hundred octets; anything much longer is not one of ours.
 MAX_RECORD = 4096
-_FIELDS = frozenset({"version", "mode", "iccid", "impi", "aid", "btid", "rand", "expires", "lifetime"})
+_FIELDS = frozenset({"version", "mode", "iccid", "impi", "aid", "btid", "rand", "expires", "lifetime", "rspauth"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,7 @@ class SessionRecord:
     rand: bytes
     expires: datetime  # timezone-aware UTC, as the BSF set it
     lifetime: float  # seconds the BSF granted (the planner's scale for refresh and retries)
+    rspauth_verified: bool = True  # False: the BSF's 200 OK was accepted without rspauth (status warns)
 
     @property
     def stored(self) -> StoredSession:
@@ -75,6 +76,7 @@ class SessionRecord:
             mode=self.mode,
             application_aid=self.application_aid,
             ks=ks,
+            rspauth_verified=self.rspauth_verified,
         )
 
 
@@ -88,6 +90,7 @@ def record_of(session: BootstrapSession, lifetime: float) -> SessionRecord:
         rand=session.rand,
         expires=session.expires,
         lifetime=lifetime,
+        rspauth_verified=session.rspauth_verified,
     )
 
 
@@ -106,6 +109,7 @@ def encode_record(record: SessionRecord) -> bytes:
         "rand": record.rand.hex(),
         "expires": record.expires.astimezone(UTC).isoformat().replace("+00:00", "Z"),  # to the microsecond
         "lifetime": record.lifetime,
+        "rspauth": record.rspauth_verified,
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -135,6 +139,8 @@ def decode_record(data: bytes | bytearray) -> SessionRecord:
         raise StoredSessionInvalid("the stored session's lifetime is not a number of seconds")
     if lifetime <= 0 or len(rand) != 16 or not 5 <= len(aid) <= 16:
         raise StoredSessionInvalid("the stored session's lifetime, RAND or application id is out of range")
+    if not isinstance(doc["rspauth"], bool):
+        raise StoredSessionInvalid("the stored session's rspauth is not true or false")
     return SessionRecord(
         mode=mode,
         iccid=_text(doc, "iccid"),
@@ -144,6 +150,7 @@ def decode_record(data: bytes | bytearray) -> SessionRecord:
         rand=rand,
         expires=expires.astimezone(UTC),
         lifetime=float(lifetime),
+        rspauth_verified=doc["rspauth"],
     )
 
 

@@ -67,7 +67,10 @@ def test_a_record_round_trips_and_names_no_secret() -> None:
     assert b"\n" not in data  # one line: a sealed payload puts Ks after the first newline
     again = decode_record(data)
     assert again == stored
-    assert set(json.loads(data)) == {"version", "mode", "iccid", "impi", "aid", "btid", "rand", "expires", "lifetime"}
+    fields = {"version", "mode", "iccid", "impi", "aid", "btid", "rand", "expires", "lifetime", "rspauth"}
+    assert set(json.loads(data)) == fields
+    unverified = record(rspauth_verified=False)  # a session whose 200 OK came without rspauth stays one
+    assert decode_record(encode_record(unverified)).session().rspauth_verified is False
 
 
 def test_the_planner_sees_btid_expiry_card_and_lifetime() -> None:
@@ -98,6 +101,7 @@ GOOD = json.loads(encode_record(record()))
         (json.dumps({**GOOD, "lifetime": True}).encode(), "number of seconds"),
         (json.dumps({**GOOD, "lifetime": -1}).encode(), "out of range"),
         (json.dumps({**GOOD, "btid": ""}).encode(), "non-empty string"),
+        (json.dumps({**GOOD, "rspauth": "yes"}).encode(), "true or false"),
         (b" " * 5000, "not a record of ours"),
     ],
 )
