@@ -236,7 +236,7 @@ class KeyStore:
             "start-up: %s (%s)",
             "session resumed" if decision.action is StartAction.RESUME else "bootstrap planned",
             decision.reason,
-            extra={"event": f"gba.start_{decision.action.value}", "in": round(decision.at - self._clock.time(), 1)},
+            extra={"event": f"gba.start_{decision.action.value}", "due_in": round(decision.at - self._clock.time(), 1)},
         )
         if recalled is not None and decision.action is StartAction.RESUME:
             self._install(recalled.session, resumed=True)
