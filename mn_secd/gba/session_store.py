@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ SESSION_FILES = (RECORD_FILE, SEALED_FILE)
 #: The name sealed into the blob; systemd-creds refuses to unseal it under any other.
 CREDENTIAL_NAME = "mn-secd-gba-session"
 _TEMPORARY_PREFIX = ".tmp-"
+#: Seconds a writer waits for the directory's lock (``mn-secd forget`` holds it for milliseconds).
+LOCK_TIMEOUT = 5.0
 
 
 class StateDirectory:
@@ -88,11 +91,24 @@ class StateDirectory:
         return directory
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """An exclusive ``flock`` on the directory: one writer (daemon or ``mn-secd forget``) at a time."""
+    def locked(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+        """An exclusive ``flock`` on the directory: one writer (daemon or ``mn-secd forget``) at a time.
+
+        Waits at most ``timeout`` seconds for another holder (a stuck one must not stop the daemon).
+        """
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoredSessionInvalid(
+                            f"state directory {self.path}: another process has held its lock for {timeout:g} s"
+                        ) from None
+                    time.sleep(0.02)
             yield
         finally:
             os.close(fd)
@@ -201,7 +217,7 @@ class SessionKeeper:
         except SealingUnavailable:
             self.sealer = None
             if (self.directory.path / SEALED_FILE).exists():
-                await asyncio.to_thread(self.directory.remove)
+                await self._remove()
             raise
 
     async def recall(self, card: CardAccess, identity: CardIdentity, mode: GbaMode | None) -> Recalled | None:
@@ -227,7 +243,7 @@ class SessionKeeper:
                 exc,
                 extra={"event": "gba.resume_refused", "kind": exc.kind},
             )
-            await asyncio.to_thread(self.directory.remove)
+            await self._remove()
             return None
         assert session is not None
         return Recalled(record, session)
@@ -285,8 +301,7 @@ class SessionKeeper:
             wish, self._wish = self._wish, None
             try:
                 if isinstance(wish, _Remove):
-                    removed = await asyncio.to_thread(self.directory.remove)
-                    if removed:
+                    if await self._remove():
                         log.info("stored session removed: %s", wish.reason, extra={"event": "gba.session_forgotten"})
                     continue
                 data = wish.data
@@ -301,8 +316,15 @@ class SessionKeeper:
             except (MnSecdError, OSError) as exc:
                 # The next start bootstraps; a file we could not replace must not be resumed either.
                 log.warning("the session could not be stored: %s", exc, extra={"event": "gba.store_failed"})
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(self.directory.remove)
+                await self._remove()
             finally:
                 if isinstance(wish, _Save):
                     wish.wipe()
+
+    async def _remove(self) -> list[str]:
+        """Every session file removed; a directory that refuses is logged (the next start checks again)."""
+        try:
+            return await asyncio.to_thread(self.directory.remove)
+        except (MnSecdError, OSError) as exc:
+            log.warning("the stored session could not be removed: %s", exc, extra={"event": "gba.store_failed"})
+            return []

@@ -129,6 +129,29 @@ def test_forgetting_waits_for_a_write_in_progress(tmp_path: Path) -> None:
     assert removed == [[RECORD_FILE]]
 
 
+def test_a_lock_held_too_long_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    directory = StateDirectory.open(tmp_path / "state")
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with StateDirectory(directory.path).locked():
+            held.set()
+            release.wait(10)
+
+    other = threading.Thread(target=holder)
+    other.start()
+    try:
+        assert held.wait(5)
+        started = time.monotonic()
+        with pytest.raises(StoredSessionInvalid, match=r"held its lock for 0\.3 s"), directory.locked(timeout=0.3):
+            pass
+        assert 0.3 <= time.monotonic() - started < 2.0
+    finally:
+        release.set()
+        other.join(5)
+
+
 # --- systemd-creds --------------------------------------------------------------------------------------
 
 
