@@ -272,7 +272,7 @@ class SessionKeeper:
         elif self.sealer is not None and session.ks is not None and not session.ks.wiped:
             wish = _Save(SEALED_FILE, seal_payload(record, session.ks), session.btid, session.expires.timestamp())
         else:
-            wish = _Remove("a GBA_ME session is not kept (persist_session is off)")
+            wish = _Remove("a GBA_ME session is kept only sealed (persist_session, with working systemd-creds)")
         self._want(wish)
 
     def forget(self, reason: str) -> None:
