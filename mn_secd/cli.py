@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "key": ("mn_secd.commands.client", "ask the daemon for a NAF key (as a local AE)"),
     "status": ("mn_secd.commands.client", "show the daemon's status (as a local AE)"),
     "forget": ("mn_secd.commands.forget", "remove the session the daemon keeps for its next start"),
+    "setup-sealing": ("mn_secd.commands.setup_sealing", "make the session-sealing key persist_session needs (as root)"),
     "uicc": ("mn_secd.commands.uicc", "diagnose the UICC through the modem's AT port or a PC/SC reader"),
     "doctor": ("mn_secd.commands.doctor", "check a gateway: port, modem, SIM, transport, card, BSF, clock, control"),
     "sim": ("mn_secd.commands.sim", "run a part of the simulated world, or the fleet simulation"),

@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 from mn_secd.control import pskfile
 from mn_secd.errors import ConfigError, InvalidNafId, PcscUnavailable, UnsupportedUaProtocol
 from mn_secd.gba.planner import BootstrapTiming, Span
-from mn_secd.gba.sealing import SEAL_KEYS
 from mn_secd.naf_keys import GbaPolicy
 from mn_secd.secret import SecretBytes
 from mn_secd.ua import UaId, normalise_fqdn
@@ -65,8 +64,7 @@ class GbaConfig:
     require_rspauth: bool = False  # refuse a 200 OK without rspauth (a wrong one is always refused)
     # Session continuity across restarts (README "Session continuity", docs/SESSIONS.md).
     start_jitter: float = _TIMING.start_jitter
-    persist_session: bool = False  # keep a GBA_ME session (Ks sealed by systemd-creds) for the next start
-    seal_key: str = "auto"  # systemd-creds --with-key=
+    persist_session: bool = False  # keep a GBA_ME session (sealed under the session-sealing key) for the next start
     state_directory: Path | None = None  # None: $STATE_DIRECTORY (systemd's StateDirectory=)
 
     def timing(self) -> BootstrapTiming:
@@ -264,7 +262,6 @@ def _gba(t: _Table) -> GbaConfig:
         require_rspauth=t.boolean("require_rspauth", GbaConfig.require_rspauth),
         start_jitter=t.number("start_jitter", GbaConfig.start_jitter),
         persist_session=t.boolean("persist_session", GbaConfig.persist_session),
-        seal_key=t.choice("seal_key", GbaConfig.seal_key, SEAL_KEYS),
         state_directory=_state_directory(t),
     )
     t.finish()

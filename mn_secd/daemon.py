@@ -57,7 +57,7 @@ from mn_secd.control.server import ControlServer, start_control_server
 from mn_secd.errors import ConfigError, MnSecdError, SealingUnavailable, StoredSessionInvalid, UiccAbsent, UiccBusy
 from mn_secd.gba.keystore import KeyStore
 from mn_secd.gba.planner import StartAction
-from mn_secd.gba.sealing import CredsSealer
+from mn_secd.gba.sealing import SessionSealer, load_session_key
 from mn_secd.gba.session_store import SessionKeeper, StateDirectory
 from mn_secd.gba.ub import UbClient
 from mn_secd.logs import btid_hash
@@ -375,15 +375,18 @@ class Daemon:
         except StoredSessionInvalid as exc:
             log.warning("sessions are not kept across restarts: %s", exc, extra={"event": "gba.no_state_directory"})
             return None
-        keeper = SessionKeeper(directory, CredsSealer(gba.seal_key) if gba.persist_session else None)
-        try:
-            await keeper.check_sealing(time.time())
-        except SealingUnavailable as exc:
-            log.warning(
-                "persist_session refused, GBA_ME sessions are not kept (Ks is never written unsealed): %s",
-                exc,
-                extra={"event": "gba.persist_refused"},
-            )
+        sealer = None
+        if gba.persist_session:
+            try:
+                sealer = SessionSealer(load_session_key(os.environ.get("CREDENTIALS_DIRECTORY")))
+            except SealingUnavailable as exc:
+                log.warning(
+                    "persist_session refused, GBA_ME sessions are not kept (Ks is never written unsealed): %s",
+                    exc,
+                    extra={"event": "gba.persist_refused"},
+                )
+        keeper = SessionKeeper(directory, sealer)
+        await keeper.drop_sealed()
         return keeper
 
     async def _start_keys(self, store: KeyStore) -> None:

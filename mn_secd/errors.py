@@ -363,7 +363,8 @@ class StoredSessionInvalid(GbaError):
 
 
 class SealingUnavailable(GbaError):
-    """``systemd-creds`` cannot seal or unseal here (missing, no host key, not root, no TPM2, or it failed)."""
+    """No session-sealing key to seal GBA_ME sessions with (no credential, or one that is not a key),
+    or ``mn-secd setup-sealing`` could not make one (not root, systemd-creds missing or failing)."""
 
     culprit = Culprit.LOCAL
     kind = "sealing-unavailable"

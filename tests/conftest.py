@@ -29,8 +29,8 @@ def host_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A host credential secret of this test's own for ``systemd-creds --with-key=host``.
 
     systemd-creds reads the host key from ``$SYSTEMD_CREDENTIAL_SECRET`` when it is set (systemd's
-    ENVIRONMENT.md), so tests seal with the real tool without creating the machine's
-    ``/var/lib/systemd/credential.secret``; daemons started by the test inherit it.
+    ENVIRONMENT.md), so ``mn-secd setup-sealing`` runs the real tool in tests without creating the
+    machine's ``/var/lib/systemd/credential.secret``.
     """
     path = tmp_path / "credential.secret"
     path.write_bytes(os.urandom(4096))

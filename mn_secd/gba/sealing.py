@@ -1,179 +1,154 @@
-"""Sealing a secret before it reaches the disk, with ``systemd-creds`` (the host key or a TPM2).
+"""Sealing a GBA_ME session before it reaches the disk: AES-256-GCM under the session-sealing key.
 
-``systemd-creds encrypt`` authenticates and encrypts with AES-256-GCM under a key derived from the
-host's credential secret (``/var/lib/systemd/credential.secret``), from the TPM2, or both
-(``--with-key=``); ``decrypt`` refuses a blob under another name, after its ``--not-after`` time,
-or on another machine. We hand it the plaintext through a pipe and read the plaintext back through
-another, into buffers we wipe: never argv, never a temporary file, never ``bytes`` we cannot
-overwrite.
+Why not ``systemd-creds`` from the daemon (as before): under the shipped unit the daemon is a
+``DynamicUser``, which cannot read the host key (``/var/lib/systemd/credential.secret`` is root's),
+and systemd 252 has no service that encrypts for unprivileged callers. So the work is split:
 
-Where it cannot work -- no ``systemd-creds``, no host key or no permission to read it (it is
-root's), no TPM2 -- :class:`SealingUnavailable` says so in one line, and the caller keeps nothing.
+* **the session-sealing key** is 32 random octets made once, as root, by ``mn-secd setup-sealing``,
+  which has ``systemd-creds encrypt`` (host key, TPM2 or both) seal them into
+  ``/etc/credstore.encrypted/mn-secd-session-key``. Only systemd can open that file: it does so at
+  each start of the unit (``LoadCredentialEncrypted=``, the line mn-secd-generator adds when
+  ``[gba] persist_session`` is on and the file exists) into the service's private credentials
+  directory, where :func:`load_session_key` reads it into a :class:`~mn_secd.secret.SecretBytes`;
+* **the daemon seals the session itself** with that key (:class:`SessionSealer`): no subprocess
+  per seal, the key never anywhere but in that buffer (and, for the microseconds of one operation,
+  in OpenSSL's cipher context, which OpenSSL clears when it frees it).
+
+A sealed session (format 1) is ``MAGIC || not_after || nonce || ciphertext || tag``: ``not_after``
+the session's expiry in whole Unix seconds (8 octets, big-endian), a random 96-bit nonce (NIST SP
+800-38D 8.2.2; a gateway seals once per bootstrap, far below the limit of 2^32 seals per key), and
+the 128-bit GCM tag. The associated data binds the format, a fixed name, the card's ICCID and
+``not_after``: a blob opens only under its name, for the card it was sealed for, and (checked
+before decrypting) not after its expiry. A blob of another gateway, sealed under another key, does
+not open at all. Everything here is sans-IO but :func:`load_session_key`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import math
+import errno
 import os
-import shutil
+import stat
+import struct
 from collections.abc import Callable
+from pathlib import Path
 
-from mn_secd.errors import SealingUnavailable
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-#: ``--with-key=`` values the configuration accepts (systemd-creds(1)); "auto" is TPM2 and host key
-#: where there is a TPM2, else the host key.
-SEAL_KEYS = ("auto", "host", "tpm2", "host+tpm2")
-#: Seconds one systemd-creds run may take (a TPM2 can be slow, but not this slow).
-TIMEOUT = 15.0
-#: Largest output read back; a sealed session is well under 2 KiB.
-MAX_OUTPUT = 16384
-#: systemd-creds' note on every use of a host key on unencrypted storage: not a failure.
-_NOT_ENCRYPTED_MEDIA = "is not located on encrypted media"
+from mn_secd.errors import SealingUnavailable, StoredSessionInvalid
+from mn_secd.secret import SecretBytes
+
+#: The systemd credential holding the session-sealing key (its name in /etc/credstore.encrypted/
+#: and in $CREDENTIALS_DIRECTORY; systemd-creds embeds it in the encrypted file).
+SESSION_KEY_CREDENTIAL = "mn-secd-session-key"
+#: Where ``mn-secd setup-sealing`` puts it: the first directory systemd searches for a
+#: ``LoadCredentialEncrypted=`` given without a path (systemd.exec(5), "Credentials").
+CREDSTORE = Path("/etc/credstore.encrypted")
+#: AES-256.
+KEY_LENGTH = 32
+MAGIC = b"mn-secd sealed session 1\n"
+NONCE_LENGTH = 12
+TAG_LENGTH = 16
+_NOT_AFTER = struct.Struct(">Q")
+_HEADER = len(MAGIC) + _NOT_AFTER.size + NONCE_LENGTH
+#: Largest sealed session read back; a sealed session is well under 2 KiB.
+MAX_SEALED = 16384
 
 
-class CredsSealer:
-    """``systemd-creds`` with key ``key`` (one of :data:`SEAL_KEYS`), found on ``PATH`` when used."""
+class SessionSealer:
+    """Seals and opens sessions under the session-sealing key, which it holds until :meth:`wipe`."""
 
-    def __init__(self, key: str = "auto") -> None:
-        if key not in SEAL_KEYS:
-            raise ValueError(f"seal key must be one of {', '.join(SEAL_KEYS)}, got {key!r}")
-        self.key = key
+    def __init__(self, key: SecretBytes, *, random: Callable[[int], bytes] = os.urandom) -> None:
+        if len(key) != KEY_LENGTH:
+            raise ValueError(f"the session-sealing key is {KEY_LENGTH} octets")
+        self._key = key
+        self._random = random
 
-    async def seal(self, name: str, plaintext: bytes | bytearray, *, not_after: float) -> bytes:
-        """The sealed blob for ``plaintext`` under ``name``; it cannot be unsealed after ``not_after``."""
-        # Whole seconds, rounded down: the blob never outlives the session.
-        args = ["encrypt", f"--with-key={self.key}", f"--name={name}", f"--not-after=@{math.floor(not_after)}"]
-        sealed = await self._run([*args, "-", "-"], plaintext)
+    def seal(self, name: str, plaintext: bytes | bytearray, *, iccid: str, not_after: float) -> bytes:
+        """The sealed blob of ``plaintext`` under ``name``, for the card ``iccid``, good until ``not_after``."""
+        expiry = max(0, int(not_after))  # whole seconds, rounded down: the blob never outlives the session
+        nonce = self._random(NONCE_LENGTH)
+        header = MAGIC + _NOT_AFTER.pack(expiry) + nonce
+        sealed = bytearray(len(plaintext) + TAG_LENGTH)
+        self._cipher().encrypt_into(nonce, plaintext, _associated(name, iccid, expiry), sealed)
+        return header + sealed  # not secret
+
+    def unseal(self, name: str, blob: bytes, *, iccid: str, now: float) -> bytearray:
+        """The plaintext of ``blob``, in a buffer the caller wipes; :class:`StoredSessionInvalid` if it
+        is not a blob of ours, has expired, or does not open (another key, name or card, or altered)."""
+        if len(blob) < _HEADER + TAG_LENGTH or not blob.startswith(MAGIC):
+            raise StoredSessionInvalid("the sealed session is not in mn-secd's sealed format")
+        (expiry,) = _NOT_AFTER.unpack_from(blob, len(MAGIC))
+        if expiry <= now:
+            raise StoredSessionInvalid("the sealed session's time has passed (it expired)")
+        nonce = blob[len(MAGIC) + _NOT_AFTER.size : _HEADER]
+        plaintext = bytearray(len(blob) - _HEADER - TAG_LENGTH)
         try:
-            return bytes(sealed)  # not secret
-        finally:
-            _wipe(sealed)
+            self._cipher().decrypt_into(nonce, blob[_HEADER:], _associated(name, iccid, expiry), plaintext)
+        except InvalidTag:
+            plaintext[:] = bytes(len(plaintext))  # decrypt_into has written it before checking the tag
+            raise StoredSessionInvalid(
+                "the sealed session does not open: sealed under another session-sealing key (another "
+                "gateway, or a key made anew), for another card, or altered"
+            ) from None
+        return plaintext
 
-    async def unseal(self, name: str, sealed: bytes) -> bytearray:
-        """The plaintext of ``sealed``, in a buffer the caller wipes."""
-        return await self._run(["decrypt", f"--name={name}", "-", "-"], sealed)
+    def wipe(self) -> None:
+        self._key.wipe()
 
-    async def _run(self, args: list[str], data: bytes | bytearray) -> bytearray:
-        executable = shutil.which("systemd-creds")
-        what = f"systemd-creds {args[0]}" + (f" --with-key={self.key}" if args[0] == "encrypt" else "")
-        if executable is None:
-            raise SealingUnavailable("systemd-creds is not installed (it comes with systemd 250 or later)")
-        try:
-            code, output, errors = await asyncio.wait_for(_exchange([executable, *args], data), TIMEOUT)
-        except TimeoutError:
-            raise SealingUnavailable(f"{what} did not finish within {TIMEOUT:.0f} s") from None
-        except OSError as exc:
-            raise SealingUnavailable(f"{what} could not run: {exc.strerror or exc}") from None
-        if code != 0:
-            _wipe(output)
-            lines = [line for line in errors.splitlines() if line.strip() and _NOT_ENCRYPTED_MEDIA not in line]
-            reason = lines[-1].strip() if lines else f"exit status {code}"
-            raise SealingUnavailable(f"{what} failed: {reason}")
-        return output
+    @property
+    def wiped(self) -> bool:
+        return self._key.wiped
+
+    def _cipher(self) -> AESGCM:
+        if self._key.wiped:
+            raise SealingUnavailable("the session-sealing key was wiped (the daemon is stopping)")
+        # Lent, not copied: AESGCM keys OpenSSL's context from our buffer; the context goes with
+        # the object at the end of the one operation.
+        return AESGCM(self._key.lend())
 
 
-def _wipe(buffer: bytearray) -> None:
-    buffer[:] = bytes(len(buffer))
+def _associated(name: str, iccid: str, expiry: int) -> bytes:
+    return MAGIC + name.encode() + b"\0" + iccid.encode() + b"\0" + _NOT_AFTER.pack(expiry)
 
 
-async def _exchange(argv: list[str], data: bytes | bytearray) -> tuple[int, bytearray, str]:
-    """Run ``argv`` with ``data`` on its stdin; (exit status, stdout in a wipeable buffer, stderr).
+def load_session_key(credentials_directory: str | None) -> SecretBytes:
+    """The session-sealing key systemd handed the unit, from ``$CREDENTIALS_DIRECTORY``.
 
-    Our own pipes rather than asyncio's: its stream reader would hand stdout back as ``bytes``.
+    :class:`SealingUnavailable` in one line saying what is missing and what to do: no credentials
+    at all (not run by systemd, or the unit has no ``LoadCredentialEncrypted=`` line), no such
+    credential, or a file that is not 32 octets only its owner may read.
     """
-    loop = asyncio.get_running_loop()
-    in_read, in_write = os.pipe2(os.O_CLOEXEC)
-    out_read, out_write = os.pipe2(os.O_CLOEXEC)
-    mine = {in_write, out_read}
+    setup = "run `mn-secd setup-sealing` as root, then `systemctl daemon-reload` and restart mn-secd"
+    if not credentials_directory:
+        raise SealingUnavailable(
+            f"no session-sealing key: the daemon got no systemd credentials ($CREDENTIALS_DIRECTORY is unset); {setup}"
+        )
+    path = Path(credentials_directory) / SESSION_KEY_CREDENTIAL
     try:
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=in_read, stdout=out_write, stderr=asyncio.subprocess.PIPE
-            )
-        finally:
-            os.close(in_read)
-            os.close(out_write)
-        for fd in mine:
-            os.set_blocking(fd, False)
-        buffer = bytearray(MAX_OUTPUT)
-
-        async def feed() -> None:
-            try:
-                await _write_all(loop, in_write, data)
-            finally:  # the end of its input
-                os.close(in_write)
-                mine.discard(in_write)
-
-        try:
-            assert process.stderr is not None
-            _, length, errors = await asyncio.gather(
-                feed(), _read_all(loop, out_read, buffer), process.stderr.read(MAX_OUTPUT)
-            )
-            code = await process.wait()
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.shield(process.wait())
-            _wipe(buffer)
-            raise
-        output = buffer[:length]
-        _wipe(buffer)
-        return code, output, errors.decode("utf-8", "replace")
-    finally:
-        for fd in mine:
-            os.close(fd)
-
-
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
-    """Until ``fd`` is readable (or writable)."""
-    future: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not future.done():
-            future.set_result(None)
-
-    add: Callable[..., None] = loop.add_writer if write else loop.add_reader
-    remove: Callable[[int], bool] = loop.remove_writer if write else loop.remove_reader
-    add(fd, wake)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise SealingUnavailable(
+                f"no session-sealing key: the unit has no credential {SESSION_KEY_CREDENTIAL}; {setup}"
+            ) from None
+        raise SealingUnavailable(f"the session-sealing key {path} cannot be read: {exc.strerror or exc}") from None
+    buffer = bytearray(KEY_LENGTH + 1)
     try:
-        await future
-    finally:
-        remove(fd)
-
-
-async def _write_all(loop: asyncio.AbstractEventLoop, fd: int, data: bytes | bytearray) -> None:
-    """All of ``data`` into the pipe ``fd``, without a copy of it."""
-    view = memoryview(data)
-    try:
-        done = 0
-        while done < len(view):
-            try:
-                done += os.write(fd, view[done:])
-            except BlockingIOError:
-                await _ready(loop, fd, write=True)
-            except BrokenPipeError:
-                return  # it stopped reading: its exit status and stderr say why
-    finally:
-        view.release()
-
-
-async def _read_all(loop: asyncio.AbstractEventLoop, fd: int, buffer: bytearray) -> int:
-    """Read the pipe ``fd`` into ``buffer`` until EOF; returns the length read."""
-    view = memoryview(buffer)
-    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077 or info.st_uid not in (os.geteuid(), 0):
+            raise SealingUnavailable(f"the session-sealing key {path} is not a file only its owner may read")
         length = 0
-        while True:
-            if length == len(view):
-                raise SealingUnavailable(f"systemd-creds wrote more than {len(view)} octets")
-            try:
-                count = os.readv(fd, [view[length:]])
-            except BlockingIOError:
-                await _ready(loop, fd, write=False)
-                continue
-            if count == 0:
-                return length
-            length += count
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as raw, memoryview(buffer) as view:
+            while length < len(buffer) and (count := raw.readinto(view[length:])):
+                length += count
+        if length != KEY_LENGTH:
+            raise SealingUnavailable(
+                f"the session-sealing key {path} is not {KEY_LENGTH} octets; make it anew with "
+                "`mn-secd setup-sealing --force`"
+            )
+        del buffer[KEY_LENGTH:]  # the octet that proved nothing follows
+        return SecretBytes(buffer)  # its own copy; this buffer is wiped below
     finally:
-        view.release()
+        buffer[:] = bytes(len(buffer))
+        os.close(fd)

@@ -3,8 +3,8 @@
 One session at most, in one of two files:
 
 * ``gba-session.json``: a GBA_U session's record (no secret: the card keeps Ks);
-* ``gba-session.cred``: a GBA_ME session, record and Ks sealed by ``systemd-creds``
-  (:mod:`mn_secd.gba.sealing`), written only with ``[gba] persist_session = true``.
+* ``gba-session.cred``: a GBA_ME session, record and Ks sealed under the session-sealing key
+  (:mod:`mn_secd.gba.sealing`), written only with ``[gba] persist_session = true`` and that key.
 
 Files are replaced atomically (a temporary file, fsync, rename) under an exclusive ``flock`` on the
 directory, which ``mn-secd forget`` takes too, so forgetting while the daemon runs never races a
@@ -13,7 +13,7 @@ write. The directory must be ours and writable by nobody else, as ``StateDirecto
 :class:`SessionKeeper` is what the keystore talks to: :meth:`~SessionKeeper.recall` at start-up,
 :meth:`~SessionKeeper.remember` after each bootstrap, :meth:`~SessionKeeper.forget` when the session
 ends for good (the card removed or changed, Ks expired). Writing happens in the background, in
-order, the latest wish winning, so a bootstrap never waits for the disk or for ``systemd-creds``.
+order, the latest wish winning, so a bootstrap never waits for the disk.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mn_secd.card_identity import CardIdentity
-from mn_secd.errors import MnSecdError, SealingUnavailable, StoredSessionInvalid
+from mn_secd.errors import MnSecdError, StoredSessionInvalid
 from mn_secd.gba.continuity import (
     MAX_RECORD,
     SessionRecord,
@@ -42,7 +42,7 @@ from mn_secd.gba.continuity import (
     record_of,
     seal_payload,
 )
-from mn_secd.gba.sealing import MAX_OUTPUT, CredsSealer
+from mn_secd.gba.sealing import MAX_SEALED, SessionSealer
 from mn_secd.gba.session import BootstrapSession
 from mn_secd.interfaces import CardAccess
 from mn_secd.logs import btid_hash
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "gba-session.json"
 SEALED_FILE = "gba-session.cred"
 SESSION_FILES = (RECORD_FILE, SEALED_FILE)
-#: The name sealed into the blob; systemd-creds refuses to unseal it under any other.
+#: The name sealed into the blob (its associated data): it opens under no other.
 CREDENTIAL_NAME = "mn-secd-gba-session"
 _TEMPORARY_PREFIX = ".tmp-"
 #: Seconds a writer waits for the directory's lock (``mn-secd forget`` holds it for milliseconds).
@@ -178,6 +178,7 @@ class _Save:
     name: str
     data: bytes | bytearray  # the record (GBA_U), or the plaintext to seal (GBA_ME): wiped after use
     btid: str
+    iccid: str
     not_after: float
 
     def wipe(self) -> None:
@@ -193,32 +194,22 @@ class _Remove:
 class SessionKeeper:
     """Keeps the keystore's session for the next start, in ``directory``.
 
-    ``sealer`` is given when GBA_ME sessions may be kept (``[gba] persist_session``, and
-    ``systemd-creds`` works here: :meth:`check_sealing`); without it only GBA_U sessions are kept,
-    and a sealed session found at start is removed unread.
+    ``sealer`` is given when GBA_ME sessions may be kept (``[gba] persist_session``, with the
+    session-sealing key systemd handed the daemon); the keeper owns it and wipes its key on
+    :meth:`aclose`. Without it only GBA_U sessions are kept, and a sealed session is removed unread
+    (:meth:`drop_sealed` at start, else :meth:`recall`).
     """
 
-    def __init__(self, directory: StateDirectory, sealer: CredsSealer | None = None) -> None:
+    def __init__(self, directory: StateDirectory, sealer: SessionSealer | None = None) -> None:
         self.directory = directory
         self.sealer = sealer
         self._wish: _Save | _Remove | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    async def check_sealing(self, now: float) -> None:
-        """Seal a probe, so that a ``systemd-creds`` that cannot work here is known before any Ks exists.
-
-        On failure the keeper keeps no GBA_ME session (and removes a sealed one) and raises
-        :class:`SealingUnavailable` for the caller to report.
-        """
-        if self.sealer is None:
-            return
-        try:
-            await self.sealer.seal(CREDENTIAL_NAME + "-probe", b"probe", not_after=now + 60.0)
-        except SealingUnavailable:
-            self.sealer = None
-            if (self.directory.path / SEALED_FILE).exists():
-                await self._remove()
-            raise
+    async def drop_sealed(self) -> None:
+        """Without a sealer, remove a sealed session left by an earlier run: it can never be opened."""
+        if self.sealer is None and (self.directory.path / SEALED_FILE).exists():
+            await self._remove()
 
     async def recall(self, card: CardAccess, identity: CardIdentity, mode: GbaMode | None) -> Recalled | None:
         """The stored session if it may be resumed with this card and mode policy, else None (and
@@ -226,8 +217,8 @@ class SessionKeeper:
         session: BootstrapSession | None = None
         try:
             if self.sealer is None and (self.directory.path / SEALED_FILE).exists():
-                raise StoredSessionInvalid("a GBA_ME session was kept, and persist_session is off now")
-            record, session = await self._load()
+                raise StoredSessionInvalid("a GBA_ME session was kept, and sealing is off now")
+            record, session = await self._load(identity.iccid)
             if record is None:
                 return None
             refusal = identity_refusal(record, identity, mode)
@@ -248,9 +239,9 @@ class SessionKeeper:
         assert session is not None
         return Recalled(record, session)
 
-    async def _load(self) -> tuple[SessionRecord | None, BootstrapSession | None]:
+    async def _load(self, iccid: str) -> tuple[SessionRecord | None, BootstrapSession | None]:
         plain = await asyncio.to_thread(self.directory.read, RECORD_FILE, MAX_RECORD)
-        sealed = await asyncio.to_thread(self.directory.read, SEALED_FILE, MAX_OUTPUT)
+        sealed = await asyncio.to_thread(self.directory.read, SEALED_FILE, MAX_SEALED)
         if plain is not None and sealed is not None:
             raise StoredSessionInvalid("two stored sessions, a plain and a sealed one")
         if plain is not None:
@@ -260,7 +251,7 @@ class SessionKeeper:
             return record, record.session()
         if sealed is not None:
             assert self.sealer is not None
-            record, ks = open_payload(await self.sealer.unseal(CREDENTIAL_NAME, sealed))
+            record, ks = open_payload(self.sealer.unseal(CREDENTIAL_NAME, sealed, iccid=iccid, now=time.time()))
             return record, record.session(ks)
         return None, None
 
@@ -268,11 +259,12 @@ class SessionKeeper:
         """Keep ``session`` (GBA_U; GBA_ME when sealing is on), replacing whatever was kept."""
         record = record_of(session, lifetime)
         if session.mode is GbaMode.GBA_U:
-            wish: _Save | _Remove = _Save(RECORD_FILE, encode_record(record), session.btid, 0.0)
+            wish: _Save | _Remove = _Save(RECORD_FILE, encode_record(record), session.btid, session.iccid, 0.0)
         elif self.sealer is not None and session.ks is not None and not session.ks.wiped:
-            wish = _Save(SEALED_FILE, seal_payload(record, session.ks), session.btid, session.expires.timestamp())
+            payload = seal_payload(record, session.ks)
+            wish = _Save(SEALED_FILE, payload, session.btid, session.iccid, session.expires.timestamp())
         else:
-            wish = _Remove("a GBA_ME session is kept only sealed (persist_session, with working systemd-creds)")
+            wish = _Remove("a GBA_ME session is kept only sealed (persist_session, with the session-sealing key)")
         self._want(wish)
 
     def forget(self, reason: str) -> None:
@@ -280,7 +272,7 @@ class SessionKeeper:
         self._want(_Remove(reason))
 
     async def aclose(self) -> None:
-        """Let the last wish reach the disk (the caller bounds the wait); wipe what is left."""
+        """Let the last wish reach the disk (the caller bounds the wait); wipe what is left, and the key."""
         try:
             if self._worker is not None:
                 await asyncio.shield(self._worker)
@@ -288,6 +280,8 @@ class SessionKeeper:
             if isinstance(self._wish, _Save):
                 self._wish.wipe()
             self._wish = None
+            if self.sealer is not None:
+                self.sealer.wipe()
 
     def _want(self, wish: _Save | _Remove) -> None:
         if isinstance(self._wish, _Save):
@@ -307,7 +301,7 @@ class SessionKeeper:
                 data = wish.data
                 if wish.name == SEALED_FILE:
                     assert self.sealer is not None
-                    data = await self.sealer.seal(CREDENTIAL_NAME, wish.data, not_after=wish.not_after)
+                    data = self.sealer.seal(CREDENTIAL_NAME, wish.data, iccid=wish.iccid, not_after=wish.not_after)
                 await asyncio.to_thread(self.directory.replace, wish.name, bytes(data))
                 log.debug(
                     "session stored",

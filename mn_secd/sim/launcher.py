@@ -79,9 +79,14 @@ class DaemonProcess:
         argv: Sequence[str] | None = None,
         watchdog_usec: int | None = 400_000,
         log_file: Path | None = None,
+        credentials: Path | None = None,
     ) -> DaemonProcess:
+        """``credentials``: a directory the daemon sees as ``$CREDENTIALS_DIRECTORY``, as systemd's
+        ``LoadCredential=`` fills it (e.g. the session-sealing key)."""
         notify = NotifyListener()
         env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "CREDENTIALS_DIRECTORY")}
+        if credentials is not None:
+            env["CREDENTIALS_DIRECTORY"] = str(credentials)
         env["NOTIFY_SOCKET"] = notify.address
         if watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(watchdog_usec)

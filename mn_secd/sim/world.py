@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from mn_secd.gba.sealing import KEY_LENGTH, SESSION_KEY_CREDENTIAL
 from mn_secd.sim.bsf import ReferenceBsf
 from mn_secd.sim.modem import ModemEmulator, Quirks
 from mn_secd.sim.profile import CardProfile, load_profile, save_profile
@@ -134,6 +135,17 @@ class SimulatedWorld:
         self.modem.insert_sim(SoftUicc.from_file(self.card_paths[self.current_card]))
         return self.profile()
 
+    def write_session_key(self) -> Path:
+        """A new session-sealing key as systemd hands it to the unit (``LoadCredentialEncrypted=``):
+        a 0400 file in a directory of its own; returns the directory, for ``$CREDENTIALS_DIRECTORY``."""
+        directory = self.workdir / "credentials"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        path = directory / SESSION_KEY_CREDENTIAL
+        path.unlink(missing_ok=True)
+        _write_secret(path, os.urandom(KEY_LENGTH))
+        path.chmod(0o400)
+        return directory
+
     def write_daemon_config(
         self,
         aes: Sequence[AeCredential],
@@ -148,7 +160,6 @@ class SimulatedWorld:
         start_jitter: float = 0.0,
         state_directory: Path | None = None,
         persist_session: bool = False,
-        seal_key: str = "auto",
     ) -> Path:
         """A daemon configuration for this world (PSK files 0600 beside it); returns its path.
 
@@ -185,7 +196,6 @@ class SimulatedWorld:
             "http_timeout = 5.0",
             f"start_jitter = {float(start_jitter)}",
             f"persist_session = {'true' if persist_session else 'false'}",
-            f'seal_key = "{seal_key}"',
             *([f'state_directory = "{state_directory}"'] if state_directory is not None else []),
             "",
             "[control]",

@@ -2,8 +2,9 @@
 
 The software UICC sits behind the AT modem emulator on a real pty (power-cycled between runs, the
 card's Ks and EF_GBABP kept in its profile as a real card keeps them), the reference BSF serves Ub
-and Zn over loopback HTTP, AEs ask over DTLS-PSK, and a GBA_ME session is sealed by the real
-``systemd-creds`` (with a host secret of the test's own: the ``host_secret`` fixture). AUTHENTICATE
+and Zn over loopback HTTP, AEs ask over DTLS-PSK, and a GBA_ME session is sealed under a
+session-sealing key handed over in ``$CREDENTIALS_DIRECTORY``, as systemd's
+``LoadCredentialEncrypted=`` does (that part under the real systemd: tests/system/). AUTHENTICATE
 commands are counted from the emulator's command log, BSF requests from its counters.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,7 +34,6 @@ from mn_secd.ua import UaId
 StartDaemon = Callable[..., Awaitable[DaemonProcess]]
 MN_SECD = str(Path(sys.executable).parent / "mn-secd")
 RECORD, SEALED = "gba-session.json", "gba-session.cred"
-needs_creds = pytest.mark.skipif(shutil.which("systemd-creds") is None, reason="systemd-creds is not installed")
 _APDU = re.compile(r'"([0-9A-Fa-f]+)"')
 
 
@@ -74,8 +73,8 @@ async def wait_for_file(path: Path, present: bool = True, timeout: float = 10.0)
             await asyncio.sleep(0.05)
 
 
-async def run_until_keyed(start_daemon: StartDaemon, config: Path) -> DaemonProcess:
-    daemon = await start_daemon(config)
+async def run_until_keyed(start_daemon: StartDaemon, config: Path, credentials: Path | None = None) -> DaemonProcess:
+    daemon = await start_daemon(config, credentials=credentials)
     await daemon.notify.wait_for(lambda m: m.startswith("STATUS=bootstrapped until "), timeout=20.0)
     return daemon
 
@@ -195,29 +194,30 @@ async def _forced_key(local_aes: LocalAes) -> None:
         await client.get_key(DEFAULT_NAF_FQDN, force=True)
 
 
-# --- GBA_ME: Ks sealed by systemd-creds -------------------------------------------------------------------
+# --- GBA_ME: Ks sealed under the session-sealing key -----------------------------------------------------
 
 
-@needs_creds
 async def test_a_sealed_gba_me_session_is_resumed_then_forgotten_while_the_daemon_runs(
-    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon, tmp_path: Path, host_secret: Path
+    world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
     local_aes.add("ae-one")
-    config = local_aes.write_config(gba_mode="gba-me", state_directory=state, persist_session=True, seal_key="host")
-    daemon = await run_until_keyed(start_daemon, config)
+    config = local_aes.write_config(gba_mode="gba-me", state_directory=state, persist_session=True)
+    credentials = world.write_session_key()
+    sealing_key = (credentials / "mn-secd-session-key").read_bytes()
+    daemon = await run_until_keyed(start_daemon, config, credentials=credentials)
     before = await local_aes.get_key("ae-one")
     assert before.gba_mode is GbaMode.GBA_ME
     await wait_for_file(state / SEALED)
     sealed = (state / SEALED).read_bytes()
     ks = bsf(world).bootstraps[before.btid].ks
-    for secret in (ks, before.key):
+    for secret in (ks, before.key, sealing_key):
         assert secret not in sealed and secret.hex().encode() not in sealed
     assert before.btid.encode() not in sealed and os.listdir(state) == [SEALED]
     assert await daemon.stop() == 0
 
     power_cycle(world)
-    daemon = await start_daemon(config)
+    daemon = await start_daemon(config, credentials=credentials)
     await daemon.notify.wait_for(lambda m: "resumed from the last run" in m, timeout=20.0)
     after = await local_aes.get_key("ae-one")
     assert (after.btid, after.key, after.gba_mode) == (before.btid, before.key, GbaMode.GBA_ME)
@@ -234,50 +234,57 @@ async def test_a_sealed_gba_me_session_is_resumed_then_forgotten_while_the_daemo
     assert await daemon.stop() == 0
     assert os.listdir(state) == []  # and a stop does not write it back
 
-    daemon = await run_until_keyed(start_daemon, config)
+    daemon = await run_until_keyed(start_daemon, config, credentials=credentials)
     assert not any("resumed from the last run" in m for m in daemon.notify.messages)
     assert bsf(world).successes == 1 and bootstrap_authenticates(world) == 1
     assert await daemon.stop() == 0
     assert "\n".join(daemon.stderr).count(ks.hex()) == 0
 
 
-def _no_systemd_creds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
-    return "systemd-creds is not installed"
+def _no_credentials(world: SimulatedWorld) -> tuple[Path | None, str]:
+    return None, "$CREDENTIALS_DIRECTORY is unset"
 
 
-def _host_key_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    if shutil.which("systemd-creds") is None:
-        pytest.skip("systemd-creds is not installed")
-    (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("SYSTEMD_CREDENTIAL_SECRET", str(tmp_path / "a-file" / "credential.secret"))
-    return "systemd-creds encrypt --with-key=host failed: Failed to determine local credential host secret"
+def _no_session_key(world: SimulatedWorld) -> tuple[Path | None, str]:
+    credentials = world.write_session_key()
+    (credentials / "mn-secd-session-key").unlink()  # the unit loads other credentials, not this one
+    return credentials, "the unit has no credential mn-secd-session-key"
 
 
-@pytest.mark.parametrize("breakage", [_no_systemd_creds, _host_key_unusable], ids=["missing", "failing"])
-async def test_without_working_sealing_persist_session_is_refused_once_and_ks_never_written(
+def _a_short_key(world: SimulatedWorld) -> tuple[Path | None, str]:
+    credentials = world.write_session_key()
+    key = credentials / "mn-secd-session-key"
+    key.chmod(0o600)
+    key.write_bytes(os.urandom(16))
+    key.chmod(0o400)
+    return credentials, "is not 32 octets"
+
+
+@pytest.mark.parametrize(
+    "breakage", [_no_credentials, _no_session_key, _a_short_key], ids=["no-credentials", "no-key", "short-key"]
+)
+async def test_without_a_sealing_key_persist_session_is_refused_once_and_ks_never_written(
     world: SimulatedWorld,
     local_aes: LocalAes,
     start_daemon: StartDaemon,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    breakage: Callable[[Path, pytest.MonkeyPatch], str],
+    breakage: Callable[[SimulatedWorld], tuple[Path | None, str]],
 ) -> None:
-    reason = breakage(tmp_path, monkeypatch)
+    credentials, reason = breakage(world)
     state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / SEALED).write_bytes(b"sealed by a run that had the key")
     local_aes.add("ae-one")
-    config = local_aes.write_config(gba_mode="gba-me", state_directory=state, persist_session=True, seal_key="host")
-    daemon = await run_until_keyed(start_daemon, config)
+    config = local_aes.write_config(gba_mode="gba-me", state_directory=state, persist_session=True)
+    daemon = await run_until_keyed(start_daemon, config, credentials=credentials)
     key = await local_aes.get_key("ae-one")  # the daemon serves keys as ever, only without persistence
     assert key.gba_mode is GbaMode.GBA_ME
     assert await daemon.stop() == 0
     refusals = [line for line in daemon.stderr if "persist_session refused" in line]
     assert len(refusals) == 1 and reason in refusals[0], daemon.stderr
-    assert os.listdir(state) == []
+    assert os.listdir(state) == []  # the old sealed session went unread, and nothing new was written
 
-    daemon = await run_until_keyed(start_daemon, config)
+    daemon = await run_until_keyed(start_daemon, config, credentials=credentials)
     assert not any("resumed from the last run" in m for m in daemon.notify.messages)
     assert bsf(world).successes == 2
     assert await daemon.stop() == 0

@@ -95,7 +95,6 @@ retries = 0
 require_rspauth = true
 start_jitter = 120
 persist_session = true
-seal_key = "TPM2"
 state_directory = "/var/lib/mn-secd-test"
 
 [control]
@@ -137,7 +136,6 @@ naf = ["x.example.org"]
         require_rspauth=True,
         start_jitter=120.0,
         persist_session=True,
-        seal_key="tpm2",
         state_directory=Path("/var/lib/mn-secd-test"),
     )
     timing = config.gba.timing()
@@ -205,7 +203,8 @@ BAD = [
     ("[modem]\nport = '/dev/null'\n[gba]\nrequire_rspauth = 'yes'\n", "gba.require_rspauth", "true or false"),
     ("[modem]\nport = '/dev/null'\n[gba]\nstart_jitter = -1\n", "gba.start_jitter", "negative"),
     ("[modem]\nport = '/dev/null'\n[gba]\npersist_session = 'yes'\n", "gba.persist_session", "true or false"),
-    ("[modem]\nport = '/dev/null'\n[gba]\nseal_key = 'fido2'\n", "gba.seal_key", '"host", "tpm2"'),
+    # systemd-creds' key choice belongs to `mn-secd setup-sealing --with-key` now, not to the daemon
+    ("[modem]\nport = '/dev/null'\n[gba]\nseal_key = 'tpm2'\n", "gba.seal_key", "unknown key"),
     ("[modem]\nport = '/dev/null'\n[gba]\nstate_directory = 'state'\n", "gba.state_directory", "absolute path"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = 'lo'\n", "control.addresses", "list of strings"),
     ("[modem]\nport = '/dev/null'\n[control]\naddresses = []\n", "control.addresses", "at least one"),

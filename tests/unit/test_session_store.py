@@ -1,14 +1,12 @@
-"""Where the session is kept across restarts: the state directory, systemd-creds sealing, the keeper.
-
-``systemd-creds`` is the real tool, with a host secret of the test's own (the ``host_secret``
-fixture); its refusals are real too: a PATH without it, a host secret it cannot read.
+"""Where the session is kept across restarts: the state directory, sealing under the session-sealing key,
+the keeper. (``mn-secd setup-sealing``, which makes the key with the real ``systemd-creds``, is
+tested in test_setup_sealing.py; the key under the real systemd in tests/system/.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
 import threading
 import time
@@ -22,7 +20,7 @@ import pytest
 from mn_secd.card_identity import Application, CardEvent, CardIdentity, GbaBootstrapParams
 from mn_secd.errors import SealingUnavailable, StoredSessionInvalid
 from mn_secd.gba.bsfxml import format_lifetime
-from mn_secd.gba.sealing import CredsSealer
+from mn_secd.gba.sealing import MAGIC, SESSION_KEY_CREDENTIAL, SessionSealer, load_session_key
 from mn_secd.gba.session import BootstrapSession
 from mn_secd.gba.session_store import (
     CREDENTIAL_NAME,
@@ -34,12 +32,11 @@ from mn_secd.gba.session_store import (
 from mn_secd.naf_keys import GbaMode
 from mn_secd.secret import SecretBytes
 
-needs_creds = pytest.mark.skipif(shutil.which("systemd-creds") is None, reason="systemd-creds is not installed")
-
 IMPI = "001010000000001@ims.mnc001.mcc001.3gppnetwork.org"
 ISIM_AID = bytes.fromhex("A0000000871004FFFFFFFF8907090000")
 KS = bytes(range(200, 232))
 RAND = bytes(range(16))
+SEALING_KEY = bytes(range(32))
 IDENTITY = CardIdentity(
     iccid="89882110000000000018",
     imsi="001010000000001",
@@ -152,39 +149,87 @@ def test_a_lock_held_too_long_is_an_error_not_a_hang(tmp_path: Path) -> None:
         other.join(5)
 
 
-# --- systemd-creds --------------------------------------------------------------------------------------
+# --- sealing under the session-sealing key ----------------------------------------------------------------
 
 
-@needs_creds
-async def test_sealing_round_trips_and_binds_the_name_and_the_time(host_secret: Path) -> None:
-    sealer = CredsSealer("host")
+def sealer(key: bytes = SEALING_KEY) -> SessionSealer:
+    return SessionSealer(SecretBytes(key))
+
+
+def test_sealing_round_trips_and_binds_the_name_the_card_and_the_time() -> None:
     plaintext = bytearray(b"record\n" + KS)
-    sealed = await sealer.seal("mn-secd-test", plaintext, not_after=time.time() + 60)
-    assert KS not in sealed and b"record" not in sealed
-    assert await sealer.unseal("mn-secd-test", sealed) == plaintext
-    with pytest.raises(SealingUnavailable, match="does not match"):
-        await sealer.unseal("another-name", sealed)
-    expired = await sealer.seal("mn-secd-test", plaintext, not_after=time.time() + 1)
-    await asyncio.sleep(2.1)
-    with pytest.raises(SealingUnavailable, match="time passed"):
-        await sealer.unseal("mn-secd-test", expired)
+    now = time.time()
+    sealed = sealer().seal("mn-secd-test", plaintext, iccid=IDENTITY.iccid, not_after=now + 60)
+    assert KS not in sealed and b"record" not in sealed and IDENTITY.iccid.encode() not in sealed
+    assert sealer().unseal("mn-secd-test", sealed, iccid=IDENTITY.iccid, now=now) == plaintext
+    for name, iccid in (("another-name", IDENTITY.iccid), ("mn-secd-test", "89310150000000000026")):
+        with pytest.raises(StoredSessionInvalid, match="does not open"):
+            sealer().unseal(name, sealed, iccid=iccid, now=now)
+    with pytest.raises(StoredSessionInvalid, match="time has passed"):
+        sealer().unseal("mn-secd-test", sealed, iccid=IDENTITY.iccid, now=now + 61)
+    # The expiry is in the clear beside the ciphertext, and bound to it: moving it breaks the seal.
+    later = bytearray(sealed)
+    later[len(MAGIC) : len(MAGIC) + 8] = (int(now) + 3600).to_bytes(8, "big")
+    with pytest.raises(StoredSessionInvalid, match="does not open"):
+        sealer().unseal("mn-secd-test", bytes(later), iccid=IDENTITY.iccid, now=now)
+    for damaged in (sealed[:-1] + bytes([sealed[-1] ^ 1]), b"not sealed at all", sealed[:20]):
+        with pytest.raises(StoredSessionInvalid):
+            sealer().unseal("mn-secd-test", damaged, iccid=IDENTITY.iccid, now=now)
 
 
-async def test_without_systemd_creds_sealing_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(SealingUnavailable, match="systemd-creds is not installed") as info:
-        await CredsSealer("host").seal("x", b"secret", not_after=time.time() + 60)
+def test_each_seal_has_its_own_nonce() -> None:
+    one, two = (sealer().seal("n", b"same", iccid="1", not_after=time.time() + 60) for _ in range(2))
+    assert one != two
+
+
+def test_a_session_sealed_under_another_key_does_not_open_and_its_plaintext_is_not_left() -> None:
+    sealed = sealer().seal("n", b"record\n" + KS, iccid="1", not_after=time.time() + 60)
+    other = sealer(bytes(range(100, 132)))
+    with pytest.raises(StoredSessionInvalid, match="another session-sealing key"):
+        other.unseal("n", sealed, iccid="1", now=time.time())
+
+
+def test_a_wiped_key_seals_nothing() -> None:
+    held = sealer()
+    held.wipe()
+    assert held.wiped
+    with pytest.raises(SealingUnavailable, match="wiped"):
+        held.seal("n", b"x", iccid="1", not_after=time.time() + 60)
+
+
+def write_key(directory: Path, content: bytes = SEALING_KEY, mode: int = 0o400) -> Path:
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / SESSION_KEY_CREDENTIAL
+    path.write_bytes(content)
+    path.chmod(mode)
+    return path
+
+
+def test_the_key_is_read_from_the_credentials_directory(tmp_path: Path) -> None:
+    write_key(tmp_path / "creds")
+    key = load_session_key(str(tmp_path / "creds"))
+    assert key.get() == SEALING_KEY and repr(key) == "SecretBytes(<32 octets>)"
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: None, r"\$CREDENTIALS_DIRECTORY is unset\); run `mn-secd setup-sealing`"),
+        (lambda d: d.mkdir(), "the unit has no credential mn-secd-session-key; run `mn-secd setup-sealing`"),
+        (lambda d: write_key(d, SEALING_KEY[:16]), "is not 32 octets"),
+        (lambda d: write_key(d, SEALING_KEY + b"\n"), "is not 32 octets"),
+        (lambda d: write_key(d, mode=0o644), "not a file only its owner may read"),
+    ],
+    ids=["no-credentials", "no-key", "short", "long", "readable"],
+)
+def test_a_missing_or_wrong_key_is_refused_in_one_line(
+    tmp_path: Path, setup: Callable[[Path], object], message: str
+) -> None:
+    directory = tmp_path / "creds"
+    setup(directory)
+    with pytest.raises(SealingUnavailable, match=message) as info:
+        load_session_key(str(directory) if directory.exists() else None)
     assert "\n" not in str(info.value)
-
-
-@needs_creds
-async def test_a_host_key_systemd_creds_cannot_use_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A host key systemd-creds cannot read or make (as a non-root service meets root's): it fails,
-    and the one line says what systemd-creds said."""
-    (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("SYSTEMD_CREDENTIAL_SECRET", str(tmp_path / "a-file" / "credential.secret"))
-    with pytest.raises(SealingUnavailable, match=r"systemd-creds encrypt --with-key=host failed: .*host secret"):
-        await CredsSealer("host").seal("x", b"secret", not_after=time.time() + 60)
 
 
 # --- the keeper -----------------------------------------------------------------------------------------
@@ -242,21 +287,19 @@ async def test_without_persist_session_a_gba_me_session_never_reaches_the_disk(t
     assert os.listdir(keeper.directory.path) == []
 
 
-@needs_creds
-async def test_a_gba_me_session_is_sealed_never_written_in_the_clear_and_resumed(
-    tmp_path: Path, host_secret: Path
-) -> None:
-    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), CredsSealer("host"))
-    await keeper.check_sealing(time.time())
+async def test_a_gba_me_session_is_sealed_never_written_in_the_clear_resumed_and_the_key_wiped(tmp_path: Path) -> None:
+    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), sealer())
     kept = session(GbaMode.GBA_ME, ks=KS)
     keeper.remember(kept, 3600.0)
     await settle(keeper)
     assert os.listdir(keeper.directory.path) == [SEALED_FILE]
     on_disk = (keeper.directory.path / SEALED_FILE).read_bytes()
     assert KS not in on_disk and KS.hex().encode() not in on_disk and kept.btid.encode() not in on_disk
-    plain = await CredsSealer().unseal(CREDENTIAL_NAME, on_disk)
+    assert SEALING_KEY not in on_disk
+    plain = sealer().unseal(CREDENTIAL_NAME, on_disk, iccid=IDENTITY.iccid, now=time.time())
     assert plain.endswith(b"\n" + KS)  # what was sealed: the record and Ks, nothing else
 
+    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), sealer())  # the next start
     recalled = await keeper.recall(Card(GbaBootstrapParams(b"", "", "")), IDENTITY, GbaMode.GBA_ME)  # type: ignore[arg-type]
     assert recalled is not None and recalled.session.ks is not None and recalled.session.ks.get() == KS
     assert recalled.session.btid == kept.btid
@@ -264,39 +307,41 @@ async def test_a_gba_me_session_is_sealed_never_written_in_the_clear_and_resumed
     keeper.forget("card removed")
     await settle(keeper)
     assert os.listdir(keeper.directory.path) == []
+    assert keeper.sealer is not None and keeper.sealer.wiped  # aclose wiped the key
 
 
-@needs_creds
-async def test_a_gba_me_session_sealed_on_another_host_is_not_resumed(
-    tmp_path: Path, host_secret: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), CredsSealer("host"))
+async def test_a_gba_me_session_sealed_on_another_gateway_or_for_another_card_is_not_resumed(tmp_path: Path) -> None:
+    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), sealer())
     keeper.remember(session(GbaMode.GBA_ME, ks=KS), 3600.0)
     await settle(keeper)
-    other_host = tmp_path / "other.secret"
-    other_host.write_bytes(os.urandom(4096))
-    monkeypatch.setenv("SYSTEMD_CREDENTIAL_SECRET", str(other_host))
-    assert await keeper.recall(Card(GbaBootstrapParams(b"", "", "")), IDENTITY, GbaMode.GBA_ME) is None  # type: ignore[arg-type]
+    on_disk = (keeper.directory.path / SEALED_FILE).read_bytes()
+    other_gateway = SessionKeeper(StateDirectory.open(tmp_path / "state"), sealer(bytes(range(50, 82))))
+    assert await other_gateway.recall(Card(GbaBootstrapParams(b"", "", "")), IDENTITY, GbaMode.GBA_ME) is None  # type: ignore[arg-type]
+    assert os.listdir(keeper.directory.path) == []
+
+    (keeper.directory.path / SEALED_FILE).write_bytes(on_disk)
+    this_gateway = SessionKeeper(StateDirectory.open(tmp_path / "state"), sealer())
+    other_card = replace(IDENTITY, iccid="89310150000000000026")
+    assert await this_gateway.recall(Card(GbaBootstrapParams(b"", "", "")), other_card, GbaMode.GBA_ME) is None  # type: ignore[arg-type]
     assert os.listdir(keeper.directory.path) == []
 
 
-async def test_sealing_that_cannot_work_is_known_at_start_and_keeps_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), CredsSealer("host"))
+async def test_without_a_sealing_key_a_sealed_session_is_dropped_at_start_and_nothing_is_kept(tmp_path: Path) -> None:
+    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"))
     (keeper.directory.path / SEALED_FILE).write_bytes(b"sealed by an earlier run")
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(SealingUnavailable, match="not installed"):
-        await keeper.check_sealing(time.time())
-    assert keeper.sealer is None and os.listdir(keeper.directory.path) == []
+    await keeper.drop_sealed()
+    assert os.listdir(keeper.directory.path) == []
     keeper.remember(session(GbaMode.GBA_ME, ks=KS), 3600.0)
     await settle(keeper)
     assert os.listdir(keeper.directory.path) == []
+    keeper.remember(session(), 3600.0)  # a GBA_U record, by contrast, is kept ...
+    await settle(keeper)
+    await keeper.drop_sealed()  # ... and not dropped
+    assert os.listdir(keeper.directory.path) == [RECORD_FILE]
 
 
-@needs_creds
-async def test_the_latest_wish_wins_and_a_superseded_plaintext_is_wiped(tmp_path: Path, host_secret: Path) -> None:
-    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), CredsSealer("host"))
+async def test_the_latest_wish_wins_and_a_superseded_plaintext_is_wiped(tmp_path: Path) -> None:
+    keeper = SessionKeeper(StateDirectory.open(tmp_path / "state"), sealer())
     keeper.remember(session(GbaMode.GBA_ME, ks=KS), 3600.0)  # sealing starts ...
     keeper.remember(session(GbaMode.GBA_ME, ks=bytes(32), rand=bytes(16)), 3600.0)  # ... superseded at once
     pending = keeper._wish

@@ -98,12 +98,62 @@ def test_a_missing_config_writes_nothing_and_main_never_fails(tmp_path: Path) ->
     assert gen.main([]) == 2
 
 
+def credstore(tmp_path: Path, *, key: bool = True) -> Path:
+    store = tmp_path / "credstore.encrypted"
+    store.mkdir(mode=0o700)
+    if key:
+        (store / "mn-secd-session-key").write_bytes(b"as systemd-creds encrypt wrote it")
+    return store
+
+
+def test_persist_session_with_the_key_made_hands_it_to_the_daemon(tmp_path: Path) -> None:
+    cfg = config(tmp_path, '[modem]\nport = "/dev/pts/3"\n[gba]\npersist_session = true\n')
+    out = tmp_path / "gen"
+    gen.generate(out, config=cfg, enabled_link=tmp_path / "absent", credstore=credstore(tmp_path))
+    text = (out / "mn-secd.service.d" / "50-session-key.conf").read_text()
+    # the form without a path: systemd searches its credential store, and skips a file gone since
+    assert "[Service]\nLoadCredentialEncrypted=mn-secd-session-key\n" in text
+    assert (out / "mn-secd.service.d" / "50-modem-port.conf").exists()
+
+
+def test_a_reader_configuration_gets_the_session_key_and_no_port(tmp_path: Path) -> None:
+    cfg = config(tmp_path, '[modem]\ntransport = "pcsc"\nreader = "vpcd"\n[gba]\npersist_session = true\n')
+    out = tmp_path / "gen"
+    assert gen.generate(out, config=cfg, enabled_link=tmp_path / "absent", credstore=credstore(tmp_path)) is None
+    assert sorted(p.name for p in (out / "mn-secd.service.d").iterdir()) == ["50-session-key.conf"]
+
+
+@pytest.mark.parametrize(
+    ("gba", "key"),
+    [
+        ("persist_session = true\n", False),  # setup-sealing not run: no line, or the unit would ask for nothing
+        ("persist_session = false\n", True),  # a key made, persistence off: the daemon does not get it
+        ('persist_session = "true"\n', True),  # not a boolean: `mn-secd run` refuses the file itself
+        ("", True),
+    ],
+)
+def test_no_session_key_unless_persist_session_is_on_and_the_key_exists(tmp_path: Path, gba: str, key: bool) -> None:
+    cfg = config(tmp_path, f'[modem]\nport = "/dev/pts/3"\n[gba]\n{gba}')
+    out = tmp_path / "gen"
+    gen.generate(out, config=cfg, enabled_link=tmp_path / "absent", credstore=credstore(tmp_path, key=key))
+    assert not (out / "mn-secd.service.d" / "50-session-key.conf").exists()
+
+
+def test_the_generator_names_the_key_as_the_daemon_and_setup_sealing_do() -> None:
+    from mn_secd.gba import sealing
+
+    assert (gen.SESSION_KEY_CREDENTIAL, gen.CREDSTORE) == (sealing.SESSION_KEY_CREDENTIAL, sealing.CREDSTORE)
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_the_dropin_is_valid_systemd_syntax(tmp_path: Path) -> None:
-    """The shipped unit plus the generated drop-in pass `systemd-analyze verify`."""
-    cfg = config(tmp_path, '[modem]\nport = "/dev/serial/by-id/usb-Quectel_EG25-if02-port0"\n')
+    """The shipped unit plus the generated drop-ins pass `systemd-analyze verify`."""
+    cfg = config(
+        tmp_path, '[modem]\nport = "/dev/serial/by-id/usb-Quectel_EG25-if02-port0"\n[gba]\npersist_session = true\n'
+    )
     units = tmp_path / "units"
-    gen.generate(units, config=cfg, enabled_link=tmp_path / "absent")
+    gen.generate(units, config=cfg, enabled_link=tmp_path / "absent", credstore=credstore(tmp_path))
+    assert (units / "mn-secd.service.d" / "50-session-key.conf").exists()
     unit = (Path(__file__).resolve().parents[2] / "systemd" / "mn-secd.service").read_text()
     (units / "mn-secd.service").write_text(unit.replace("/opt/mn-secd/bin/mn-secd", "/bin/true"))
     result = subprocess.run(
