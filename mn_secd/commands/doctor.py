@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -48,15 +49,19 @@ from mn_secd.commands.check_config import DEFAULT_CONFIG
 from mn_secd.commands.doctor_rules import (
     DEFAULT_SERVICE_GROUPS,
     UNIT,
+    SessionFacts,
     Verdict,
     clock_verdict,
     device_allowed,
     driver_name,
+    dropin_device_allow,
     group_name,
+    session_verdict,
     systemctl_show,
     udp_port_users,
     user_name,
 )
+from mn_secd.commands.setup_sealing import check_key
 from mn_secd.config import Config, ControlConfig, GbaConfig, load_config, load_pin
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import load_registry
@@ -64,16 +69,21 @@ from mn_secd.errors import (
     ConfigError,
     KeyServiceRefused,
     MnSecdError,
+    SealingUnavailable,
     TransportUnavailable,
     UiccAbsent,
     UiccBusy,
 )
 from mn_secd.gba import digest
+from mn_secd.gba.sealing import CREDSTORE, SESSION_KEY_CREDENTIAL
 from mn_secd.gba.session import bootstrap
+from mn_secd.gba.session_store import RECORD_FILE, SEALED_FILE
 from mn_secd.gba.ub import UbClient, UbRequest, user_agent
 from mn_secd.naf_keys import GbaMode, GbaPolicy
 from mn_secd.nai import bsf_url
 from mn_secd.secret import SecretBytes
+from mn_secd.systemd_generator import DROPIN as GENERATOR_DROPIN
+from mn_secd.systemd_generator import SESSION_KEY_DROPIN
 from mn_secd.uicc import at, files
 from mn_secd.uicc.card import open_card, read_pin_counters, read_sim_state
 from mn_secd.uicc.channel import CardChannel
@@ -119,6 +129,7 @@ class Settings:
     modem: ModemConfig | None = None
     gba: GbaConfig = field(default_factory=GbaConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    credstore: Path = CREDSTORE  # where mn-secd setup-sealing puts the session-sealing key
 
 
 @dataclass
@@ -222,7 +233,7 @@ def _check_access(doc: Doctor, path: str, st: os.stat_result) -> None:
 
 
 def _check_device_allow(doc: Doctor, path: str, st: os.stat_result) -> None:
-    shown = systemctl_show("LoadState", "DevicePolicy", "DeviceAllow")
+    shown = systemctl_show("LoadState", "DevicePolicy", "DeviceAllow", "DropInPaths")
     if shown is None:
         doc.add("systemd", Verdict.SKIP, "systemd is not running here: DeviceAllow= not checked")
         return
@@ -233,8 +244,29 @@ def _check_device_allow(doc: Doctor, path: str, st: os.stat_result) -> None:
         return
     policy = shown.get("DevicePolicy", "auto")
     allow = [line for line in shown.get("DeviceAllow", "").splitlines() if line.strip()]
-    if policy == "auto" or device_allowed(path, allow, major_name=driver_name(st.st_rdev)):
-        doc.add("systemd", Verdict.OK, f"{UNIT} may open {path} (DevicePolicy={policy})")
+    major = driver_name(st.st_rdev)
+    dropins = shown.get("DropInPaths", "").split()
+    generated = next((d for d in dropins if d.endswith(f"/{UNIT}.d/{GENERATOR_DROPIN}")), None)
+    configured = doc.settings.config.modem.port if doc.settings.config is not None else None
+    written_for = dropin_device_allow(Path(generated)) if generated is not None else []
+    if configured is not None and written_for and not device_allowed(configured, written_for, major_name=None):
+        doc.add(
+            "systemd",
+            Verdict.FAIL,
+            f"mn-secd-generator's {generated} allows {'; '.join(written_for)}, but [modem] port is {configured}: "
+            "systemd has not read the configuration since the port changed",
+            "systemctl daemon-reload (the generator writes its drop-in from [modem] port), then "
+            "systemctl restart mn-secd",
+        )
+        return
+    if policy == "auto" or device_allowed(path, allow, major_name=major):
+        sources = [
+            ("mn-secd-generator's " if d == generated else "") + d
+            for d in dropins
+            if device_allowed(path, dropin_device_allow(Path(d)), major_name=major)
+        ]
+        source = f"; DeviceAllow= from {', '.join(sources)}" if sources and policy != "auto" else ""
+        doc.add("systemd", Verdict.OK, f"{UNIT} may open {path} (DevicePolicy={policy}{source})")
     else:
         doc.add(
             "systemd",
@@ -544,6 +576,70 @@ async def _mn_secd_answers(address: str, port: int) -> bool:
     return True
 
 
+async def check_session(doc: Doctor) -> None:
+    """Where sessions are kept across restarts, and with persist_session the session-sealing key."""
+    s = doc.settings
+    if s.config is None:
+        doc.add("session", Verdict.SKIP, "no configuration to check")
+        return
+    shown = systemctl_show("LoadState", "StateDirectory", "DropInPaths")
+    unit = shown if shown is not None and shown.get("LoadState") == "loaded" else None
+    facts = SessionFacts(s.gba.persist_session, None, key_path=s.credstore / SESSION_KEY_CREDENTIAL)
+    if s.gba.state_directory is not None:
+        facts = replace(facts, directory=s.gba.state_directory, source="[gba] state_directory")
+    elif os.environ.get("STATE_DIRECTORY"):
+        facts = replace(facts, directory=s.gba.state_path(os.environ), source="$STATE_DIRECTORY")
+    elif unit is not None and unit.get("StateDirectory"):
+        facts = replace(facts, directory=Path("/var/lib") / unit["StateDirectory"].split()[0], source="StateDirectory=")
+    if facts.directory is not None:
+        problem, kept = _state_directory_facts(facts.directory, by_systemd=facts.source == "StateDirectory=")
+        facts = replace(facts, directory_problem=problem, kept=kept)
+    if s.gba.persist_session:
+        try:
+            present: bool | None = facts.key_path.is_file()
+        except PermissionError:
+            present = None
+        facts = replace(facts, key_present=present)
+        if present and os.geteuid() == 0:
+            try:
+                await asyncio.to_thread(check_key, facts.key_path)
+            except SealingUnavailable as exc:
+                facts = replace(facts, key_problem=str(exc))
+        if unit is not None:
+            facts = replace(
+                facts,
+                unit_loads_key=any(d.endswith(f"/{SESSION_KEY_DROPIN}") for d in unit.get("DropInPaths", "").split()),
+            )
+    verdict, detail, fix = session_verdict(facts)
+    doc.add("session", verdict, detail, fix)
+
+
+def _state_directory_facts(path: Path, *, by_systemd: bool) -> tuple[str | None, str]:
+    """(why the daemon could not keep sessions in ``path``, what is kept there now)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if by_systemd:
+            return None, "nothing yet (systemd makes it when the unit starts)"
+        if not os.access(path.parent, os.W_OK):
+            return f"missing, and {path.parent} is not writable by this user", ""
+        return None, "nothing yet (the daemon makes it, mode 0700)"
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror})", ""
+    if not stat.S_ISDIR(info.st_mode):
+        return "not a directory", ""
+    if info.st_mode & 0o022:
+        return f"writable by group or others (mode {stat.S_IMODE(info.st_mode):04o}), so the daemon refuses it", ""
+    if not by_systemd and not os.access(path, os.W_OK):
+        return "not writable by this user", ""
+    try:
+        names = set(os.listdir(path))
+    except PermissionError:
+        return None, "what this user cannot see (run as root)"
+    files = ((RECORD_FILE, "a GBA_U session record"), (SEALED_FILE, "a sealed GBA_ME session"))
+    return None, " and ".join(what for name, what in files if name in names) or "no session"
+
+
 async def check_aka(doc: Doctor) -> None:
     if not doc.settings.with_aka:
         return
@@ -654,6 +750,7 @@ def steps(settings: Settings) -> tuple[Step, ...]:
         check_bsf,
         check_clock,
         check_control,
+        check_session,
         check_aka,
     )
 

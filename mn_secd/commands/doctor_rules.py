@@ -13,11 +13,13 @@ import pwd
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 #: The unit the daemon runs as, and the groups its (dynamic) user has when the unit cannot be asked.
 UNIT = "mn-secd.service"
+
 DEFAULT_SERVICE_GROUPS = ("dialout",)
 #: A clock before this is surely wrong (this code did not exist before it).
 CLOCK_FLOOR = datetime(2025, 1, 1, tzinfo=UTC)
@@ -48,6 +50,86 @@ def device_allowed(port: str, device_allow: Sequence[str], *, major_name: str | 
             if pattern == major_name or (pattern.endswith("*") and major_name.startswith(pattern[:-1])):
                 return True
     return False
+
+
+def dropin_device_allow(path: Path) -> list[str]:
+    """The ``DeviceAllow=`` values a unit drop-in sets (``/dev/x rw``), [] if it cannot be read."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.partition("=")[2].strip() for line in lines if line.startswith("DeviceAllow=")]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFacts:
+    """What the doctor found about keeping sessions across restarts (``check_session`` gathers it)."""
+
+    persist: bool  # [gba] persist_session
+    directory: Path | None  # where sessions are kept; None: nowhere
+    source: str = ""  # what chose it: "StateDirectory=", "[gba] state_directory", "$STATE_DIRECTORY"
+    directory_problem: str | None = None  # why the daemon could not keep sessions there
+    kept: str = "no session"  # what is kept there now
+    key_path: Path = Path()
+    key_present: bool | None = None  # None: not visible to this user
+    key_problem: str | None = None  # systemd-creds could not open it (checked as root)
+    unit_loads_key: bool | None = None  # the generator's drop-in is in the unit; None: no unit to ask
+
+
+def session_verdict(facts: SessionFacts) -> tuple[Verdict, str, str]:
+    """(verdict, detail, fix) of the session line: where sessions are kept, and what a restart costs."""
+    setup = "mn-secd setup-sealing (as root), then systemctl daemon-reload && systemctl restart mn-secd"
+    if facts.directory is None:
+        return (
+            Verdict.WARN,
+            "no state directory (not under the unit's StateDirectory=, no [gba] state_directory): nothing is "
+            "kept, every restart costs a bootstrap",
+            "run the daemon as mn-secd.service, or set [gba] state_directory",
+        )
+    where = f"{facts.directory} ({facts.source})"
+    if facts.directory_problem is not None:
+        return (
+            Verdict.FAIL,
+            f"{where}: {facts.directory_problem}: nothing is kept across restarts",
+            "let systemd make it (StateDirectory=), or give the daemon's user a directory of its own (mode 0700)",
+        )
+    where += f" holds {facts.kept}; GBA_U sessions are resumed from the card after a restart"
+    if not facts.persist:
+        return (
+            Verdict.OK,
+            f"{where}; GBA_ME sessions are not kept (persist_session = false: a restart costs one bootstrap)",
+            "",
+        )
+    key = facts.key_path
+    if facts.key_present is None:
+        return Verdict.WARN, f"{where}; persist_session = true, and {key} is not visible to this user", "run as root"
+    if not facts.key_present:
+        return (
+            Verdict.WARN,
+            f"{where}; persist_session = true but there is no session-sealing key ({key}): GBA_ME sessions are "
+            "not kept",
+            setup,
+        )
+    if facts.key_problem is not None:
+        return (
+            Verdict.FAIL,
+            f"{where}; the session-sealing key {key} does not open ({facts.key_problem}): systemd cannot hand "
+            "it to the unit, which then fails to start",
+            "mn-secd setup-sealing --force, then systemctl restart mn-secd",
+        )
+    if facts.unit_loads_key is False:
+        return (
+            Verdict.WARN,
+            f"{where}; the session-sealing key {key} is there, but the unit does not load it yet: GBA_ME "
+            "sessions are not kept",
+            "systemctl daemon-reload && systemctl restart mn-secd",
+        )
+    return (
+        Verdict.OK,
+        f"{where}; GBA_ME sessions are sealed under the session-sealing key ({key}, which systemd hands the "
+        "unit) and resumed after a restart",
+        "",
+    )
 
 
 def clock_verdict(now: datetime, bsf_date: datetime | None) -> tuple[Verdict, str]:

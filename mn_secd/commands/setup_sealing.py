@@ -70,7 +70,7 @@ def setup_sealing(args: argparse.Namespace) -> int:
         raise SealingUnavailable("systemd-creds is not installed (it comes with systemd 250 or later)")
     target: Path = args.credstore / SESSION_KEY_CREDENTIAL
     if target.exists() and not args.force:
-        _check(creds, target)
+        check_key(target, creds)
         print(f"{target}: a session-sealing key is there and systemd-creds opens it; kept (--force makes a new one)")
     else:
         key = bytearray(KEY_LENGTH)
@@ -85,7 +85,7 @@ def setup_sealing(args: argparse.Namespace) -> int:
                 _replace(target, bytes(sealed))
             finally:
                 _wipe(sealed)
-            _check(creds, target, key)
+            check_key(target, creds, key)
         finally:
             _wipe(key)
         print(f"{target}: a new 256-bit session-sealing key, sealed by systemd-creds (--with-key={args.with_key})")
@@ -104,8 +104,13 @@ def _next_steps(config_path: str) -> str:
     return f"next: {steps} (mn-secd-generator hands the key to the unit at the daemon-reload)"
 
 
-def _check(creds: str, target: Path, expected: bytearray | None = None) -> None:
-    """systemd-creds opens ``target`` under its name, to a key of 32 octets (``expected``, if given)."""
+def check_key(target: Path, creds: str | None = None, expected: bytearray | None = None) -> None:
+    """systemd-creds opens ``target`` under its name, to a key of 32 octets (``expected``, if given),
+    as systemd will for the unit; else :class:`SealingUnavailable` says why (as root: the host key
+    and the TPM2 are root's). The key read back is wiped."""
+    creds = creds or shutil.which("systemd-creds")
+    if creds is None:
+        raise SealingUnavailable("systemd-creds is not installed (it comes with systemd 250 or later)")
     key = _run(creds, ["decrypt", f"--name={SESSION_KEY_CREDENTIAL}", str(target), "-"], b"")
     try:
         if len(key) != KEY_LENGTH or (expected is not None and not hmac.compare_digest(key, expected)):

@@ -31,7 +31,7 @@ StartDaemon = Callable[..., Awaitable[DaemonProcess]]
 REPO = Path(__file__).resolve().parents[2]
 INS_AUTHENTICATE, INS_UPDATE_BINARY = 0x88, 0xD6
 ORDER = ["config", "port", "access", "systemd", "holders", "modem", "sim", "transport", "card"]
-ORDER += ["bsf-dns", "bsf", "clock", "control"]
+ORDER += ["bsf-dns", "bsf", "clock", "control", "session"]
 
 
 def modem(world: SimulatedWorld) -> ModemEmulator:
@@ -89,9 +89,9 @@ def untouched(world: SimulatedWorld) -> None:
     assert modem(world).count("AT+CPIN=") == 0
 
 
-async def test_a_healthy_gateway_is_all_ok(world: SimulatedWorld) -> None:
+async def test_a_healthy_gateway_is_all_ok(world: SimulatedWorld, tmp_path: Path) -> None:
     for_the_service_user(world)
-    code, checks, err = await run_doctor("--config", str(config_for(world)))
+    code, checks, err = await run_doctor("--config", str(config_for(world, state_directory=tmp_path / "state")))
     assert code == 0, (checks, err)
     assert status(checks) == {
         "config": "ok",
@@ -107,6 +107,7 @@ async def test_a_healthy_gateway_is_all_ok(world: SimulatedWorld) -> None:
         "bsf": "ok",
         "clock": "ok",
         "control": "ok",
+        "session": "ok",
     }
     assert "AT+CGLA: works" in checks["transport"]["detail"] and "would use cgla" in checks["transport"]["detail"]
     assert "001010*********@ims" in checks["card"]["detail"] and "GBA_U yes" in checks["card"]["detail"]
