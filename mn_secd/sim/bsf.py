@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "bsf.mnc001.mcc001.pub.3gppnetwork.org"
 ZN_PATH = "/nbsp-gba/v1/bootstrapping-info-retrieval"
+#: The lab's view of :meth:`ReferenceBsf.reset_counters`'s counters, for a BSF run as a process of its own.
+COUNTERS_PATH = "/lab/counters"
 SERVER = "Bootstrapping Server; Release-6"
 #: A ``WWW-Authenticate`` value no client can use (unterminated quoted string), for ``garbage_challenge``.
 GARBAGE_CHALLENGE = 'Digest realm="bsf", nonce="@@not-base64@@, qop="auth-int'
@@ -233,6 +235,7 @@ class ReferenceBsf:
         app = web.Application()
         app.router.add_get("/", self._handle_ub)
         app.router.add_post(ZN_PATH, self._handle_zn)
+        app.router.add_get(COUNTERS_PATH, self._handle_counters)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -416,6 +419,11 @@ class ReferenceBsf:
 
     # --- Zn ----------------------------------------------------------------------------------------------
 
+    async def _handle_counters(self, request: web.Request) -> web.Response:
+        """The counters as JSON (Ub requests, challenges, successes, ..., Zn requests); counts nothing."""
+        names = ("requests", "challenges", "successes", "resyncs", "rejections", "bad_requests", "busy", "zn_requests")
+        return web.json_response({name: getattr(self, name) for name in names})
+
     async def _handle_zn(self, request: web.Request) -> web.Response:
         self.zn_requests += 1
         try:
@@ -509,7 +517,10 @@ def _seconds(text: str) -> float:
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     """``mn-secd sim bsf``: arguments and handler."""
-    parser.epilog = "Prints the base URL on stdout, then serves Ub (GET /) and Zn until SIGINT/SIGTERM."
+    parser.epilog = (
+        f"Prints the base URL on stdout, then serves Ub (GET /) and Zn until SIGINT/SIGTERM; GET {COUNTERS_PATH} "
+        "answers its counters (Ub requests, challenges, bootstraps, Zn requests) as JSON."
+    )
     parser.add_argument(
         "--subscribers",
         nargs="+",

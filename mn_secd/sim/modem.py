@@ -774,10 +774,13 @@ class ModemEmulator:
             sw = self._card_sw(card, bytes.fromhex("002C000110") + block[0] + block[1])
         else:
             raise _CmeError(CME_SIM_PUK_REQUIRED if state == "SIM PUK" else CME_INCORRECT_PARAMETERS)
+        what = "PIN" if state == "SIM PIN" else "PUK"
         if sw == 0x9000:
             with self._lock:
                 self._pin_taken_at = time.monotonic()
+            logger.info("AT+CPIN: %s accepted", what, extra={"event": "modem.pin"})
             return
+        logger.info("AT+CPIN: %s refused (SW %04X)", what, sw, extra={"event": "modem.pin"})
         if sw == 0x6983 or (state == "SIM PIN" and sw == 0x63C0):
             raise _CmeError(CME_SIM_PUK_REQUIRED if state == "SIM PIN" else CME_SIM_FAILURE)
         raise _CmeError(CME_INCORRECT_PASSWORD)
@@ -965,6 +968,12 @@ class ModemEmulator:
             response = self._fetch(card, apdu[0], response)
         if ins == INS_AUTHENTICATE:
             self._sleep(port, q.auth_latency)
+            logger.info(
+                "AUTHENTICATE (%s): %04X",
+                _authenticate_context(apdu),
+                int.from_bytes(response[-2:], "big"),
+                extra={"event": "modem.authenticate"},
+            )
         if ins in (INS_READ_BINARY, INS_READ_RECORD) and q.wrong_le and len(apdu) == 5:
             response = self._wrong_le(q, apdu, response)
         if q.cme0_every and number % q.cme0_every == 0:
@@ -997,6 +1006,17 @@ class ModemEmulator:
                     self._card_channels.add(opened)
             elif p1 == 0x80:
                 self._card_channels.discard(p2 if p2 else channel_of(apdu[0]))
+
+
+def _authenticate_context(apdu: bytes) -> str:
+    """What an AUTHENTICATE APDU asks for (TS 31.102 7.1.2), for the emulator's log."""
+    p2 = apdu[3] if len(apdu) > 3 else 0
+    tag = apdu[5] if len(apdu) > 5 else 0
+    if p2 & 0x07 == 0x01:
+        return "3G context"
+    if p2 & 0x07 == 0x04:
+        return {0xDD: "GBA bootstrapping", 0xDE: "GBA NAF derivation"}.get(tag, "GBA context")
+    return f"P2 {p2:02X}"
 
 
 #: The commands that report PIN attempts left, by the ``pin_counter`` style that has them (any form:

@@ -99,7 +99,8 @@ def quirks_from_args(args: argparse.Namespace) -> Quirks:
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.epilog = (
-        "Prints the port's path on stdout, then serves until SIGINT/SIGTERM. "
+        "Prints the port's path on stdout, then serves until SIGINT/SIGTERM; logs each AUTHENTICATE "
+        "and each PIN entry on stderr (never the PIN). "
         "SIGUSR1 removes / re-inserts the SIM; SIGUSR2 makes the port vanish / come back "
         "(the new path is printed when it returns)."
     )
@@ -118,8 +119,10 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mn_secd.logs import setup_logging
     from mn_secd.sim.usim import SoftUicc
 
+    setup_logging("info")  # each AUTHENTICATE and PIN entry, on stderr (the journal under systemd-run)
     quirks = quirks_from_args(args)
     if args.sim_pin is not None:
         try:

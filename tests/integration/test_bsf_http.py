@@ -650,6 +650,9 @@ async def test_command_line_serves_ub(tmp_path: Path) -> None:
             for profile in (ME, GBA_U):
                 result = await _bootstrap(client, Ue(profile))
                 assert (await _zn(client, result.btid, *NAFS[0])).status_code == 200
+            counters = (await client.get("/lab/counters")).json()  # for a lab that runs it as a process
+            assert (counters["successes"], counters["zn_requests"], counters["challenges"]) == (2, 2, 2)
+            assert counters["requests"] == 4 and (await client.get("/lab/counters")).json() == counters
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), timeout=20)

@@ -8,6 +8,7 @@ and "entered once" are facts of the wire, not of our own bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import subprocess
@@ -403,7 +404,10 @@ async def test_answers_to_commands_never_sent_are_noticed(
 # --- the emulator's PIN commands on the wire ----------------------------------------------------------------
 
 
-def test_the_pin_commands_on_the_wire(make_modem: Callable[..., PtyModem], tmp_path: Path) -> None:
+def test_the_pin_commands_on_the_wire(
+    make_modem: Callable[..., PtyModem], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mn_secd.sim.modem")
     world = make_modem(locked_card())
     assert at_command(world.path, "AT+CMEE=1")[-1] == "OK"
     assert at_command(world.path, "AT+CPIN?")[:2] == ["+CPIN: SIM PIN", "OK"]
@@ -416,6 +420,11 @@ def test_the_pin_commands_on_the_wire(make_modem: Callable[..., PtyModem], tmp_p
     assert at_command(world.path, 'AT+CPIN="12345678","2468"')[-1] == "OK"  # the lab card's PUK, by hand
     assert at_command(world.path, "AT+CPIN?")[0] == "+CPIN: READY"
     assert world.card.profile.pin == "2468" and world.card.profile.puk_attempts == 10
+    # the emulator's log: each entry and its outcome, never the digits
+    entries = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "modem.pin"]
+    refused = [f"AT+CPIN: PIN refused (SW 63C{left})" for left in (2, 1, 0)]
+    assert entries == [*refused, "AT+CPIN: PUK accepted"]
+    assert not any(digits in caplog.text for digits in ("0000", "12345678", "2468"))
 
     path = tmp_path / "card.toml"
     save_profile(path, world.card.profile)

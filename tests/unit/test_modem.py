@@ -844,6 +844,8 @@ def test_sim_modem_command(tmp_path: Path) -> None:
         modem.signal(signal.SIGTERM)
         assert modem.proc.wait(timeout=5) == 0
         assert not os.path.lexists(link)
+        assert modem.proc.stderr is not None
+        assert modem.proc.stderr.read().count("AUTHENTICATE (3G context): 61") == 1  # the emulator's log
     finally:
         modem.close()
 
