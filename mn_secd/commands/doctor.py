@@ -31,9 +31,11 @@ import os
 import re
 import socket
 import stat
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -59,6 +61,7 @@ from mn_secd.commands.doctor_rules import (
     session_verdict,
     systemctl_show,
     udp_port_users,
+    unit_credentials,
     user_name,
 )
 from mn_secd.commands.setup_sealing import check_key
@@ -94,6 +97,8 @@ from mn_secd.uicc.reader import ReaderSource, survey_readers
 from mn_secd.uicc.serial import AtPort
 from mn_secd.uicc.transport import ApduTransport, PathFinding, open_transport
 
+#: systemd's exit status when a unit's credentials cannot be set up (systemd.exec(5), 243/CREDENTIALS).
+EXIT_CREDENTIALS = 243
 #: Seconds per modem command in the doctor (a silent modem must not hold it up for long).
 COMMAND_TIMEOUT = 3.0
 HTTP_TIMEOUT = 5.0
@@ -155,24 +160,98 @@ class Doctor:
 
 
 async def check_config(doc: Doctor) -> None:
+    """The configuration, and the PSK and PIN files it names as the daemon will read them.
+
+    Under systemd those are usually the unit's credentials (``LoadCredential=``, or encrypted),
+    which exist only inside the unit: then the file is parsed here against stand-ins named as the
+    unit's credentials, and checked in full by ``mn-secd check-config`` in a transient unit given
+    the unit's own credentials by systemd (as root; nothing of them reaches this process).
+    """
     s = doc.settings
     if s.config_path is None:
         doc.add("config", Verdict.SKIP, f"no --config: checking --port {s.port}")
         return
+    credentials = None
+    if not os.environ.get("CREDENTIALS_DIRECTORY") and os.geteuid() == 0:
+        credentials = await asyncio.to_thread(unit_credentials)
     try:
-        config = load_config(s.config_path)
-        load_registry(config.aes, source=str(config.path))
-        pin = load_pin(config)
-        if pin is not None:
-            pin.wipe()
+        if credentials:
+            with _stand_ins(name for name, _, _ in credentials):
+                config = load_config(s.config_path)
+            await asyncio.to_thread(_check_in_unit_sandbox, s.config_path, credentials)
+        else:
+            config = load_config(s.config_path)
+            load_registry(config.aes, source=str(config.path))
+            pin = load_pin(config)
+            if pin is not None:
+                pin.wipe()
     except ConfigError as exc:
         doc.add("config", Verdict.FAIL, str(exc), "correct that key; `mn-secd check-config` re-checks the file")
+        return
+    except UnitCheckFailed as exc:
+        doc.add("config", Verdict.FAIL, str(exc), exc.fix)
         return
     s.config, s.gba, s.control = config, config.gba, config.control
     s.modem = replace(config.modem, port=s.port or config.modem.port)
     s.bsf_url = s.bsf_url or config.gba.bsf_url
     pin_note = ", a PIN file" if config.pin_file is not None else ""
-    doc.add("config", Verdict.OK, f"{config.path} is valid ({len(config.aes)} AEs{pin_note})")
+    n = len(credentials or ())
+    where = f"; checked with {UNIT}'s {n} credential{'' if n == 1 else 's'}" if n else ""
+    doc.add("config", Verdict.OK, f"{config.path} is valid ({len(config.aes)} AEs{pin_note}{where})")
+
+
+class UnitCheckFailed(Exception):
+    """``check-config`` in the transient unit refused the configuration, or systemd could not give the
+    transient unit the service's credentials (exit 243/CREDENTIALS); ``fix`` says what to do."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
+@contextlib.contextmanager
+def _stand_ins(names: Iterable[str]) -> Iterator[None]:
+    """``$CREDENTIALS_DIRECTORY`` with a placeholder file (0600, not a secret) per credential name, for
+    the length of a parse that only looks for those files."""
+    with tempfile.TemporaryDirectory(prefix="mn-secd-doctor-") as directory:
+        for name in names:
+            if "/" not in name and name not in (".", ".."):
+                fd = os.open(Path(directory) / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, b"stand-in")
+                os.close(fd)
+        saved = os.environ.get("CREDENTIALS_DIRECTORY")
+        os.environ["CREDENTIALS_DIRECTORY"] = directory
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["CREDENTIALS_DIRECTORY"]
+            else:
+                os.environ["CREDENTIALS_DIRECTORY"] = saved
+
+
+def _check_in_unit_sandbox(config_path: str, credentials: list[tuple[str, str, bool]]) -> None:
+    """``mn-secd check-config`` as the service's dynamic user, with the service's credentials."""
+    argv = ["systemd-run", "--wait", "--pipe", "--quiet", "--collect", "-p", "DynamicUser=yes"]
+    for name, source, encrypted in credentials:
+        argv += ["-p", f"LoadCredential{'Encrypted' if encrypted else ''}={name}:{source}"]
+    argv += ["--", sys.executable, "-m", "mn_secd", "check-config", "--config", os.path.abspath(config_path)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UnitCheckFailed(f"could not check the configuration in a transient unit: {exc}", "") from None
+    if done.returncode == EXIT_CREDENTIALS:
+        raise UnitCheckFailed(
+            f"systemd cannot load {UNIT}'s credentials ({', '.join(n for n, _, _ in credentials)}): a "
+            "LoadCredential= file is missing, or an encrypted one does not open; the unit would not start",
+            "journalctl -u mn-secd shows what systemd said at the last start",
+        )
+    if done.returncode != 0:
+        line = next((x for x in reversed(done.stderr.splitlines()) if x.strip()), f"exit status {done.returncode}")
+        raise UnitCheckFailed(
+            f"with {UNIT}'s credentials: {line.removeprefix('mn-secd check-config: ')}",
+            "correct that key or credential; `mn-secd check-config` re-checks the file",
+        )
 
 
 def _service_groups() -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -43,7 +44,7 @@ def device_allowed(port: str, device_allow: Sequence[str], *, major_name: str | 
         spec, _, access = entry.strip().partition(" ")
         if "r" not in access or "w" not in access:
             continue
-        if spec.startswith("/dev/") and os.path.realpath(spec) in wanted | {spec}:
+        if spec.startswith("/dev/") and {spec, os.path.realpath(spec)} & wanted:
             return True
         if spec.startswith("char-") and major_name is not None:
             pattern = spec[len("char-") :]
@@ -209,6 +210,32 @@ def systemctl_show(*properties: str) -> dict[str, str] | None:
         key, _, value = line.partition("=")
         shown[key] = (shown[key] + "\n" + value) if key in shown else value
     return shown
+
+
+def bus_path(unit: str) -> str:
+    """The unit's D-Bus object path (sd_bus_path_encode: every octet but [A-Za-z0-9] as _xx)."""
+    encoded = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}" for b in unit.encode())
+    return f"/org/freedesktop/systemd1/unit/{encoded}"
+
+
+def unit_credentials() -> list[tuple[str, str, bool]] | None:
+    """The unit's ``LoadCredential=`` and ``LoadCredentialEncrypted=`` entries as (name, source,
+    encrypted), drop-ins included; None when systemd cannot be asked or has no such unit.
+
+    Asked over D-Bus with busctl: ``systemctl show`` prints these properties as "[unprintable]".
+    """
+    if not Path("/run/systemd/system").is_dir() or shutil.which("busctl") is None:
+        return None
+    argv = ["busctl", "--json=short", "get-property", "org.freedesktop.systemd1", bus_path(UNIT)]
+    argv += ["org.freedesktop.systemd1.Service", "LoadCredential", "LoadCredentialEncrypted"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False)
+        plain, encrypted = (json.loads(line)["data"] for line in done.stdout.splitlines())
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return None
+    if done.returncode != 0:
+        return None
+    return [(str(n), str(p), False) for n, p in plain] + [(str(n), str(p), True) for n, p in encrypted]
 
 
 def user_name(uid: int) -> str:

@@ -13,6 +13,7 @@ from mn_secd.commands.doctor_rules import (
     CLOCK_FLOOR,
     SessionFacts,
     Verdict,
+    bus_path,
     clock_verdict,
     device_allowed,
     dropin_device_allow,
@@ -31,6 +32,8 @@ def test_device_allow_by_path_and_by_class(tmp_path: Path) -> None:
     assert not device_allowed("/dev/ttyUSB2", ["char-ttyACM rw"], major_name="ttyUSB")
     assert not device_allowed("/dev/ttyUSB2", ["/dev/ttyUSB2 r"], major_name="ttyUSB")  # read-only is not enough
     assert not device_allowed("/dev/ttyUSB2", [], major_name="ttyUSB")
+    assert not device_allowed("/dev/ttyUSB2", ["/dev/ttyUSB1 rw"], major_name="ttyUSB")  # another port by path
+    assert not device_allowed(str(link), ["/dev/zero rw"], major_name="mem")
 
 
 def test_the_device_allow_lines_of_a_dropin(tmp_path: Path) -> None:
@@ -85,3 +88,7 @@ def test_session_verdicts_say_where_sessions_are_kept_and_what_a_restart_costs()
     verdict, detail, _ = session_verdict(replace(persist, key_present=True, unit_loads_key=True))
     assert verdict is Verdict.OK and "GBA_ME sessions are sealed under the session-sealing key" in detail
     assert session_verdict(replace(persist, key_present=True, unit_loads_key=None))[0] is Verdict.OK  # no systemd
+
+
+def test_the_units_bus_path_is_escaped_as_systemd_does() -> None:
+    assert bus_path("mn-secd.service") == "/org/freedesktop/systemd1/unit/mn_2dsecd_2eservice"
