@@ -122,21 +122,31 @@ class Config:
     pin_file: Path | None = None  # [modem] pin_file, resolved like an AE's psk_file
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate ``path``; raises :class:`ConfigError` naming the first key at fault."""
-    cfg_path = Path(path)
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     file = str(path)
     try:
-        raw = cfg_path.read_bytes()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(file, "(file)", f"cannot read: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(file, "(file)", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "(syntax)", f"not valid TOML: {exc}") from None
 
+
+def load_gba_config(path: str | os.PathLike[str]) -> GbaConfig:
+    """Only the ``[gba]`` section of ``path``, validated: for commands run beside the unit (``forget``,
+    ``setup-sealing``), where the PSK and PIN files the rest names are the unit's credentials."""
+    return _gba(_Table(str(path), "", _read_toml(path)).table("gba"))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate ``path``; raises :class:`ConfigError` naming the first key at fault."""
+    cfg_path = Path(path)
+    file = str(path)
+    data = _read_toml(path)
     top = _Table(file, "", data)
     config_dir = cfg_path.absolute().parent
     modem_table = top.table("modem", required=True)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from mn_secd.commands.check_config import DEFAULT_CONFIG
-from mn_secd.config import load_config
+from mn_secd.config import load_gba_config
 from mn_secd.gba.session_store import RECORD_FILE, StateDirectory
 
 #: The unit's ``StateDirectory=mn-secd``, for an operator's shell that has no ``$STATE_DIRECTORY``.
@@ -38,7 +38,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 def forget(args: argparse.Namespace) -> int:
     path: Path | None = args.state_directory
     if path is None:
-        path = load_config(args.config).gba.state_path(os.environ) or UNIT_STATE_DIRECTORY
+        path = load_gba_config(args.config).state_path(os.environ) or UNIT_STATE_DIRECTORY
     if not path.is_dir():
         print(f"{path}: no such directory: no session is kept")
         return 0

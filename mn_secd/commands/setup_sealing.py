@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from mn_secd.commands.check_config import DEFAULT_CONFIG
-from mn_secd.config import load_config
+from mn_secd.config import load_gba_config
 from mn_secd.errors import ConfigError, SealingUnavailable
 from mn_secd.gba.sealing import CREDSTORE, KEY_LENGTH, SESSION_KEY_CREDENTIAL
 
@@ -95,7 +95,7 @@ def setup_sealing(args: argparse.Namespace) -> int:
 
 def _next_steps(config_path: str) -> str:
     try:
-        persist = load_config(config_path).gba.persist_session
+        persist = load_gba_config(config_path).persist_session
     except ConfigError:
         persist = None
     steps = "systemctl daemon-reload && systemctl restart mn-secd"

@@ -36,6 +36,11 @@ def test_forget_finds_the_directory_in_the_configuration(tmp_path: Path, capsys:
     state = StateDirectory.open(tmp_path / "state")
     state.replace(RECORD_FILE, b"{}")
     config = tmp_path / "mn-secd.toml"
-    config.write_text(f'[modem]\nport = "/dev/null"\n[gba]\nstate_directory = "{state.path}"\n')
+    # As root beside the unit, the AEs' PSK files are the unit's credentials: not there, and not needed.
+    ae = '[[ae]]\nidentity = "ae-one"\npsk_file = "ae-one.psk"\nnaf = ["in-cse.example.net"]\n'
+    config.write_text(f'[modem]\nport = "/dev/null"\n[gba]\nstate_directory = "{state.path}"\n{ae}')
     assert main(["forget", "--config", str(config)]) == 0
     assert str(state.path) in capsys.readouterr().out and not (state.path / RECORD_FILE).exists()
+    config.write_text('[modem]\nport = "/dev/null"\n[gba]\nstate_directory = "state"\n')
+    assert main(["forget", "--config", str(config)]) == 1  # but [gba] itself is checked
+    assert "gba.state_directory: expected an absolute path" in capsys.readouterr().err

@@ -54,7 +54,8 @@ def test_an_existing_key_is_kept_unless_forced_and_the_hint_follows_the_configur
 ) -> None:
     store = tmp_path / "credstore.encrypted"
     config = tmp_path / "mn-secd.toml"
-    config.write_text('[modem]\nport = "/dev/null"\n[gba]\npersist_session = false\n')
+    ae = '[[ae]]\nidentity = "ae-one"\npsk_file = "ae-one.psk"\nnaf = ["x.example.net"]\n'  # a unit's credential
+    config.write_text(f'[modem]\nport = "/dev/null"\n[gba]\npersist_session = false\n{ae}')
     assert setup(store, config=config) == 0
     first = decrypt(store / SESSION_KEY_CREDENTIAL).stdout
     capsys.readouterr()
