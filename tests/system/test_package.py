@@ -489,6 +489,14 @@ def test_a_gba_me_session_sealed_under_the_session_key_survives_a_restart(lab: L
     _, checks = lab.doctor()
     assert checks["session"]["status"] == "ok", checks["session"]
     assert "GBA_ME sessions are sealed under the session-sealing key" in checks["session"]["detail"]
+    # What the generator relies on in systemd 252: a credential without a path that is not in the
+    # store is not loaded (the unit runs), one that does not open fails the unit (243/CREDENTIALS).
+    probe = ["systemd-run", "--wait", "--quiet", "--collect", "-p", "DynamicUser=yes"]
+    m.run(*probe, "-p", "LoadCredentialEncrypted=mn-secd-absent", "/bin/true")
+    damaged = m.path("/etc/credstore.encrypted/mn-secd-damaged")
+    damaged.write_bytes(m.path(SESSION_KEY).read_bytes()[:-4])
+    assert m.run(*probe, "-p", "LoadCredentialEncrypted=mn-secd-damaged", "/bin/true", check=False).returncode == 243
+    damaged.unlink()
     opened = m.run("systemd-creds", "decrypt", "--transcode=base64", "--name=mn-secd-session-key", SESSION_KEY, "-")
     session_key = base64.b64decode(opened.stdout)
     assert len(session_key) == 32
@@ -593,6 +601,9 @@ def test_a_missing_credential_file_is_refused_by_systemd(lab: Lab) -> None:
         assert props["Result"] == "exit-code" and props["ExecMainStatus"] == "243", props  # 243 = CREDENTIALS
         text = m.run("journalctl", "--no-pager", "-o", "cat", "-u", UNIT, "--since", since).stdout
         assert "credential" in text.lower(), text
+        code, checks = lab.doctor()  # the doctor says so before anyone starts the unit
+        assert code == 1 and checks["config"]["status"] == "fail", checks["config"]
+        assert f"systemd cannot load {UNIT}'s credentials (ae-lab.psk)" in checks["config"]["detail"]
     finally:
         m.run("systemctl", "stop", UNIT, check=False)
         m.path(PSK_PATH + ".away").rename(m.path(PSK_PATH))
