@@ -11,12 +11,12 @@ and systemd 252 has no service that encrypts for unprivileged callers. So the wo
   ``[gba] persist_session`` is on and the file exists) into the service's private credentials
   directory, where :func:`load_session_key` reads it into a :class:`~mn_secd.secret.SecretBytes`;
 * **the daemon seals the session itself** with that key (:class:`SessionSealer`): no subprocess
-  per seal, the key never anywhere but in that buffer (and, for the microseconds of one operation,
-  in OpenSSL's cipher context, which OpenSSL clears when it frees it).
+  per seal, and in the daemon the key only in that buffer (and, for the microseconds of one
+  operation, in OpenSSL's cipher context, which OpenSSL clears when it frees it).
 
 A sealed session (format 1) is ``MAGIC || not_after || nonce || ciphertext || tag``: ``not_after``
 the session's expiry in whole Unix seconds (8 octets, big-endian), a random 96-bit nonce (NIST SP
-800-38D 8.2.2; a gateway seals once per bootstrap, far below the limit of 2^32 seals per key), and
+800-38D 8.2.2 and 8.3: a gateway seals once per bootstrap, far below 2^32 seals per key), and
 the 128-bit GCM tag. The associated data binds the format, a fixed name, the card's ICCID and
 ``not_after``: a blob opens only under its name, for the card it was sealed for, and (checked
 before decrypting) not after its expiry. A blob of another gateway, sealed under another key, does
