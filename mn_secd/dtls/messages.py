@@ -101,6 +101,9 @@ class SessionMessageManager(MessageManager):  # type: ignore[misc]
     def __init__(self, token_manager: Any) -> None:
         super().__init__(token_manager)
         self._recent = RecentMessages[Any]()
+        #: The message being sent and its datagram, from storing it for duplicates to handing it to
+        #: the transport (aiocoap does one right after the other): a response is encoded only once.
+        self._wire: tuple[Any, bytes] | None = None
 
     def _deduplicate_message(self, message: Any) -> bool:
         duplicate, answer = self._recent.seen(message.remote, message.mid, self.clock())
@@ -109,8 +112,18 @@ class SessionMessageManager(MessageManager):  # type: ignore[misc]
         return duplicate
 
     def _store_response_for_duplicates(self, message: Any) -> None:
+        self._wire = None
         if self._recent.knows(message.remote, message.mid):  # a response to a request (piggybacked)
-            self._recent.answer(message.remote, message.mid, message.encode())
+            datagram = message.encode()
+            self._recent.answer(message.remote, message.mid, datagram)
+            self._wire = (message, datagram)
+
+    def datagram(self, message: Any) -> bytes:
+        """``message`` encoded for sending: the datagram just stored for duplicates if it was, else encoded now."""
+        wire, self._wire = self._wire, None
+        if wire is not None and wire[0] is message:
+            return wire[1]
+        return bytes(message.encode())
 
     def forget(self, remote: Any) -> None:
         """The session ended: no duplicate can come from it any more."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import aiocoap
+from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.generic_udp import GenericMessageInterface
 
@@ -72,12 +73,34 @@ class ServerInterface(GenericMessageInterface):  # type: ignore[misc]
             self._pool.peer_trouble(session, f"{type(exc).__name__} while processing it")
             log.debug("processing a CoAP message failed", exc_info=True, extra={"event": "dtls.coap-failed"})
 
+    def send(self, message: Any) -> None:
+        """As upstream's, but a response stored for duplicates is not encoded a second time."""
+        mman = self._mman
+        if mman is None:
+            log.debug("not sending a message: the transport is shutting down", extra={"event": "dtls.late-send"})
+        elif isinstance(mman, SessionMessageManager):
+            message.remote.send(mman.datagram(message))
+        else:
+            message.remote.send(message.encode())
+
     def session_ended(self, session: Session, exc: BaseException | None) -> None:
         """Fail what is pending on the session (its observations end with it) and forget its messages."""
         if exc is not None and self._mman is not None:
             self._received_exception(session, exc)
         if isinstance(self._mman, SessionMessageManager):
             self._mman.forget(session)
+
+
+class _ServerContext(aiocoap.Context):  # type: ignore[misc]
+    """aiocoap's Context as a DTLS server, rendering each request without formatting it.
+
+    Upstream names the task that renders a request after the request's ``repr`` (so a request
+    costs one message formatted to a string, logged or not); this is upstream's ``render_to_pipe``
+    with a fixed name. The request is in the task's frames for anyone debugging.
+    """
+
+    def render_to_pipe(self, pipe: Pipe) -> None:
+        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="CoAP request over DTLS")
 
 
 async def _append_transport(
@@ -160,7 +183,7 @@ async def create_dtls_server_contexts(
     contexts: list[aiocoap.Context] = []
     try:
         for address in addresses:
-            ctx = aiocoap.Context(loop=loop, serversite=site, loggername="coap-server", server_credentials=credentials)
+            ctx = _ServerContext(loop=loop, serversite=site, loggername="coap-server", server_credentials=credentials)
             # Context() replaces a *falsy* credentials map (a CredentialsMap that looks identities up
             # elsewhere is an empty dict); the table is given the map itself.
             ctx.server_credentials = credentials

@@ -22,7 +22,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from aiocoap.numbers import COAPS_PORT
@@ -31,7 +30,14 @@ from aiocoap.util import hostportjoin
 from DTLSSocket import dtls
 
 from mn_secd.dtls.budget import PeerBudget
-from mn_secd.dtls.records import ALERT_FATAL, HandshakeType, handshake_type, is_client_hello, plaintext_alert
+from mn_secd.dtls.records import (
+    ALERT_FATAL,
+    ContentType,
+    HandshakeType,
+    handshake_type,
+    is_client_hello,
+    plaintext_alert,
+)
 from mn_secd.dtls.session import Session, SessionEnded, claim_label
 from mn_secd.dtls.upstream import MAX_PSK_LENGTH
 from mn_secd.logs import LogLimiter
@@ -50,6 +56,7 @@ LOG_INTERVAL = 60.0
 _EVENT_CONNECTED = 0x01DE
 _CLOSE_NOTIFY = 0
 _LEVEL_NOALERT = 0
+_APPLICATION_DATA = int(ContentType.APPLICATION_DATA)
 
 #: A peer as tinydtls names it: (IPv6 text, port), IPv4 as ::ffff:a.b.c.d.
 PeerKey = tuple[str, int]
@@ -77,12 +84,15 @@ class _Peer:
         self.claim: object = None
 
 
-@dataclass
 class _Call:
-    """The peer a call into tinydtls is about (its event and PSK callbacks do not say)."""
+    """The peer a call into tinydtls is about (its event and PSK callbacks do not say), before it
+    has a :class:`_Peer`; a call for a known peer is recorded as the peer itself."""
 
-    key: PeerKey
-    sockaddr: tuple[Any, ...]
+    __slots__ = ("key", "sockaddr")
+
+    def __init__(self, key: PeerKey, sockaddr: tuple[Any, ...]) -> None:
+        self.key = key
+        self.sockaddr = sockaddr
 
 
 class _PskStore:
@@ -135,7 +145,7 @@ class PeerTable(asyncio.DatagramProtocol):
             handshake_timeout=min(idle_timeout, HANDSHAKE_TIMEOUT),
         )
         self._peers: dict[PeerKey, _Peer] = {}
-        self._call: _Call | None = None
+        self._call: _Call | _Peer | None = None
         self._reports: deque[tuple[Any, ...]] = deque()
         self._settling = False
         self._closed = False
@@ -201,38 +211,41 @@ class PeerTable(asyncio.DatagramProtocol):
         try:
             key = peer_key(sockaddr)
             peer = self._peers.get(key)
-            if peer is None:
-                if not is_client_hello(data):
-                    return  # no session can start with it (e.g. a reply to our close_notify): no state
-                session = dtls_session(key, sockaddr)
-            else:
+            if peer is not None:
                 self._budget.activity(key, self.clock())
-                session = peer.dtls_session
-            self._into_tinydtls(key, sockaddr, lambda: self._dtls.handleMessage(session, data))
+                self._into_tinydtls(peer, self._dtls.handleMessage, peer.dtls_session, data)
+            elif is_client_hello(data):
+                self._into_tinydtls(_Call(key, sockaddr), self._dtls.handleMessage, dtls_session(key, sockaddr), data)
+            # else no session can start with it (e.g. a reply to our close_notify): no state
         except Exception:
             self._log_once(("internal", None), "the DTLS server failed on a datagram", exc_info=True)
 
-    def _into_tinydtls(self, key: PeerKey | None, sockaddr: tuple[Any, ...] | None, work: Callable[[], Any]) -> None:
-        """Call tinydtls for one peer (or none), then apply what its callbacks reported."""
-        self._call = _Call(key, sockaddr) if key is not None and sockaddr is not None else None
+    def _into_tinydtls(self, call: _Call | _Peer | None, work: Callable[..., Any], *args: Any) -> None:
+        """Call ``work(*args)`` in tinydtls for one peer (or none), then apply what its callbacks reported."""
+        self._call = call
         try:
-            work()
+            work(*args)
         finally:
             self._call = None
-        self._settle()
+        if self._reports:
+            self._settle()
 
     # --- callbacks from C: record only, never raise ----------------------------------------------------
 
     def _on_write(self, recipient: tuple[str, int], data: bytes) -> int:
         try:
             key = (recipient[0], recipient[1])
-            call, peer = self._call, self._peers.get(key)
+            call = self._call
             if call is not None and call.key == key:
                 sockaddr = call.sockaddr
-            elif peer is not None:
+            elif (peer := self._peers.get(key)) is not None:
                 sockaddr = peer.sockaddr
             else:
                 return len(data)  # nobody to send it to any more
+            assert self._transport is not None
+            if data[0] == _APPLICATION_DATA:  # an encrypted record: nothing to learn from it
+                self._transport.sendto(data, sockaddr)
+                return len(data)
             kind = handshake_type(data)
             if kind == HandshakeType.SERVER_HELLO:
                 self._reports.append(("handshake", key, sockaddr))  # tinydtls accepted a cookie
@@ -243,7 +256,6 @@ class PeerTable(asyncio.DatagramProtocol):
                 return len(data)
             elif (alert := plaintext_alert(data)) is not None and alert[0] == ALERT_FATAL:
                 self._reports.append(("refused", key))  # the handshake failed; tinydtls dropped its peer
-            assert self._transport is not None
             self._transport.sendto(data, sockaddr)
         except Exception:
             self._log_once(("internal", None), "the DTLS write callback failed", exc_info=True)
@@ -316,14 +328,14 @@ class PeerTable(asyncio.DatagramProtocol):
 
     def _apply(self, report: tuple[Any, ...]) -> None:
         kind, key = report[0], report[1]
-        if kind == "handshake":
-            self._admit(key, report[2])
-        elif kind == "connected":
-            self._authenticated(key)
-        elif kind == "data":
+        if kind == "data":  # the common case first
             peer = self._peers.get(key)
             if peer is not None and peer.session is not None:
                 self._delivery.deliver(peer.session, report[2])
+        elif kind == "handshake":
+            self._admit(key, report[2])
+        elif kind == "connected":
+            self._authenticated(key)
         elif kind == "closed":
             self._forget(key, report[2])  # tinydtls has already dropped the peer
         elif kind == "refused":
@@ -334,7 +346,7 @@ class PeerTable(asyncio.DatagramProtocol):
     def _admit(self, key: PeerKey, sockaddr: tuple[Any, ...]) -> None:
         """tinydtls accepted a cookie and began a handshake: give it a place among the handshakes."""
         if self._closed:
-            self._into_tinydtls(None, None, lambda: self._dtls.resetPeer(dtls_session(key, sockaddr)))
+            self._into_tinydtls(None, self._dtls.resetPeer, dtls_session(key, sockaddr))
             return
         if self._budget.is_handshake(key):
             return  # a retransmitted ServerHello
@@ -375,7 +387,7 @@ class PeerTable(asyncio.DatagramProtocol):
             return
         self.evictions += 1
         log.debug("ending DTLS peer (%s)", reason, extra={"event": "dtls.evict", "reason": reason})
-        self._into_tinydtls(None, None, lambda: self._dtls.resetPeer(peer.dtls_session))
+        self._into_tinydtls(None, self._dtls.resetPeer, peer.dtls_session)
         self._forget(key, SessionEnded(f"DTLS session ended by the server: {reason}") if tell_aiocoap else None)
 
     def _forget(self, key: PeerKey, exc: BaseException | None) -> None:
@@ -416,7 +428,7 @@ class PeerTable(asyncio.DatagramProtocol):
     def send_to(self, key: Hashable, message: bytes) -> None:
         peer = self._peers.get(cast(PeerKey, key))
         if peer is not None:
-            self._into_tinydtls(peer.key, peer.sockaddr, lambda: self._dtls.write(peer.dtls_session, message))
+            self._into_tinydtls(peer, self._dtls.write, peer.dtls_session, message)
 
     def hold(self, key: Hashable) -> None:
         self._budget.hold(cast(PeerKey, key))
@@ -442,7 +454,7 @@ class PeerTable(asyncio.DatagramProtocol):
         """
         while self._budget.handshakes:
             await asyncio.sleep(RETRANSMIT_POLL)
-            self._into_tinydtls(None, None, self._dtls.checkRetransmit)
+            self._into_tinydtls(None, self._dtls.checkRetransmit)
 
     async def _purge_while_peers(self) -> None:
         interval = max(0.05, self._budget.handshake_timeout / 4)

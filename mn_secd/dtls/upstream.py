@@ -25,8 +25,12 @@ PATCHED_DTLSSOCKET = UPSTREAM_DTLSSOCKET + "+mnsecd.gbapsk"
 #: sha256 of the upstream modules whose internals our transports subclass or rely upon.
 UPSTREAM_SOURCES: dict[str, str] = {
     # Context._append_tokenmanaged_messagemanaged_transport, the hook that adds our client transport
-    # (the server transport is appended the same way, by hand, with its own message manager).
+    # (the server transport is appended the same way, by hand, with its own message manager);
+    # Context.render_to_pipe and _render_to_pipe, which the server context re-states without the
+    # per-request repr.
     "aiocoap.protocol": "587229a3fc443ecb13582eabe757a7296ec07009df9bef8d8df733a0950cdcd4",
+    # error_to_message and run_driving_pipe, which that render_to_pipe calls as upstream's does.
+    "aiocoap.pipe": "ff281de2368da43b528ed48720e35d3a34957f3d05d05cd1e5170d2fbeeceb0d",
     # Subclassed for bounded deduplication; dispatch_error ends a session's exchanges and observations.
     "aiocoap.messagemanager": "05dacf78ce9162fb8dd12cefdde9146d426ae91e7189c3b3384800ef7a0e2107",
     "aiocoap.tokenmanager": "a2d753515aa7af26bf87a7791b32883776a30642119fa5e4a17bf52413ebb534",
@@ -38,6 +42,9 @@ UPSTREAM_SOURCES: dict[str, str] = {
     # key service relies on to zero key answers in place on a wipe (ObservableResource, here, holds
     # an observation's first answer for as long as the observation lives).
     "aiocoap.message": "4d5c24d05fd455976790d5cb8768cfc9929f4e8b2ccda81311086f34f44bee3d",
+    # ... and ObservableResource._render_to_pipe, which the key service's resources call for a
+    # request with Observe (they render any other request themselves, as Resource._render_to_pipe
+    # does without block-wise assembly).
     "aiocoap.interfaces": "d0b70787c469686b2b05ad7c950a4dc0189e9cbc81392a8487dbcfce008d284c",
 }
 

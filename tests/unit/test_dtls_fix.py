@@ -21,7 +21,9 @@ import aiocoap
 import aiocoap.resource as resource
 import pytest
 from aiocoap.credentials import CredentialsMap
+from aiocoap.message import Direction
 from aiocoap.numbers.codes import Code
+from aiocoap.pipe import Pipe
 from aiocoap.transports import tinydtls, tinydtls_server
 from dtls_peer import DtlsPeer, client_hello, coap_request
 from DTLSSocket import dtls
@@ -49,6 +51,28 @@ class Whoami(resource.Resource):  # type: ignore[misc]
         return aiocoap.Message(payload=repr(claim).encode())
 
 
+class Counted(resource.Resource):  # type: ignore[misc]
+    """Answers how many requests it has rendered so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renders = 0
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        self.renders += 1
+        return aiocoap.Message(payload=str(self.renders).encode())
+
+
+class ReprCounted(aiocoap.Message):  # type: ignore[misc]
+    """A request that counts how often it is formatted."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        ReprCounted.reprs += 1
+        return "<a request>"
+
+
 def upstream_credentials() -> CredentialsMap:
     """Upstream needs a non-empty map (see test_upstream_replaces_an_empty_credentials_map)."""
     creds = CredentialsMap()
@@ -59,6 +83,7 @@ def upstream_credentials() -> CredentialsMap:
 def site() -> resource.Site:
     s = resource.Site()
     s.add_resource(["whoami"], Whoami())
+    s.add_resource(["count"], Counted())
     return s
 
 
@@ -268,6 +293,41 @@ async def test_upstream_server_locks_out_a_new_identity_on_a_reused_port(upstrea
     second.close(notify=False)
 
 
+class _NoCarrier:
+    hostinfo_local = "[::1]:5684"
+
+
+async def render_in(context_class: type[aiocoap.Context]) -> list[bytes]:
+    """Render one GET whoami through ``context_class.render_to_pipe``; the answers' payloads."""
+    ctx = context_class(loop=asyncio.get_running_loop(), serversite=site())
+    request = ReprCounted(code=Code.GET, uri_path=["whoami"])
+    request.remote = dtls_session.Session(_NoCarrier(), ("::1", 1), "[::1]:1", "ae1")
+    request.direction = Direction.INCOMING  # as a decoded datagram is
+    pipe = Pipe(request, logging.getLogger("test.render"))
+    answers: list[bytes] = []
+
+    def on_event(event: Any) -> bool:
+        answers.append(event.message.payload)
+        return not event.is_last
+
+    pipe.on_event(on_event)
+    ctx.render_to_pipe(pipe)
+    await eventually(lambda: bool(answers))
+    return answers
+
+
+async def test_upstream_formats_every_request_it_renders() -> None:
+    ReprCounted.reprs = 0
+    assert await render_in(aiocoap.Context) == [b"'ae1'"]
+    assert ReprCounted.reprs == 1  # the rendering task's name
+
+
+async def test_our_server_context_renders_without_formatting_the_request() -> None:
+    ReprCounted.reprs = 0
+    assert await render_in(dtls_server._ServerContext) == [b"'ae1'"]
+    assert ReprCounted.reprs == 0
+
+
 def test_upstream_dtlssocket_resets_the_tinydtls_clock_with_every_context() -> None:
     """A context's retransmission deadline moves back when another context is created."""
 
@@ -295,6 +355,22 @@ async def test_claim_comes_from_the_handshake(make_server: ServerFactory) -> Non
     assert await whoami(peer, 1) == "'ae2'"
     assert (table.sessions, table.handshakes) == (1, 0)
     peer.close()
+
+
+async def test_a_retransmitted_request_gets_the_same_datagram_without_being_rendered_again(
+    make_server: ServerFactory,
+) -> None:
+    ctx, address, _ = await make_server()
+    peer = await connect(address)
+    request = coap_request(Code.GET, ["count"], mid=7).encode()
+    first = await peer.exchange(request)
+    again = await peer.exchange(request)  # the same message ID: a retransmission (RFC 7252 4.5)
+    other = await peer.exchange(coap_request(Code.GET, ["count"], mid=8).encode())
+    peer.close()
+    assert first is not None and again == first
+    assert aiocoap.Message.decode(first).payload == b"1"
+    assert other is not None and aiocoap.Message.decode(other).payload == b"2"
+    assert ctx.serversite._resources[("count",)].renders == 2
 
 
 async def test_a_client_hello_without_a_cookie_costs_no_state(make_server: ServerFactory) -> None:
