@@ -7,6 +7,7 @@ bytes, which is why the FQDN is normalised here and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -103,6 +104,13 @@ class UaId:
         return self.hex
 
 
+#: Names and NAF_Ids remembered by the two functions below: every key request normalises its
+#: NAF's name several times (request, ACL, cache), and a daemon serves a handful of NAFs. A failure
+#: is not remembered, and the bound keeps a peer sending many names from growing it.
+_CACHED_NAMES = 256
+
+
+@functools.lru_cache(maxsize=_CACHED_NAMES)
 def normalise_fqdn(fqdn: str) -> str:
     """The NAF FQDN exactly as it goes into NAF_Id: lowercase, no trailing dot, no port.
 
@@ -121,6 +129,7 @@ def normalise_fqdn(fqdn: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=_CACHED_NAMES)
 def naf_id(fqdn: str, ua: UaId) -> bytes:
     """NAF_Id = FQDN (UTF-8) ‖ Ua security protocol id, with no separator (TS 33.220 H.1)."""
     return normalise_fqdn(fqdn).encode("ascii") + ua.to_bytes()

@@ -77,9 +77,9 @@ class KeyRequest:
 # --- key requests --------------------------------------------------------------------------------------
 
 
-# AEs ask for the same few NAFs over and over: parsing a host name (IDNA) and a Ua id is most of the
-# cost of decoding a request, so the results are kept (bounded; failures are not cached).
-_normalise_fqdn = functools.lru_cache(maxsize=256)(normalise_fqdn)
+# AEs ask for the same few NAFs over and over: parsing a host name (IDNA, remembered by
+# mn_secd.ua itself) and a Ua id is most of the cost of decoding a request, so the results are kept
+# (bounded; failures are not cached).
 _parse_ua = functools.lru_cache(maxsize=64)(UaId.parse)
 
 
@@ -95,7 +95,7 @@ def decode_key_request(payload: bytes, content_format: int | None) -> KeyRequest
     force = fields.get("force", False)
     if not isinstance(force, bool):
         raise RequestError('"force" must be true or false')
-    return KeyRequest(_normalise_fqdn(naf), _ua(fields.get("ua", "dtls-psk")), force)
+    return KeyRequest(normalise_fqdn(naf), _ua(fields.get("ua", "dtls-psk")), force)
 
 
 def key_request_from_query(query: Sequence[str]) -> KeyRequest:
@@ -113,7 +113,7 @@ def key_request_from_query(query: Sequence[str]) -> KeyRequest:
     force_text = values.get("force", "0").lower()
     if force_text not in ("0", "1", "true", "false"):
         raise RequestError("force must be 0, 1, true or false")
-    return KeyRequest(_normalise_fqdn(values["naf"]), _ua(values.get("ua", "dtls-psk")), force_text in ("1", "true"))
+    return KeyRequest(normalise_fqdn(values["naf"]), _ua(values.get("ua", "dtls-psk")), force_text in ("1", "true"))
 
 
 def encode_key_request(request: KeyRequest, content_format: int = CBOR) -> bytes:
