@@ -230,6 +230,50 @@ async def test_unavailable_card_is_503_with_a_retry_hint(server: ControlServer, 
         assert (await ae.status()).last_error == "uicc-absent: no SIM in the modem"
 
 
+class StalledKeys(FakeKeys):
+    """A provider whose key never comes (a card or a BSF that hangs); records how each wait ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits_ended: list[str] = []
+
+    async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.waits_ended.append("cancelled")
+            raise
+        raise AssertionError("the event is never set")
+
+
+async def test_a_key_that_never_comes_is_a_504_after_the_request_timeout_and_its_wait_ends() -> None:
+    keys = StalledKeys()
+    srv = await start_control_server(keys, registry(), ["127.0.0.1"], 0, max_peers=32, request_timeout=0.5)
+    try:
+        started = time.monotonic()
+        answer = await raw(srv, aiocoap.Message(code=Code.GET, uri_query=[f"naf={NAF}"]))
+        took = time.monotonic() - started
+    finally:
+        await srv.close()
+    assert answer.code == Code.GATEWAY_TIMEOUT, (answer.code, answer.payload)
+    assert answer.payload == b"timeout: no key within 0.5 s"
+    assert 0.5 <= took < 4.0
+    assert keys.waits_ended == ["cancelled"]  # the provider's wait did not outlive the request
+
+
+async def test_a_key_that_takes_a_while_within_the_request_timeout_arrives(keys: FakeKeys) -> None:
+    keys.delay = 0.3  # the first request waits for a "bootstrap"; the second is answered at once
+    srv = await start_control_server(keys, registry(), ["127.0.0.1"], 0, max_peers=32, request_timeout=5.0)
+    try:
+        async with client(srv) as ae:
+            first = await ae.get_key(NAF)
+            second = await ae.get_key(NAF)
+    finally:
+        await srv.close()
+    assert first.btid == second.btid == "btid-1@bsf.example" and keys.bootstraps == 1
+    assert first.key == second.key and len(first.key) == 32
+
+
 async def test_wrong_psk_gives_up_naming_the_cause(server: ControlServer) -> None:
     started = time.monotonic()
     async with client(server, psk=b"not-the-right-psk"[:16], handshake_timeout=1.0) as ae:
