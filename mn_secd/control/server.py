@@ -261,17 +261,9 @@ class _Leaf:
         return False
 
     async def render_to_pipe(self, pipe: Pipe) -> None:
-        """What aiocoap's resources do for a resource without block-wise assembly, directly.
-
-        A request with Observe on ``key`` goes aiocoap's way (the observation is set up, then the
-        first answer rendered); any other is rendered and answered. Upstream reaches the same two
-        calls through three more coroutines and an import statement per request.
-        """
-        request = pipe.request
-        if isinstance(self, interfaces.ObservableResource) and request.opt.observe == 0:
-            await interfaces.ObservableResource._render_to_pipe(self, pipe)
-            return
-        pipe.add_response(await self.render(request), is_last=True)  # type: ignore[attr-defined]
+        """What aiocoap's Resource does for a resource without block-wise assembly, directly:
+        render, answer. Upstream gets there through three more coroutines."""
+        pipe.add_response(await self.render(pipe.request), is_last=True)  # type: ignore[attr-defined]
 
 
 class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
@@ -291,6 +283,13 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
     @property
     def observation_count(self) -> int:
         return len(self._observers)
+
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        """A request with Observe goes aiocoap's way: the observation is set up, then answered."""
+        if pipe.request.opt.observe == 0:
+            await interfaces.ObservableResource._render_to_pipe(self, pipe)
+        else:
+            await super().render_to_pipe(pipe)
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._first_answer(
@@ -318,6 +317,8 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
                 observation.answered.set()
 
     def _observations_of(self, request: aiocoap.Message) -> list[_Observation]:
+        if not self._observers:
+            return []
         return [o for o in self._observers.values() if o.request is request]
 
     def _seen(self, request: aiocoap.Message) -> Callable[[NafKey], None]:

@@ -88,31 +88,30 @@ def screen(datagram: bytes) -> Verdict:
         return Reject("shorter than a CoAP header")
     first, code = datagram[0], datagram[1]
     version, mtype, token_length = first >> 6, (first >> 4) & 3, first & 0x0F
-    mid = datagram[2:4]
     if version != _VERSION:
         return Reject(f"CoAP version {version}")
     try:
-        options, payload_at = _parse(datagram, token_length, code)
+        options, payload_at, bad = _parse(datagram, token_length, code)
     except _FormatError as exc:
-        return Reject(f"message format error: {exc}", _reset(mid) if mtype == _CON else None)
-    bad = [(number, problem) for number, value in options if (problem := option_problem(number, value))]
+        return Reject(f"message format error: {exc}", _reset(datagram[2:4]) if mtype == _CON else None)
+    if not bad:
+        return Deliver(datagram)
     critical = [problem for number, problem in bad if number & 1]
     if critical:
         reason = "; ".join(critical)
         if mtype != _CON:
             return Reject(reason)
         if code >> 5 == 0:  # a request
-            return Reject(reason, _bad_option(mid, datagram[4 : 4 + token_length], reason))
-        return Reject(reason, _reset(mid))
-    if not bad:
-        return Deliver(datagram)
+            return Reject(reason, _bad_option(datagram[2:4], datagram[4 : 4 + token_length], reason))
+        return Reject(reason, _reset(datagram[2:4]))
     kept = [(number, value) for number, value in options if not option_problem(number, value)]
     rebuilt = datagram[: 4 + token_length] + encode_options(kept) + datagram[payload_at:]
     return Deliver(rebuilt, tuple(problem for _, problem in bad))
 
 
-def _parse(datagram: bytes, token_length: int, code: int) -> tuple[list[tuple[int, bytes]], int]:
-    """Options (number, value) and the offset of the payload marker (or the end); raises _FormatError."""
+def _parse(datagram: bytes, token_length: int, code: int) -> tuple[list[tuple[int, bytes]], int, list[tuple[int, str]]]:
+    """Options (number, value), the offset of the payload marker (or the end), and the options whose
+    value is malformed (number, why); raises _FormatError."""
     if token_length > _MAX_TOKEN:
         raise _FormatError(f"token length {token_length} (9 to 15 are reserved)")
     end = len(datagram)
@@ -122,16 +121,17 @@ def _parse(datagram: bytes, token_length: int, code: int) -> tuple[list[tuple[in
     if code == 0:
         if token_length or end > 4:
             raise _FormatError("an Empty message with a token or content")
-        return [], end
+        return [], end, []
     if code >> 5 in (1, 6, 7):
         raise _FormatError(f"code class {code >> 5} is reserved")
     options: list[tuple[int, bytes]] = []
+    bad: list[tuple[int, str]] = []
     number = 0
     while position < end:
         if datagram[position] == _PAYLOAD_MARKER:
             if position + 1 == end:
                 raise _FormatError("a payload marker without payload")
-            return options, position
+            return options, position, bad
         delta, length = datagram[position] >> 4, datagram[position] & 0x0F
         position += 1
         delta, position = _extended(datagram, delta, position)
@@ -141,9 +141,12 @@ def _parse(datagram: bytes, token_length: int, code: int) -> tuple[list[tuple[in
             raise _FormatError("option number beyond 65535")
         if position + length > end:
             raise _FormatError("truncated option")
-        options.append((number, datagram[position : position + length]))
+        value = datagram[position : position + length]
+        options.append((number, value))
+        if (problem := option_problem(number, value)) is not None:
+            bad.append((number, problem))
         position += length
-    return options, end
+    return options, end, bad
 
 
 def _extended(datagram: bytes, nibble: int, position: int) -> tuple[int, int]:

@@ -40,10 +40,11 @@ class ServerInterface(GenericMessageInterface):  # type: ignore[misc]
     """
 
     _pool: PeerTable
+    _mman: SessionMessageManager | None
 
     @classmethod
     async def create(
-        cls, mman: Any, log: logging.Logger, bind: tuple[str, int], credentials: Any, **limits: Any
+        cls, mman: SessionMessageManager, log: logging.Logger, bind: tuple[str, int], credentials: Any, **limits: Any
     ) -> ServerInterface:
         self = cls(mman, log, asyncio.get_running_loop())
         self._pool = await PeerTable.create(bind, self, credentials, **limits)
@@ -78,16 +79,14 @@ class ServerInterface(GenericMessageInterface):  # type: ignore[misc]
         mman = self._mman
         if mman is None:
             log.debug("not sending a message: the transport is shutting down", extra={"event": "dtls.late-send"})
-        elif isinstance(mman, SessionMessageManager):
-            message.remote.send(mman.datagram(message))
         else:
-            message.remote.send(message.encode())
+            message.remote.send(mman.datagram(message))
 
     def session_ended(self, session: Session, exc: BaseException | None) -> None:
         """Fail what is pending on the session (its observations end with it) and forget its messages."""
         if exc is not None and self._mman is not None:
             self._received_exception(session, exc)
-        if isinstance(self._mman, SessionMessageManager):
+        if self._mman is not None:
             self._mman.forget(session)
 
 
