@@ -36,7 +36,6 @@ from mn_secd.naf_keys import GbaPolicy
 from mn_secd.secret import SecretBytes
 from mn_secd.ua import UaId, normalise_fqdn
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
-from mn_secd.uicc.pcsc import load_pyscard
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The [modem] keys a file may set; ModemConfig's polling and reopening pace keep their defaults.
@@ -168,6 +167,8 @@ def check_modem_port(config: Config) -> None:
     in yet, or a pcscd that is not running yet, is waited for like a silent modem).
     """
     if config.modem.uses_reader:
+        from mn_secd.uicc.pcsc import load_pyscard  # only a reader's configuration needs the PC/SC module
+
         try:
             load_pyscard()
         except PcscUnavailable as exc:

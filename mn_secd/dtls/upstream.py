@@ -11,8 +11,9 @@ that exercise upstream's own code fail the day upstream changes the behaviour we
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
+import re
+from pathlib import Path
 
 import aiocoap.meta
 
@@ -69,11 +70,40 @@ def check_psk(psk: bytes) -> bytes:
     return psk
 
 
+def installed_version(distribution: str, package: str) -> str | None:
+    """The version pip recorded for ``distribution``, whose import package is ``package``: the
+    ``Version:`` of the ``<name>-<version>.dist-info`` beside the package (PEP 376 and 427).
+
+    This is what ``importlib.metadata.version`` answers for a wheel installed there; that module
+    would stay in the daemon for good, with the ~0.8 MB of modules it imports, for one lookup.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    wanted = _normalised(distribution)
+    for info in Path(spec.origin).parent.parent.glob("*.dist-info"):
+        name, _, _ = info.name.removesuffix(".dist-info").partition("-")
+        if _normalised(name) != wanted:
+            continue
+        for line in (info / "METADATA").read_text(encoding="utf-8").splitlines():
+            if not line:
+                break  # the end of the headers
+            header, _, value = line.partition(":")
+            if header == "Version":
+                return value.strip()
+    return None
+
+
+def _normalised(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def check_upstream() -> None:
     """Raise :class:`DtlsFixMismatch` unless the upstream code is exactly what our transports expect."""
     versions = {
         "aiocoap": (aiocoap.meta.version, UPSTREAM_AIOCOAP),
-        "DTLSSocket": (importlib.metadata.version("DTLSSocket"), PATCHED_DTLSSOCKET),
+        "DTLSSocket": (installed_version("DTLSSocket", "DTLSSocket"), PATCHED_DTLSSOCKET),
     }
     for name, (found, expected) in versions.items():
         if found == UPSTREAM_DTLSSOCKET and name == "DTLSSocket":

@@ -68,7 +68,6 @@ from mn_secd.uicc.pin import (
     PinKeeper,
     attempts_from_sw,
 )
-from mn_secd.uicc.reader import ReaderSource
 from mn_secd.uicc.serial import AtCommandPort, AtPort
 from mn_secd.uicc.transport import ApduTransport, CsimTransport, PathFinding, check_absent, open_transport
 
@@ -613,6 +612,9 @@ async def open_card(
     """
     source: CardSource
     if config.uses_reader:
+        # Imported here: a daemon on an AT port has no use for the PC/SC modules (~0.4 MB).
+        from mn_secd.uicc.reader import ReaderSource
+
         source = ReaderSource(config)  # pyscard is imported when it opens, not before
     else:
         assert config.port is not None  # ModemConfig requires it for every AT transport

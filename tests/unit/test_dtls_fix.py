@@ -196,6 +196,18 @@ def test_a_changed_upstream_source_is_refused(monkeypatch: pytest.MonkeyPatch) -
         upstream.check_upstream()
 
 
+@pytest.mark.parametrize(
+    ("distribution", "package"), [("DTLSSocket", "DTLSSocket"), ("aiocoap", "aiocoap"), ("cbor2", "cbor2")]
+)
+def test_installed_versions_are_those_importlib_metadata_reads(distribution: str, package: str) -> None:
+    assert upstream.installed_version(distribution, package) == importlib.metadata.version(distribution)
+
+
+def test_a_package_without_a_distribution_has_no_version() -> None:
+    assert upstream.installed_version("mn-secd-no-such-thing", "json") is None
+    assert upstream.installed_version("anything", "mn_secd_no_such_package") is None
+
+
 def test_another_aiocoap_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aiocoap.meta, "version", "0.4.18")
     with pytest.raises(DtlsFixMismatch, match=r"aiocoap 0\.4\.17, found 0\.4\.18"):
@@ -203,10 +215,7 @@ def test_another_aiocoap_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_the_unpatched_dtlssocket_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_version = importlib.metadata.version
-    monkeypatch.setattr(
-        importlib.metadata, "version", lambda name: "0.2.3" if name == "DTLSSocket" else real_version(name)
-    )
+    monkeypatch.setattr(upstream, "installed_version", lambda distribution, package: "0.2.3")
     with pytest.raises(DtlsFixMismatch, match=r"unpatched DTLSSocket 0\.2\.3"):
         upstream.check_upstream()
 
