@@ -40,6 +40,7 @@ import enum
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -387,7 +388,11 @@ class UbClient:
         self._clock = clock
         self._rng = rng or random.Random()
         self._client = httpx.AsyncClient(
-            transport=transport, timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False
+            transport=transport,
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+            trust_env=False,
+            verify=tls_verification(bsf_url),
         )
 
     def url_for(self, identity: CardIdentity) -> str:
@@ -504,6 +509,19 @@ class _Budget:
 
     def exhausted(self) -> BsfUnreachable:
         return BsfUnreachable(f"the BSF did not answer within the {self.seconds:g} s budget of this bootstrap")
+
+
+def tls_verification(bsf_url: str | None) -> ssl.SSLContext | bool:
+    """What the Ub client checks a BSF's certificate against.
+
+    An ``https`` BSF: httpx's CA bundle, as always. A plain-HTTP one (the address derived from the
+    IMSI is ``http``, TS 23.003 16.2): no TLS connection is ever made to it, and loading the ~150
+    CA certificates of the bundle would cost the daemon about 1 MB for good, so the context knows
+    no CA at all; should TLS ever be attempted with it, verification fails and nothing is sent.
+    """
+    if bsf_url is not None and urlsplit(bsf_url).scheme == "https":
+        return True
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and hostname checks, no CA: fails closed
 
 
 def _check_url(url: str) -> None:

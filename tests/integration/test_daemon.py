@@ -133,10 +133,14 @@ def _kernel_forbids_wx_memory() -> bool:
 async def test_daemon_is_lean(
     world: SimulatedWorld, local_aes: LocalAes, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    """No simulated world, no aiohttp in the daemon process."""
+    """No simulated world, no aiohttp in the daemon process; nothing it loaded once for no use at run
+    time (importlib.metadata for one version, the decimal module cbor2 loads for a datetime, PC/SC on
+    an AT port)."""
     _, modules = await _run_wrapped(world, local_aes, start_daemon, tmp_path, "plain")
     assert "mn_secd.daemon" in modules and "mn_secd.uicc.card" in modules and "aiocoap" in modules
     assert [m for m in modules if m == "mn_secd.sim" or m.startswith(("mn_secd.sim.", "aiohttp"))] == []
+    unused = ("importlib.metadata", "decimal", "mn_secd.uicc.pcsc", "mn_secd.uicc.reader")
+    assert [m for m in modules if m in unused] == []
 
 
 @pytest.mark.skipif(not _kernel_forbids_wx_memory(), reason="this kernel has no PR_SET_MDWE (Linux < 6.3)")

@@ -125,6 +125,29 @@ def test_key_answer_cbor() -> None:
     assert decode_key_answer(encode_key_answer(KEY, CBOR), CBOR) == KEY
 
 
+@given(
+    st.datetimes(
+        min_value=datetime(2000, 1, 1),
+        max_value=datetime(2200, 1, 1),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5))]),
+    )
+)
+def test_cbor_dates_are_the_bytes_cbor2_makes_of_a_datetime(expires: datetime) -> None:
+    """Tag 0 with RFC 3339 text, written without handing cbor2 a datetime (see payloads._cbor_value)."""
+    key = dataclasses.replace(KEY, expires=expires)
+    fields = {
+        "naf_fqdn": key.naf_fqdn,
+        "ua_id": key.ua_id.hex,
+        "naf_id": key.naf_id,
+        "btid": key.btid,
+        "key": key.key,
+        "expires": expires.astimezone(UTC),
+        "gba_mode": key.gba_mode.value,
+    }
+    assert encode_key_answer(key, CBOR) == cbor2.dumps(fields)
+    assert decode_key_answer(encode_key_answer(key, CBOR), CBOR).expires == expires
+
+
 def test_key_answer_json() -> None:
     raw = json.loads(encode_key_answer(KEY, JSON))
     assert raw["key"] == bytes(range(32)).hex()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -26,7 +27,16 @@ from mn_secd.errors import (
 )
 from mn_secd.gba import digest
 from mn_secd.gba.bsfxml import build_bootstrapping_info
-from mn_secd.gba.ub import AkaChallenge, UbClient, UbExchange, UbRequest, UbResult, backoff_delay, user_agent
+from mn_secd.gba.ub import (
+    AkaChallenge,
+    UbClient,
+    UbExchange,
+    UbRequest,
+    UbResult,
+    backoff_delay,
+    tls_verification,
+    user_agent,
+)
 from mn_secd.naf_keys import GbaMode
 
 IMPI = "001010000000001@ims.mnc001.mcc001.3gppnetwork.org"
@@ -555,3 +565,15 @@ def test_bsf_url_is_derived_from_the_imsi_unless_configured() -> None:
     assert UbClient("https://bsf.example:8443/ub").url_for(IDENTITY) == "https://bsf.example:8443/ub"
     with pytest.raises(ValueError):
         UbClient("ftp://bsf.example")
+
+
+@pytest.mark.parametrize("bsf_url", [None, "http://bsf.example.net:8080"])
+def test_a_plain_http_bsf_loads_no_ca_and_would_refuse_any_tls_server(bsf_url: str | None) -> None:
+    context = tls_verification(bsf_url)
+    assert isinstance(context, ssl.SSLContext)
+    assert context.cert_store_stats()["x509_ca"] == 0  # the CA bundle is not loaded for nothing
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname  # fails closed
+
+
+def test_an_https_bsf_is_verified_against_the_ca_bundle() -> None:
+    assert tls_verification("https://bsf.example.net") is True
