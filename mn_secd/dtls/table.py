@@ -50,6 +50,8 @@ HANDSHAKE_TIMEOUT = 30.0
 RETRANSMIT_POLL = 0.25
 #: Receive buffer of a server socket (the kernel caps it at net.core.rmem_max).
 RECEIVE_BUFFER = 1 << 20
+#: The largest UDP payload (65,507 octets over IPv4, 65,527 over IPv6) fits in this.
+MAX_DATAGRAM = 1 << 16
 #: At most one log line per peer and kind of trouble in this many seconds.
 LOG_INTERVAL = 60.0
 
@@ -172,6 +174,11 @@ class PeerTable(asyncio.DatagramProtocol):
         _, table = await loop.create_datagram_endpoint(lambda: cls(delivery, credentials, **limits), local_addr=bind)
         assert table._transport is not None
         table._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        if hasattr(table._transport, "max_size"):
+            # asyncio's selector transport receives each datagram into a fresh buffer of max_size
+            # (256 KiB): above glibc's mmap threshold, so every datagram cost an mmap, an mremap and
+            # a munmap. Any UDP datagram fits in 64 KiB, which malloc serves from the heap.
+            table._transport.max_size = MAX_DATAGRAM
         bound_host, bound_port = table.sockname
         table.hostinfo_local = hostportjoin(bound_host, bound_port if bound_port != COAPS_PORT else None)
         return table

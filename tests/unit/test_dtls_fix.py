@@ -337,6 +337,21 @@ async def test_our_server_context_renders_without_formatting_the_request() -> No
     assert ReprCounted.reprs == 0
 
 
+def test_upstream_asyncio_receives_each_datagram_into_a_quarter_megabyte() -> None:
+    """Above glibc's mmap threshold (128 KiB): an mmap, mremap and munmap per datagram received."""
+    from asyncio import selector_events
+
+    assert selector_events._SelectorDatagramTransport.max_size == 256 * 1024
+
+
+async def test_our_server_receives_into_64_kib(make_server: ServerFactory) -> None:
+    _, address, table = await make_server()
+    assert table._transport is not None and table._transport.max_size == 64 * 1024  # any UDP datagram fits
+    peer = await connect(address)
+    assert await whoami(peer, 1) == "'ae1'"
+    peer.close()
+
+
 def test_upstream_dtlssocket_resets_the_tinydtls_clock_with_every_context() -> None:
     """A context's retransmission deadline moves back when another context is created."""
 
