@@ -333,17 +333,15 @@ def _decode_map(payload: bytes, content_format: int | None) -> dict[Any, Any]:
 
 def _encode(fields: dict[str, Any], content_format: int) -> bytes:
     if content_format == CBOR:
-        return bytes(cbor2.dumps({k: _cbor_value(v) for k, v in fields.items()}))
+        # A date and time as RFC 8949 3.4.1 writes it (tag 0, RFC 3339 text): the bytes cbor2 makes
+        # of a datetime, without cbor2 importing, at its first datetime, the modules behind every
+        # type it can encode (decimal, uuid, email, fractions: ~0.8 MB that would stay in the daemon).
+        return bytes(
+            cbor2.dumps({k: cbor2.CBORTag(0, _rfc3339(v)) if isinstance(v, datetime) else v for k, v in fields.items()})
+        )
     if content_format == JSON:
         return json.dumps({k: _jsonable(v) for k, v in fields.items()}, separators=(",", ":")).encode()
     raise NotAcceptable(f"cannot encode content format {content_format}")
-
-
-def _cbor_value(value: Any) -> Any:
-    """A date and time as RFC 8949 3.4.1 writes it (tag 0, RFC 3339 text): the bytes cbor2 makes of a
-    ``datetime``, without cbor2 importing, at its first ``datetime``, the modules behind every type
-    it can encode (decimal, uuid, email, fractions: ~0.8 MB that would stay in the daemon)."""
-    return cbor2.CBORTag(0, _rfc3339(value)) if isinstance(value, datetime) else value
 
 
 def _jsonable(value: Any) -> Any:

@@ -41,6 +41,7 @@ from typing import Any, TypeVar, cast
 
 import aiocoap
 import aiocoap.resource as resource
+from aiocoap import error as coap_error
 from aiocoap import interfaces
 from aiocoap.numbers.codes import Code
 from aiocoap.pipe import Pipe
@@ -81,6 +82,17 @@ _limiter = LogLimiter(LOG_INTERVAL)
 _CT = f"{CBOR} {JSON}"
 
 _T = TypeVar("_T")
+
+#: The handler of each request method, as aiocoap's Resource.render names them.
+_HANDLERS = {
+    Code.GET: "render_get",
+    Code.POST: "render_post",
+    Code.PUT: "render_put",
+    Code.DELETE: "render_delete",
+    Code.FETCH: "render_fetch",
+    Code.PATCH: "render_patch",
+    Code.iPATCH: "render_ipatch",
+}
 
 
 class _KeyService:
@@ -222,11 +234,16 @@ def _log_refusal(request: aiocoap.Message, kind: str, text: str, exc: BaseExcept
         log.info("%s", text, extra=extra)
 
 
+def _check_request(request: aiocoap.Message) -> None:
+    """Refuse critical options the service does not understand, and block-wise requests."""
+    check_critical_options([int(option.number) for option in request.opt.option_list()])
+    if request.opt.block1 is not None:
+        raise RequestError("block-wise requests are not supported: every request here fits one datagram")
+
+
 async def _answering(request: aiocoap.Message, work: Callable[[], Any], *, quiet: bool = False) -> aiocoap.Message:
     try:
-        check_critical_options([int(option.number) for option in request.opt.option_list()])
-        if request.opt.block1 is not None:
-            raise RequestError("block-wise requests are not supported: every request here fits one datagram")
+        _check_request(request)
         result: aiocoap.Message = await work()
     except Exception as exc:  # every failure becomes a CoAP answer; unexpected ones are logged
         return _error_message(exc, request, quiet=quiet)
@@ -263,7 +280,21 @@ class _Leaf:
     async def render_to_pipe(self, pipe: Pipe) -> None:
         """What aiocoap's Resource does for a resource without block-wise assembly, directly:
         render, answer. Upstream gets there through three more coroutines."""
-        pipe.add_response(await self.render(pipe.request), is_last=True)  # type: ignore[attr-defined]
+        pipe.add_response(await self.render(pipe.request), is_last=True)
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        """aiocoap's Resource.render, finding the method's handler without formatting its name."""
+        if not request.code.is_request():
+            raise coap_error.UnsupportedMethod()
+        handler = getattr(self, _HANDLERS.get(request.code, ""), None)
+        if handler is None:
+            raise coap_error.UnallowedMethod()
+        response: aiocoap.Message = await handler(request)
+        if response.code is None:
+            response.code = Code.CONTENT if request.code in (Code.GET, Code.FETCH) else Code.CHANGED
+        if response.opt.no_response is None and request.opt.no_response is not None:
+            response.opt.no_response = request.opt.no_response  # RFC 7967: the client's wish goes down
+        return response
 
 
 class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
@@ -292,26 +323,26 @@ class KeyResource(_Leaf, resource.ObservableResource):  # type: ignore[misc]
             await super().render_to_pipe(pipe)
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return await self._first_answer(
-            request,
-            lambda: self._service.answer(request, key_request_from_query(request.opt.uri_query), self._seen(request)),
-        )
+        return await self._first_answer(request)
 
     async def render_fetch(self, request: aiocoap.Message) -> aiocoap.Message:
-        return await self._from_payload(request)
+        return await self._first_answer(request)
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
-        return await self._from_payload(request)
+        return await self._first_answer(request)
 
-    async def _from_payload(self, request: aiocoap.Message) -> aiocoap.Message:
-        def parse() -> KeyRequest:
-            return decode_key_request(request.payload, request.opt.content_format)
+    async def _first_answer(self, request: aiocoap.Message) -> aiocoap.Message:
+        """The answer to a request (GET: the query; FETCH, POST: the payload), or its error.
 
-        return await self._first_answer(request, lambda: self._service.answer(request, parse(), self._seen(request)))
-
-    async def _first_answer(self, request: aiocoap.Message, work: Callable[[], Any]) -> aiocoap.Message:
+        An observation of this request, if any, was set up before it is rendered (aiocoap calls
+        add_observation first); it is told which key went out, and that the first answer did.
+        """
+        seen = self._seen(request) if self._observers else None
         try:
-            return await _answering(request, work)
+            _check_request(request)
+            return await self._service.answer(request, self._parse(request), seen)
+        except Exception as exc:  # every failure becomes a CoAP answer; unexpected ones are logged
+            return _error_message(exc, request)
         finally:
             for observation in self._observations_of(request):
                 observation.answered.set()
@@ -564,11 +595,19 @@ class _Site(resource.Site):  # type: ignore[misc]
 
     ``Site`` hands each resource a copy of the request with the path stripped, made with
     ``copy.deepcopy``: the single most expensive step of a key request. The resources here are leaves
-    that never look at the path, so they get the request itself.
+    that never look at the path, so they get the request itself. Each answers a request without
+    Observe once, so the DTLS server may render such requests the short way
+    (:mod:`mn_secd.dtls.rendering`).
     """
 
     def _find_child_and_pathstripped_message(self, request: aiocoap.Message) -> tuple[Any, aiocoap.Message]:
         return self._resources[request.opt.uri_path], request
+
+    def plain_resource(self, request: aiocoap.Message) -> _Leaf | None:
+        if request.opt.uri_path_abbrev is not None:
+            return None  # aiocoap's way resolves it (or refuses it)
+        found = self._resources.get(request.opt.uri_path)
+        return found if isinstance(found, _Leaf) else None
 
 
 class _WellKnownCore(_Leaf, resource.WKCResource):  # type: ignore[misc]

@@ -5,7 +5,8 @@ way aiocoap's private ``Context._append_tokenmanaged_messagemanaged_transport`` 
 (the upstream sources are pinned by hash, see :mod:`.upstream`); aiocoap's own ``tinydtls_server``
 transport and every other context in the process stay exactly as upstream ships them. Below the
 transport: the socket and its peers (:mod:`.table`), the remote aiocoap sees (:mod:`.session`),
-and bounded deduplication (:mod:`.messages`).
+and bounded deduplication (:mod:`.messages`); above it, how a request is rendered
+(:mod:`.rendering`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import aiocoap
-from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
-from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.generic_udp import GenericMessageInterface
 
 from mn_secd.dtls import coap_screen
 from mn_secd.dtls.messages import SessionMessageManager
+from mn_secd.dtls.rendering import ServerContext, ServerTokenManager
 from mn_secd.dtls.session import Session
 from mn_secd.dtls.table import PeerTable
 from mn_secd.dtls.upstream import ensure_upstream
@@ -90,24 +90,12 @@ class ServerInterface(GenericMessageInterface):  # type: ignore[misc]
             self._mman.forget(session)
 
 
-class _ServerContext(aiocoap.Context):  # type: ignore[misc]
-    """aiocoap's Context as a DTLS server, rendering each request without formatting it.
-
-    Upstream names the task that renders a request after the request's ``repr`` (so a request
-    costs one message formatted to a string, logged or not); this is upstream's ``render_to_pipe``
-    with a fixed name. The request is in the task's frames for anyone debugging.
-    """
-
-    def render_to_pipe(self, pipe: Pipe) -> None:
-        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="CoAP request over DTLS")
-
-
 async def _append_transport(
     ctx: aiocoap.Context, bind: tuple[str, int], credentials: Any, limits: dict[str, Any]
 ) -> None:
     """What aiocoap's ``Context._append_tokenmanaged_messagemanaged_transport`` does, with our
     message manager (bounded deduplication, see :mod:`.messages`) in place of the stock one."""
-    tman = TokenManager(ctx)
+    tman = ServerTokenManager(ctx)
     mman = SessionMessageManager(tman)
     interface = await ServerInterface.create(mman, ctx.log, bind, credentials, **limits)
     mman.message_interface = interface
@@ -182,7 +170,7 @@ async def create_dtls_server_contexts(
     contexts: list[aiocoap.Context] = []
     try:
         for address in addresses:
-            ctx = _ServerContext(loop=loop, serversite=site, loggername="coap-server", server_credentials=credentials)
+            ctx = ServerContext(loop=loop, serversite=site, loggername="coap-server", server_credentials=credentials)
             # Context() replaces a *falsy* credentials map (a CredentialsMap that looks identities up
             # elsewhere is an empty dict); the table is given the map itself.
             ctx.server_credentials = credentials

@@ -30,11 +30,18 @@ UPSTREAM_SOURCES: dict[str, str] = {
     # Context.render_to_pipe and _render_to_pipe, which the server context re-states without the
     # per-request repr.
     "aiocoap.protocol": "587229a3fc443ecb13582eabe757a7296ec07009df9bef8d8df733a0950cdcd4",
-    # error_to_message and run_driving_pipe, which that render_to_pipe calls as upstream's does.
+    # error_to_message and run_driving_pipe, which that render_to_pipe calls as upstream's does, and
+    # what error_to_message answers to an exception, which the short way for plain requests
+    # re-states (mn_secd.dtls.rendering); TokenManager.process_request (below) is its other half.
     "aiocoap.pipe": "ff281de2368da43b528ed48720e35d3a34957f3d05d05cd1e5170d2fbeeceb0d",
     # Subclassed for bounded deduplication; dispatch_error ends a session's exchanges and observations.
     "aiocoap.messagemanager": "05dacf78ce9162fb8dd12cefdde9146d426ae91e7189c3b3384800ef7a0e2107",
+    # Subclassed for the short way for plain requests (mn_secd.dtls.rendering): incoming_requests.
     "aiocoap.tokenmanager": "a2d753515aa7af26bf87a7791b32883776a30642119fa5e4a17bf52413ebb534",
+    # Site's routing (_resources, _find_child_and_pathstripped_message) and Resource.render, which
+    # the key service's site and resources re-state without a copy of the request or its method's
+    # name formatted (mn_secd.control.server).
+    "aiocoap.resource": "27d8a5fa85f11a9f3d8a6be1085f3972966a0c082fb347229066ce5cd10e2516",
     # The base of our server's message interface.
     "aiocoap.transports.generic_udp": "122174962990f2cc9a0800f68c7a11ab1660780bea7d5a15ea7a83c98bbd9670",
     # The base of our client transport (DTLSClientConnection, MessageInterfaceTinyDTLS).

@@ -28,10 +28,10 @@ from aiocoap.transports import tinydtls, tinydtls_server
 from dtls_peer import DtlsPeer, client_hello, coap_request
 from DTLSSocket import dtls
 
+from mn_secd.dtls import rendering, upstream
 from mn_secd.dtls import server as dtls_server
 from mn_secd.dtls import session as dtls_session
 from mn_secd.dtls import table as dtls_table
-from mn_secd.dtls import upstream
 from mn_secd.dtls.client import HandshakeProgress, client_handshake_progress, create_dtls_client_context
 from mn_secd.errors import BindError, DtlsFixMismatch
 
@@ -333,7 +333,7 @@ async def test_upstream_formats_every_request_it_renders() -> None:
 
 async def test_our_server_context_renders_without_formatting_the_request() -> None:
     ReprCounted.reprs = 0
-    assert await render_in(dtls_server._ServerContext) == [b"'ae1'"]
+    assert await render_in(rendering.ServerContext) == [b"'ae1'"]
     assert ReprCounted.reprs == 0
 
 

@@ -133,7 +133,7 @@ def test_key_answer_cbor() -> None:
     )
 )
 def test_cbor_dates_are_the_bytes_cbor2_makes_of_a_datetime(expires: datetime) -> None:
-    """Tag 0 with RFC 3339 text, written without handing cbor2 a datetime (see payloads._cbor_value)."""
+    """Tag 0 with RFC 3339 text, written without handing cbor2 a datetime (see payloads._encode)."""
     key = dataclasses.replace(KEY, expires=expires)
     fields = {
         "naf_fqdn": key.naf_fqdn,
