@@ -100,6 +100,11 @@ def decode_key_request(payload: bytes, content_format: int | None) -> KeyRequest
 
 def key_request_from_query(query: Sequence[str]) -> KeyRequest:
     """Parse ``naf=...&ua=...&force=1`` (Uri-Query options) of a GET."""
+    return _key_request_from_query(tuple(query))
+
+
+@functools.lru_cache(maxsize=64)  # an AE asks with the same query over and over; failures are not kept
+def _key_request_from_query(query: tuple[str, ...]) -> KeyRequest:
     values: dict[str, str] = {}
     for item in query:
         name, sep, value = item.partition("=")
@@ -136,14 +141,19 @@ def answer_format(accept: int | None) -> int:
 def encode_key_answer(key: NafKey, content_format: int) -> bytes:
     fields: dict[str, Any] = {
         "naf_fqdn": key.naf_fqdn,
-        "ua_id": key.ua_id.hex,
+        "ua_id": _ua_text(key.ua_id),
         "naf_id": key.naf_id,
         "btid": key.btid,
         "key": key.key,
-        "expires": key.expires.astimezone(UTC),
+        "expires": key.expires,
         "gba_mode": key.gba_mode.value,
     }
     return _encode(fields, content_format)
+
+
+@functools.lru_cache(maxsize=64)
+def _ua_text(ua: UaId) -> str:
+    return ua.hex
 
 
 def decode_key_answer(payload: bytes, content_format: int | None) -> NafKey:
@@ -352,6 +362,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=64)  # a key's expiry is written into every answer that carries it
 def _rfc3339(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
