@@ -13,10 +13,17 @@ The encoded responses are kept in ``bytearray`` buffers that are zeroed when the
 of the server can drop them all at once (:meth:`SessionMessageManager.forget_answers`): the key
 service does so when keys are wiped, so that no answer carrying a NAF key outlives the wipe. A
 duplicate of a message whose answer was dropped is processed again, as above.
+
+A Confirmable request whose answer is not ready within EMPTY_ACK_DELAY gets an empty ACK first
+(RFC 7252 5.2.2). aiocoap set an event-loop timer per request for that, and cancelled it for nearly
+every one; here one timer serves them all, set for the earliest deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -93,8 +100,21 @@ def _zero(buffer: bytearray | None) -> None:
         buffer.clear()
 
 
+class _AckDue:
+    """What a piggyback opportunity holds in place of aiocoap's timer: ``cancel()`` is all it needs."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class SessionMessageManager(MessageManager):  # type: ignore[misc]
-    """aiocoap's MessageManager with :class:`RecentMessages` in place of its unbounded store."""
+    """aiocoap's MessageManager with :class:`RecentMessages` in place of its unbounded store, and one
+    timer for the empty ACKs of every pending Confirmable request instead of one per request."""
 
     clock: Callable[[], float] = staticmethod(time.monotonic)
 
@@ -104,6 +124,59 @@ class SessionMessageManager(MessageManager):  # type: ignore[misc]
         #: The message being sent and its datagram, from storing it for duplicates to handing it to
         #: the transport (aiocoap does one right after the other): a response is encoded only once.
         self._wire: tuple[Any, bytes] | None = None
+        #: (deadline, sequence, (remote, token), due) of each Confirmable request not answered yet,
+        #: earliest first; the timer is set for the first of them.
+        self._acks_due: list[tuple[float, int, tuple[Any, bytes], _AckDue]] = []
+        self._ack_sequence = itertools.count()
+        self._ack_timer: asyncio.TimerHandle | None = None
+
+    def _process_request(self, request: Any) -> None:
+        """Upstream's, with the empty-ACK deadline in :attr:`_acks_due` rather than a timer of its own.
+
+        RFC 7252 5.2.2: a response that is not ready within EMPTY_ACK_DELAY is preceded by an empty
+        ACK, so the client stops retransmitting; a response in time rides on the ACK. aiocoap set
+        (and, nearly always, cancelled) an event-loop timer per request for that.
+        """
+        if request.mtype is CON:
+            key = (request.remote, request.token)
+            previous = self._piggyback_opportunities.pop(key, None)
+            if previous is not None:
+                self.log.warning(
+                    "New request came in while old request not ACKed yet. Possible mismatch between"
+                    " EMPTY_ACK_DELAY and EXCHANGE_LIFETIME. Cancelling ACK to ward off any further confusion."
+                )
+                previous[1].cancel()
+            due = _AckDue()
+            self._piggyback_opportunities[key] = (request.mid, due)
+            deadline = self.loop.time() + request.transport_tuning.EMPTY_ACK_DELAY
+            heapq.heappush(self._acks_due, (deadline, next(self._ack_sequence), key, due))
+            if self._ack_timer is None or deadline < self._ack_timer.when():
+                self._arm_ack_timer()
+        self.token_manager.process_request(request)
+
+    def _arm_ack_timer(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        self._ack_timer = self.loop.call_at(self._acks_due[0][0], self._send_acks_due) if self._acks_due else None
+
+    def _send_acks_due(self) -> None:
+        """An empty ACK for each request whose deadline passed unanswered (upstream's on_timeout)."""
+        self._ack_timer = None
+        now = self.loop.time()
+        while self._acks_due and (self._acks_due[0][0] <= now or self._acks_due[0][3].cancelled):
+            _, _, key, due = heapq.heappop(self._acks_due)
+            opportunity = self._piggyback_opportunities.get(key)
+            if due.cancelled or opportunity is None or opportunity[1] is not due:
+                continue
+            del self._piggyback_opportunities[key]
+            self._send_empty_ack(key[0], opportunity[0], "Response took too long to prepare")
+        self._arm_ack_timer()
+
+    async def shutdown(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        await super().shutdown()
 
     def _deduplicate_message(self, message: Any) -> bool:
         duplicate, answer = self._recent.seen(message.remote, message.mid, self.clock())

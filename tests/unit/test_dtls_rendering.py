@@ -182,3 +182,35 @@ async def test_a_request_on_the_token_of_one_in_flight_replaces_it(server: Serve
     await asyncio.sleep(0.2)
     assert peer.plaintext.empty() and echo.cancelled == 1  # the first was stopped, as aiocoap does
     assert server.tman.incoming_requests == {}
+
+
+async def test_a_slow_answer_is_preceded_by_an_empty_ack_and_a_quick_one_rides_on_the_ack(
+    server: Server, peer: DtlsPeer
+) -> None:
+    loop = asyncio.get_running_loop()
+    echo = server.resource("echo")
+    echo.gate = asyncio.Event()
+    started = loop.time()
+    for mid in (11, 12):  # two pending at once: each gets its own empty ACK (RFC 7252 5.2.2)
+        peer.dtls.write(peer.session, coap_request(Code.GET, ["echo"], mid=mid, token=bytes([mid])).encode())
+    acks = [aiocoap.Message.decode(await asyncio.wait_for(peer.plaintext.get(), 2)) for _ in range(2)]
+    took = loop.time() - started
+    assert sorted((a.mtype, a.code, a.mid) for a in acks) == [(Type.ACK, Code.EMPTY, 11), (Type.ACK, Code.EMPTY, 12)]
+    assert 0.09 <= took < 1.0  # EMPTY_ACK_DELAY is 0.1 s
+    echo.gate.set()
+    answers = []
+    for _ in range(2):  # Confirmable, one at a time (NSTART 1): each is acknowledged before the next
+        answer = aiocoap.Message.decode(await asyncio.wait_for(peer.plaintext.get(), 2))
+        answers.append(answer)
+        ack = aiocoap.Message(code=Code.EMPTY)
+        ack.mtype, ack.mid = Type.ACK, answer.mid
+        peer.dtls.write(peer.session, ack.encode())
+    assert sorted((a.mtype, a.code, a.token) for a in answers) == [
+        (Type.CON, Code.CONTENT, b"\x0b"),
+        (Type.CON, Code.CONTENT, b"\x0c"),
+    ]
+    echo.gate = None
+    quick = await ask(peer, coap_request(Code.GET, ["echo"], mid=13))
+    assert (quick.mtype, quick.code, quick.mid) == (Type.ACK, Code.CONTENT, 13)
+    await asyncio.sleep(0.2)
+    assert peer.plaintext.empty()  # no empty ACK after the piggybacked answer
