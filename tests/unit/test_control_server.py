@@ -306,6 +306,7 @@ async def test_json_on_accept_and_get_with_query(server: ControlServer) -> None:
     assert 3500 < answer.opt.max_age <= 3600
     posted = await raw(server, aiocoap.Message(code=Code.POST, payload=cbor2.dumps({"naf": NAF}), content_format=60))
     assert posted.code == Code.CHANGED and cbor2.loads(posted.payload)["btid"] == body["btid"]
+    assert posted.opt.content_format == 60 and 3500 < posted.opt.max_age <= 3600
 
 
 @pytest.mark.parametrize(
