@@ -240,8 +240,9 @@ def _log_refusal(request: aiocoap.Message, kind: str, text: str, exc: BaseExcept
 
 def _check_request(request: aiocoap.Message) -> None:
     """Refuse critical options the service does not understand, and block-wise requests."""
-    check_critical_options([int(option.number) for option in request.opt.option_list()])
-    if request.opt.block1 is not None:
+    numbers = [int(option.number) for option in request.opt.option_list()]
+    check_critical_options(numbers)
+    if OptionNumber.BLOCK1 in numbers:
         raise RequestError("block-wise requests are not supported: every request here fits one datagram")
 
 
@@ -296,7 +297,7 @@ class _Leaf:
         response: aiocoap.Message = await handler(request)
         if response.code is None:
             response.code = Code.CONTENT if request.code in (Code.GET, Code.FETCH) else Code.CHANGED
-        if response.opt.no_response is None and request.opt.no_response is not None:
+        if request.opt.get_option(OptionNumber.NO_RESPONSE) and response.opt.no_response is None:
             response.opt.no_response = request.opt.no_response  # RFC 7967: the client's wish goes down
         return response
 
@@ -608,7 +609,7 @@ class _Site(resource.Site):  # type: ignore[misc]
         return self._resources[request.opt.uri_path], request
 
     def plain_resource(self, request: aiocoap.Message) -> _Leaf | None:
-        if request.opt.uri_path_abbrev is not None:
+        if request.opt.get_option(OptionNumber.URI_PATH_ABBREV):
             return None  # aiocoap's way resolves it (or refuses it)
         found = self._resources.get(request.opt.uri_path)
         return found if isinstance(found, _Leaf) else None

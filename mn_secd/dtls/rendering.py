@@ -23,11 +23,14 @@ from typing import Any, Protocol
 import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
 from aiocoap.tokenmanager import TokenManager
 
 #: The name of every task that renders a request (upstream: "Rendering for <the request's repr>").
 TASK_NAME = "CoAP request over DTLS"
+#: Options that may make a request answered more than once, or in blocks: aiocoap's way for those.
+_NOT_PLAIN = (OptionNumber.OBSERVE, OptionNumber.BLOCK1, OptionNumber.BLOCK2)
 
 
 class Renderer(Protocol):
@@ -72,8 +75,7 @@ class ServerTokenManager(TokenManager):  # type: ignore[misc]
 
     def _plain_resource(self, request: aiocoap.Message) -> Renderer | None:
         find = getattr(self.context.serversite, "plain_resource", None)
-        opt = request.opt
-        if find is None or opt.observe is not None or opt.block1 is not None or opt.block2 is not None:
+        if find is None or any(request.opt.get_option(number) for number in _NOT_PLAIN):
             return None
         resource: Renderer | None = find(request)
         return resource

@@ -21,6 +21,8 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import Type
+from dtls_peer import DtlsPeer, coap_request
 from key_copies import find_copies
 
 from mn_secd.client import KeyServiceClient
@@ -324,6 +326,24 @@ async def test_json_on_accept_and_get_with_query(server: ControlServer) -> None:
 async def test_bad_requests_get_4xx(server: ControlServer, message: aiocoap.Message, code: Code) -> None:
     answer = await raw(server, message)
     assert answer.code == code
+
+
+async def test_no_response_is_honoured_and_a_block_wise_request_refused(server: ControlServer) -> None:
+    peer = await DtlsPeer.create(b"ae-a", PSK_A, server.addresses[0])
+    assert await peer.handshake(), peer.events
+    query = [f"naf={NAF}"]
+    try:
+        # RFC 7967: No-Response 2 suppresses a 2.xx answer; a Confirmable request still gets its ACK.
+        silent = await peer.request(coap_request(Code.GET, ["key"], mid=1, uri_query=query, no_response=2))
+        assert silent is not None and (silent.mtype, silent.code, silent.mid) == (Type.ACK, Code.EMPTY, 1)
+        answered = await peer.request(coap_request(Code.GET, ["key"], mid=2, uri_query=query, no_response=16))
+        assert answered is not None and (answered.code, answered.mid) == (Code.CONTENT, 2)
+        blocks = coap_request(Code.FETCH, ["key"], mid=3, payload=cbor2.dumps({"naf": NAF}), content_format=60)
+        blocks.opt.block1 = (0, True, 4)
+        refused = await peer.request(blocks)
+        assert refused is not None and refused.code == Code.BAD_REQUEST and b"block-wise" in refused.payload
+    finally:
+        peer.close()
 
 
 async def test_a_post_with_observe_is_answered_once(server: ControlServer, caplog: pytest.LogCaptureFixture) -> None:
