@@ -346,9 +346,10 @@ def _encode(fields: dict[str, Any], content_format: int) -> bytes:
         # A date and time as RFC 8949 3.4.1 writes it (tag 0, RFC 3339 text): the bytes cbor2 makes
         # of a datetime, without cbor2 importing, at its first datetime, the modules behind every
         # type it can encode (decimal, uuid, email, fractions: ~0.8 MB that would stay in the daemon).
-        return bytes(
-            cbor2.dumps({k: cbor2.CBORTag(0, _rfc3339(v)) if isinstance(v, datetime) else v for k, v in fields.items()})
-        )
+        expires = fields.get("expires")  # the one date any payload here carries
+        if isinstance(expires, datetime):
+            fields = {**fields, "expires": cbor2.CBORTag(0, _rfc3339(expires))}
+        return bytes(cbor2.dumps(fields))
     if content_format == JSON:
         return json.dumps({k: _jsonable(v) for k, v in fields.items()}, separators=(",", ":")).encode()
     raise NotAcceptable(f"cannot encode content format {content_format}")

@@ -120,8 +120,9 @@ class _KeyService:
         self, request: aiocoap.Message, key_request: KeyRequest, seen: Callable[[NafKey], None] | None = None
     ) -> aiocoap.Message:
         """Authorise, fetch and encode one key; ``seen`` is told which key went out."""
-        identity = self.identity(request)
-        entry = self.registry.authorise_key(identity, key_request.naf_fqdn, key_request.ua)
+        claim = dtls.authenticated_claim(request.remote)  # the AE is whoever completed the handshake
+        entry = self.registry.authorise_key(claim, key_request.naf_fqdn, key_request.ua)
+        identity = entry.identity
         if key_request.force and not entry.may_force_bootstrap:
             raise NotAuthorised(f"AE {identity!r} may not force a re-bootstrap")
         fmt = answer_format(request.opt.accept)

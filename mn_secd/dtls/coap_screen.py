@@ -134,8 +134,10 @@ def _parse(datagram: bytes, token_length: int, code: int) -> tuple[list[tuple[in
             return options, position, bad
         delta, length = datagram[position] >> 4, datagram[position] & 0x0F
         position += 1
-        delta, position = _extended(datagram, delta, position)
-        length, position = _extended(datagram, length, position)
+        if delta >= 13:  # most options need no extended fields: no call for them
+            delta, position = _extended(datagram, delta, position)
+        if length >= 13:
+            length, position = _extended(datagram, length, position)
         number += delta
         if number > 0xFFFF:
             raise _FormatError("option number beyond 65535")

@@ -29,8 +29,6 @@ from aiocoap.tokenmanager import TokenManager
 
 #: The name of every task that renders a request (upstream: "Rendering for <the request's repr>").
 TASK_NAME = "CoAP request over DTLS"
-#: Options that may make a request answered more than once, or in blocks: aiocoap's way for those.
-_NOT_PLAIN = (OptionNumber.OBSERVE, OptionNumber.BLOCK1, OptionNumber.BLOCK2)
 
 
 class Renderer(Protocol):
@@ -75,8 +73,9 @@ class ServerTokenManager(TokenManager):  # type: ignore[misc]
 
     def _plain_resource(self, request: aiocoap.Message) -> Renderer | None:
         find = getattr(self.context.serversite, "plain_resource", None)
-        if find is None or any(request.opt.get_option(number) for number in _NOT_PLAIN):
-            return None
+        option = request.opt.get_option
+        if find is None or option(OptionNumber.OBSERVE) or option(OptionNumber.BLOCK1) or option(OptionNumber.BLOCK2):
+            return None  # answered more than once, or in blocks: aiocoap's way
         resource: Renderer | None = find(request)
         return resource
 
