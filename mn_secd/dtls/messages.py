@@ -53,7 +53,9 @@ class RecentMessages(Generic[R]):
 
     def seen(self, remote: R, mid: int, now: float) -> tuple[bool, bytes | None]:
         """(True, the answer if any) for a duplicate; otherwise records the message and returns (False, None)."""
-        messages = self._by_remote.setdefault(remote, OrderedDict())
+        messages = self._by_remote.get(remote)
+        if messages is None:  # (setdefault would make a new OrderedDict for every message)
+            messages = self._by_remote[remote] = OrderedDict()
         while messages and now - next(iter(messages.values()))[0] >= self.lifetime:
             _zero(messages.popitem(last=False)[1][1])
         known = messages.get(mid)
