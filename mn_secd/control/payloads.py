@@ -85,6 +85,18 @@ _parse_ua = functools.lru_cache(maxsize=64)(UaId.parse)
 
 def decode_key_request(payload: bytes, content_format: int | None) -> KeyRequest:
     """Parse a FETCH/POST body; raises :class:`RequestError` (or a subclass) on anything malformed."""
+    if type(payload) is bytes and len(payload) <= MAX_REQUEST_SIZE:
+        # An AE sends the same body over and over (at most 64 of 512 octets kept; failures are not).
+        return _decoded_key_request(payload, None if content_format is None else int(content_format))
+    return _decode_key_request(payload, content_format)
+
+
+@functools.lru_cache(maxsize=64)
+def _decoded_key_request(payload: bytes, content_format: int | None) -> KeyRequest:
+    return _decode_key_request(payload, content_format)
+
+
+def _decode_key_request(payload: bytes, content_format: int | None) -> KeyRequest:
     fields = _decode_map(payload, content_format)
     unknown = set(fields) - {"naf", "ua", "force"}
     if unknown:
