@@ -17,7 +17,9 @@ An answer carrying a NAF key keeps its encoded payload in a
 keys are wiped, every such payload still held anywhere (aiocoap keeps an observation's first answer
 for as long as the observation lives, and an unacknowledged notification until its ACK) is zeroed in
 place, and the DTLS layer's stored answers for deduplication are dropped; an answer whose message
-is freed is zeroed then. So no live object keeps a key the service handed out once keys are wiped.
+is freed is zeroed then. The last answer encoded for each NAF key, copied into the next answer for
+the same key, is such a buffer too, zeroed at every refresh and wipe. So no live object keeps a key
+the service handed out once keys are wiped.
 
 Failures are answered as CoAP errors with a diagnostic payload (:func:`payloads.error_answer`),
 logged at most once a minute per AE and kind of error (a misbehaving AE must not flood the journal).
@@ -64,7 +66,7 @@ from mn_secd.control.registry import AeRegistry, RegistryCredentials
 from mn_secd.errors import GbaError, MnSecdError, NotAuthorised, OperationTimeout, RequestError
 from mn_secd.interfaces import KeyProvider
 from mn_secd.logs import LogLimiter
-from mn_secd.naf_keys import KeyEvent, KeyEventKind, NafKey
+from mn_secd.naf_keys import GbaMode, KeyEvent, KeyEventKind, NafKey
 from mn_secd.secret import SecretBytes
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,9 @@ REQUEST_TIMEOUT = 60.0
 MAX_OBSERVATIONS = 8
 #: At most one log line per AE and kind of refusal in this many seconds.
 LOG_INTERVAL = 60.0
+#: Encoded key answers kept for reuse: one per NAF_Id and format asked for lately (a gateway serves
+#: a handful of NAFs; each kept answer is one more wipeable copy of its key).
+MAX_ENCODED_ANSWERS = 16
 
 _limiter = LogLimiter(LOG_INTERVAL)
 
@@ -110,6 +115,8 @@ class _KeyService:
         self.request_timeout = request_timeout
         #: Payloads of key answers whose message is still alive somewhere, zeroed on a wipe.
         self._key_payloads: dict[weakref.ref[aiocoap.Message], SecretBytes] = {}
+        #: The last answer encoded for each NAF_Id and format, with the session it came from.
+        self._encoded: dict[tuple[bytes, int], tuple[tuple[str, datetime, GbaMode], SecretBytes]] = {}
         self.wipes = 0
 
     def identity(self, request: aiocoap.Message) -> str:
@@ -147,16 +154,42 @@ class _KeyService:
         message = aiocoap.Message(code=Code.CHANGED if request.code == Code.POST else Code.CONTENT)
         message.opt.add_option(_CONTENT_FORMAT_OPTIONS[fmt])
         message.opt.max_age = max(0, math.floor(seconds_left))
-        self._hold_key_payload(message, encode_key_answer(key, fmt))
+        self._hold_key_payload(message, SecretBytes(self._encoded_answer(key, fmt).lend()))
         return message
 
-    def _hold_key_payload(self, message: aiocoap.Message, encoded: bytes) -> None:
+    def _encoded_answer(self, key: NafKey, fmt: int) -> SecretBytes:
+        """``key``'s answer in ``fmt``: the one encoded for the same key before, or encoded now.
+
+        An AE asks for the same key over and over, and encoding it was a tenth of a request's time.
+        A NAF key is fixed by its session (B-TID) and NAF_Id (TS 33.220 Annex B), so the answer is
+        reused while both are. The kept answers are wipeable buffers, at most
+        :data:`MAX_ENCODED_ANSWERS`, and all are zeroed at every refresh and wipe of keys.
+        """
+        slot = (key.naf_id, fmt)
+        session = (key.btid, key.expires, key.gba_mode)
+        kept = self._encoded.get(slot)
+        if kept is not None and kept[0] == session and not kept[1].wiped:
+            return kept[1]
+        if kept is not None:
+            kept[1].wipe()
+        elif len(self._encoded) >= MAX_ENCODED_ANSWERS:
+            self._encoded.pop(next(iter(self._encoded)))[1].wipe()  # the oldest goes
+        encoded = SecretBytes(encode_key_answer(key, fmt))
+        self._encoded[slot] = (session, encoded)
+        return encoded
+
+    def forget_encoded_answers(self) -> None:
+        """Keys were refreshed or wiped: no answer encoded before is handed out again."""
+        encoded, self._encoded = self._encoded, {}
+        for _, answer in encoded.values():
+            answer.wipe()
+
+    def _hold_key_payload(self, message: aiocoap.Message, payload: SecretBytes) -> None:
         """Give ``message`` its key-bearing payload in a buffer a wipe can reach wherever it is held.
 
         The buffer is zeroed when the message is freed (a weak reference's callback: cheaper per
         answer than ``weakref.finalize``) or at the next wipe, whichever comes first.
         """
-        payload = SecretBytes(encoded)
         message.payload = payload.lend()  # aiocoap keeps and encodes the object it is given
         self._key_payloads[weakref.ref(message, self._release_key_payload)] = payload
 
@@ -168,6 +201,7 @@ class _KeyService:
     def wipe_key_payloads(self) -> int:
         """Zero every key answer still held by a live message; later answers carry the new keys only."""
         self.wipes += 1
+        self.forget_encoded_answers()
         payloads, self._key_payloads = self._key_payloads, {}
         for payload in payloads.values():
             payload.wipe()
@@ -554,6 +588,8 @@ class ControlServer:
     def _key_event(self, event: KeyEvent) -> None:
         if event.kind is KeyEventKind.WIPED:
             self.wipe_answers()
+        else:
+            self._service.forget_encoded_answers()  # a refreshed key's old answer is not reused
         self._key_resource.key_event(event)
 
     def wipe_answers(self) -> None:

@@ -26,6 +26,7 @@ from dtls_peer import DtlsPeer, coap_request
 from key_copies import find_copies
 
 from mn_secd.client import KeyServiceClient
+from mn_secd.control import server as control_server
 from mn_secd.control.registry import AeEntry, AeRegistry
 from mn_secd.control.server import ControlServer, start_control_server
 from mn_secd.errors import (
@@ -54,6 +55,7 @@ class FakeKeys:
         self.bootstraps = 0
         self.requests = 0
         self.btid: str | None = None
+        self.expires = datetime.now(UTC) + timedelta(hours=1)
         self.fail: MnSecdError | None = None
         self.rate_limited = False
         self.delay = 0.0
@@ -64,6 +66,7 @@ class FakeKeys:
         await asyncio.sleep(self.delay)
         self.bootstraps += 1
         self.btid = f"btid-{self.bootstraps}@bsf.example"
+        self.expires = datetime.now(UTC) + timedelta(hours=1)  # a session's, as the keystore's
 
     async def get_key(self, naf_fqdn: str, ua_id: UaId, force: bool = False) -> NafKey:
         self.requests += 1
@@ -80,7 +83,7 @@ class FakeKeys:
             naf_id=nid,
             btid=self.btid,
             key=hashlib.sha256(self.btid.encode() + nid).digest(),
-            expires=datetime.now(UTC) + timedelta(hours=1),
+            expires=self.expires,
             gba_mode=GbaMode.GBA_ME,
         )
 
@@ -344,6 +347,34 @@ async def test_no_response_is_honoured_and_a_block_wise_request_refused(server: 
         assert refused is not None and refused.code == Code.BAD_REQUEST and b"block-wise" in refused.payload
     finally:
         peer.close()
+
+
+async def test_an_answer_is_encoded_once_per_key_and_format_and_anew_after_a_key_event(
+    server: ControlServer, keys: FakeKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded: list[tuple[str, int]] = []
+    real = control_server.encode_key_answer
+
+    def counted(key: NafKey, fmt: int) -> bytes:
+        encoded.append((key.btid, fmt))
+        return real(key, fmt)
+
+    monkeypatch.setattr(control_server, "encode_key_answer", counted)
+    async with client(server) as ae:
+        first = await ae.get_key(NAF)
+        again = await ae.get_key(NAF)
+        assert (again.btid, again.key) == (first.btid, first.key) and encoded == [(first.btid, 60)]
+        as_json = await raw(server, aiocoap.Message(code=Code.GET, accept=50), f"key?naf={NAF}")
+        assert json.loads(as_json.payload)["key"] == first.key.hex() and encoded[-1] == (first.btid, 50)
+        await ae.force_bootstrap()
+        renewed = await ae.get_key(NAF)  # a new session: its own answer, not the one kept
+        assert renewed.btid != first.btid and renewed.key != first.key and encoded[-1] == (renewed.btid, 60)
+        keys.emit(KeyEvent(KeyEventKind.REFRESHED, renewed.btid))  # kept answers go at every key event
+        assert (await ae.get_key(NAF)).key == renewed.key and encoded[-1] == (renewed.btid, 60)
+        assert len(encoded) == 4
+        for i in range(control_server.MAX_ENCODED_ANSWERS + 8):  # kept answers are bounded
+            await ae.get_key(f"n{i}.iot.example.org")
+    assert len(server._service._encoded) == control_server.MAX_ENCODED_ANSWERS
 
 
 async def test_a_post_with_observe_is_answered_once(server: ControlServer, caplog: pytest.LogCaptureFixture) -> None:
