@@ -171,7 +171,7 @@ def option_problem(number: int, value: bytes) -> str | None:
     name, form, shortest, longest = known
     if not shortest <= len(value) <= longest:
         return f"{name} ({number}) of {len(value)} octets (allowed {shortest} to {longest})"
-    if form == "string":
+    if form == "string" and not value.isascii():  # ASCII is UTF-8; anything else is decoded to know
         try:
             value.decode("utf-8")
         except UnicodeDecodeError:

@@ -123,8 +123,8 @@ class SessionMessageManager(MessageManager):  # type: ignore[misc]
     def __init__(self, token_manager: Any) -> None:
         super().__init__(token_manager)
         self._recent = RecentMessages[Any]()
-        #: The message being sent and its datagram, from storing it for duplicates to handing it to
-        #: the transport (aiocoap does one right after the other): a response is encoded only once.
+        #: A response to a request and its datagram, from aiocoap asking to keep it for duplicates
+        #: to the transport sending it (one right after the other): it is encoded only once.
         self._wire: tuple[Any, bytes] | None = None
         #: (deadline, sequence, (remote, token), due) of each Confirmable request not answered yet,
         #: earliest first; the timer is set for the first of them.
@@ -187,18 +187,21 @@ class SessionMessageManager(MessageManager):  # type: ignore[misc]
         return duplicate
 
     def _store_response_for_duplicates(self, message: Any) -> None:
+        # aiocoap calls this right before handing the message to the transport, which calls
+        # transmit(): the datagram is kept there, once it is on its way.
         self._wire = None
         if self._recent.knows(message.remote, message.mid):  # a response to a request (piggybacked)
-            datagram = message.encode()
-            self._recent.answer(message.remote, message.mid, datagram)
-            self._wire = (message, datagram)
+            self._wire = (message, message.encode())
 
-    def datagram(self, message: Any) -> bytes:
-        """``message`` encoded for sending: the datagram just stored for duplicates if it was, else encoded now."""
+    def transmit(self, message: Any, send: Callable[[bytes], None]) -> None:
+        """Encode ``message`` (once) and ``send`` it; a response to a request is then kept for its
+        duplicates (after sending, so that keeping it adds nothing to the answer's latency)."""
         wire, self._wire = self._wire, None
-        if wire is not None and wire[0] is message:
-            return wire[1]
-        return bytes(message.encode())
+        if wire is None or wire[0] is not message:
+            send(bytes(message.encode()))
+            return
+        send(wire[1])
+        self._recent.answer(message.remote, message.mid, wire[1])
 
     def forget(self, remote: Any) -> None:
         """The session ended: no duplicate can come from it any more."""

@@ -80,7 +80,7 @@ class ServerInterface(GenericMessageInterface):  # type: ignore[misc]
         if mman is None:
             log.debug("not sending a message: the transport is shutting down", extra={"event": "dtls.late-send"})
         else:
-            message.remote.send(mman.datagram(message))
+            mman.transmit(message, message.remote.send)
 
     def session_ended(self, session: Session, exc: BaseException | None) -> None:
         """Fail what is pending on the session (its observations end with it) and forget its messages."""
