@@ -21,13 +21,22 @@ back-off for systemd's restart limit, which eventually gives up for good. After 
 seconds without a card the daemon reports READY=1 anyway with ``STATUS=degraded: ...`` (so that
 start-up finishes and dependent units run), keeps serving 5.03 on the control socket and keeps
 retrying. The same holds for a PC/SC reader that is not plugged in yet or a pcscd that is not
-running yet; only a missing pyscard is a configuration error (``modem.transport``). Once the card
-is open, :mod:`mn_secd.uicc.card` itself follows removals, swaps and a vanishing port or reader;
-this module only reflects them in STATUS= and the log. A SIM that is busy (the first seconds after
-power-up) is asked again within a few seconds; a locked one gets its PIN from ``[modem] pin_file``
-at most once per insertion (:class:`~mn_secd.uicc.pin.PinKeeper`, kept for the whole run), and
-otherwise STATUS names the lock and the remedy. Another program on the modem's port is named in
-every STATUS= line while it is there.
+running yet; only a missing pyscard is a configuration error (``modem.transport``).
+
+**A card that waits for a person is not waited for.** When the card's answer cannot change until
+someone acts (:func:`~mn_secd.errors.needs_person`: a SIM locked by a PIN we have not got or that
+it refused, by its PUK or by a modem or network lock, or a card with neither USIM nor ISIM),
+READY=1 comes at once with ``STATUS=degraded: the card waits for an operator: ...`` naming the
+remedy: waiting ``modem_wait`` would only hold ``systemctl start`` for two minutes. The card is
+looked at again on the same back-off, under the same rules (the PIN at most once per insertion,
+never a PUK), so a SIM unlocked by hand or swapped is taken when it comes.
+
+Once the card is open, :mod:`mn_secd.uicc.card` itself follows removals, swaps and a vanishing
+port or reader; this module only reflects them in STATUS= and the log. A SIM that is busy (the
+first seconds after power-up) is asked again within a few seconds; a locked one gets its PIN from
+``[modem] pin_file`` at most once per insertion (:class:`~mn_secd.uicc.pin.PinKeeper`, kept for the
+whole run), and otherwise STATUS names the lock and the remedy. Another program on the modem's port
+is named in every STATUS= line while it is there.
 
 Signals: SIGHUP re-reads the configuration file and swaps the AE registry in (keys are kept; other
 sections need a restart and a warning says so); SIGTERM and SIGINT send STOPPING=1, wipe every
@@ -54,7 +63,15 @@ from mn_secd.config import Config, load_config
 from mn_secd.control.payloads import mask_impi
 from mn_secd.control.registry import AeRegistry, load_registry
 from mn_secd.control.server import ControlServer, start_control_server
-from mn_secd.errors import ConfigError, MnSecdError, SealingUnavailable, StoredSessionInvalid, UiccAbsent, UiccBusy
+from mn_secd.errors import (
+    ConfigError,
+    MnSecdError,
+    SealingUnavailable,
+    StoredSessionInvalid,
+    UiccAbsent,
+    UiccBusy,
+    needs_person,
+)
 from mn_secd.gba.keystore import KeyStore
 from mn_secd.gba.planner import StartAction
 from mn_secd.gba.sealing import SessionSealer, load_session_key
@@ -176,6 +193,7 @@ class Daemon:
         self.ready = False
         self._stop = asyncio.Event()
         self._card_up = asyncio.Event()
+        self._person_needed = asyncio.Event()  # the card's answer is final until someone acts: READY now
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe_card: Callable[[], None] | None = None
         self.failed: BaseException | None = None  # an internal error that stopped the daemon
@@ -198,14 +216,18 @@ class Daemon:
             self._spawn(self._connect_card(), "connect-card")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.modem_wait):
-                    await self._wait_first(self._card_up, self._stop)
+                    await self._wait_first(self._card_up, self._person_needed, self._stop)
             if not self._stop.is_set():
                 self.ready = True
                 self.notifier.ready(self.notifier.last_status)
                 log.info(
                     "ready after %.3f s",
                     time.monotonic() - started,
-                    extra={"event": "daemon.ready", "card": self._card_up.is_set()},
+                    extra={
+                        "event": "daemon.ready",
+                        "card": self._card_up.is_set(),
+                        "needs_operator": self._person_needed.is_set() and not self._card_up.is_set(),
+                    },
                 )
                 await self._stop.wait()
         finally:
@@ -294,8 +316,19 @@ class Daemon:
                 self.keys.set_unavailable(reason)
                 if isinstance(exc, UiccBusy):
                     delay = min(delay, BUSY_RETRY_MAX)
-                self._degraded(f"no card yet ({_describe(exc)}); retrying in {delay:.0f} s", "modem.unavailable")
-                if not self.ready:
+                if needs_person(exc):
+                    # Waiting out modem_wait would only hold systemd's start job (and `systemctl
+                    # start`): STATUS= names what to do, READY=1 follows at once. The card is still
+                    # looked at on the same back-off (a swapped or re-inserted SIM is taken; the
+                    # PinKeeper still allows one PIN entry per insertion and never a PUK).
+                    self._degraded(
+                        f"the card waits for an operator: {_describe(exc)}; looking again in {delay:.0f} s",
+                        "card.needs_person",
+                    )
+                    self._person_needed.set()
+                else:
+                    self._degraded(f"no card yet ({_describe(exc)}); retrying in {delay:.0f} s", "modem.unavailable")
+                if not self.ready and not self._person_needed.is_set():
                     self.notifier.extend_timeout(max(0.0, deadline - time.monotonic()) + EXTEND_MARGIN)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BUSY_RETRY_MAX if isinstance(exc, UiccBusy) else RETRY_MAX)

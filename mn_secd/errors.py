@@ -190,6 +190,19 @@ class GetResponseLoop(CardStatusError):
     kind = "get-response-loop"
 
 
+def needs_person(exc: BaseException) -> bool:
+    """Whether the card's answer stays what it is until someone acts on the gateway.
+
+    A SIM locked by a PIN mn-secd has not got or the card refused (it is never entered twice), by
+    its PUK (never entered at all) or by a modem or network lock, and a card with neither a USIM nor
+    an ISIM: no retry, however long, changes these; a person must set ``pin_file``, unblock or
+    swap the SIM. Start-up does not wait for them (READY=1 at once, degraded). Everything else on
+    the way to the card (no modem yet, SIM busy, another program on the port, a modem that cannot
+    pass APDUs yet) may mend by itself and is waited for.
+    """
+    return isinstance(exc, (UiccLocked, ApplicationNotFound))
+
+
 class AuthenticateRefused(UiccError):
     """The modem or the card refused to run AUTHENTICATE at all (e.g. +CME ERROR: 3, SW 6985/9864)."""
 
