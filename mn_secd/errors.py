@@ -10,6 +10,7 @@ Messages never carry key material: callers pass identifiers, status words and le
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 
 
@@ -316,10 +317,44 @@ class BsfRejected(GbaError):
 
 
 class BsfServerError(BsfRejected):
-    """The BSF answered with a 5xx status: it is failing for now (overloaded, its HSS away), and a
-    later bootstrap may well succeed, unlike after a 4xx refusal of this subscriber or request."""
+    """The BSF answered with a 5xx status, or 429 Too Many Requests: it is failing or overloaded for
+    now (its HSS away, a fleet bootstrapping at once), and a later bootstrap may well succeed, unlike
+    after a 4xx refusal of this subscriber or request.
+
+    ``retry_after``: the seconds its ``Retry-After`` header asked for (RFC 9110 10.2.3), counted from
+    the answer's arrival; None without a usable one.
+    """
 
     kind = "bsf-server-error"
+
+    def __init__(self, status: int, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(status, reason)
+        self.retry_after = retry_after
+
+
+class BsfAskedToWait(BsfServerError):
+    """The BSF's last answer asked us to wait (``Retry-After``), and that time has not come: no
+    request goes to the BSF before ``until`` (UTC), whoever asks; ``remaining`` seconds are left."""
+
+    kind = "bsf-asked-to-wait"
+
+    def __init__(self, status: int, until: datetime, remaining: float) -> None:
+        self.until = until
+        self.remaining = remaining
+        when = until.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        super().__init__(
+            status,
+            f"asked us to wait (Retry-After): no bootstrap before {when}, in {remaining:.0f} s",
+            retry_after=remaining,
+        )
+
+
+class RetryAfterInvalid(GbaError):
+    """A ``Retry-After`` header from the BSF that is neither delay-seconds nor an HTTP-date (RFC 9110
+    10.2.3): it is ignored, the daemon's own back-off applies, and the log says so once."""
+
+    culprit = Culprit.BSF
+    kind = "bsf-retry-after-invalid"
 
 
 class BsfAnswerInvalid(GbaError):

@@ -275,6 +275,7 @@ ERROR_CODES: dict[type[MnSecdError], tuple[Code, int | None]] = {
     # retries by itself; Max-Age says when asking again is worth it.
     errors.BsfUnreachable: (Code.SERVICE_UNAVAILABLE, 60),
     errors.BsfServerError: (Code.SERVICE_UNAVAILABLE, 60),
+    errors.BsfAskedToWait: (Code.SERVICE_UNAVAILABLE, None),  # Max-Age: what is left of the BSF's wait
     # Not retryable by waiting: the BSF refused this subscriber or our answer (4xx), or answered
     # something that must not be accepted; the operator has to look.
     errors.BsfRejected: (Code.BAD_GATEWAY, None),
@@ -289,6 +290,8 @@ ERROR_CODES: dict[type[MnSecdError], tuple[Code, int | None]] = {
     errors.BindError: (Code.INTERNAL_SERVER_ERROR, None),
 }
 
+#: The largest Max-Age a CoAP option can carry (RFC 7252 5.10.5: a 32-bit unsigned integer).
+MAX_AGE_LIMIT = 2**32 - 1
 #: Longest diagnostic payload sent (CoAP diagnostics are meant to be short).
 MAX_DIAGNOSTIC = 200
 
@@ -298,6 +301,8 @@ def error_answer(exc: MnSecdError) -> ErrorAnswer:
     code, max_age = next(ERROR_CODES[cls] for cls in type(exc).__mro__ if cls in ERROR_CODES)
     if isinstance(exc, errors.BootstrapRateLimited):
         max_age = max(1, math.ceil(exc.retry_after))
+    elif isinstance(exc, errors.BsfAskedToWait):
+        max_age = min(MAX_AGE_LIMIT, max(1, math.ceil(exc.remaining)))
     text = f"{exc.kind}: {exc}".encode()
     if len(text) > MAX_DIAGNOSTIC:
         text = text[: MAX_DIAGNOSTIC - 3].decode("utf-8", "ignore").encode() + b"..."

@@ -44,12 +44,21 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
 from mn_secd.card_identity import CardEvent, CardEventKind
 from mn_secd.clock import SYSTEM_CLOCK, Clock
-from mn_secd.errors import BootstrapRateLimited, GbaError, GbaModeUnavailable, MnSecdError, UiccAbsent
+from mn_secd.errors import (
+    BootstrapRateLimited,
+    BsfAskedToWait,
+    BsfServerError,
+    GbaError,
+    GbaModeUnavailable,
+    MnSecdError,
+    UiccAbsent,
+)
 from mn_secd.gba.planner import BootstrapPlanner, BootstrapTiming, Due, StartAction, StartDecision
 from mn_secd.gba.session import BootstrapAttempt, BootstrapSession, bootstrap, choose_mode, derive_naf_key
 from mn_secd.gba.session_store import SessionKeeper
@@ -175,7 +184,9 @@ class KeyStore:
         self._check_open()
         task = self._running()
         if task is None:
-            retry_after = self.planner.forced_retry_after(self._clock.time())
+            now = self._clock.time()
+            self._check_bsf_wait(now)
+            retry_after = self.planner.forced_retry_after(now)
             if retry_after is not None:
                 raise BootstrapRateLimited(retry_after)
             task = self._start_bootstrap()
@@ -300,6 +311,7 @@ class KeyStore:
         while (task := self._running()) is None:
             now = self._clock.time()
             if self.planner.backoff_remaining(now) is not None and self._last_failure is not None:
+                self._check_bsf_wait(now)
                 raise self._last_failure.with_traceback(None)
             wait = self.planner.unforced_wait(now)
             if wait is None:
@@ -326,6 +338,14 @@ class KeyStore:
             if task.cancelled() and (current is None or not current.cancelling()):
                 raise GbaError("the keystore was closed during the request") from None
             raise
+
+    def _check_bsf_wait(self, now: float) -> None:
+        """While the wait the BSF asked for runs, nobody's request reaches it: the fleet's BSF is
+        overloaded, and an AE forcing or waiting for a bootstrap would only add to its load."""
+        until = self.planner.bsf_asked_until(now)
+        last = self._last_failure
+        if until is not None and isinstance(last, BsfServerError):
+            raise BsfAskedToWait(last.status, datetime.fromtimestamp(until, UTC), until - now)
 
     def _running(self) -> asyncio.Task[BootstrapSession] | None:
         """The bootstrap in flight. A finished task whose done-callback has not run yet is not in
@@ -360,7 +380,8 @@ class KeyStore:
                 # The card gone or a policy the card cannot meet will not mend with time: the card's
                 # next event, or a caller, asks again. Anything else is retried on the planner's time.
                 transient = not isinstance(error, (UiccAbsent, GbaModeUnavailable))
-                retry_at = self.planner.bootstrap_failed(self._clock.time(), retry=transient)
+                asked = error.retry_after if isinstance(error, BsfServerError) else None
+                retry_at = self.planner.bootstrap_failed(self._clock.time(), retry=transient, retry_after=asked)
                 self._last_failure = error
                 log.warning(
                     "bootstrap failed",
@@ -368,6 +389,7 @@ class KeyStore:
                         "event": "gba.bootstrap_failed",
                         "kind": error.kind,
                         "retry_in": retry_at - self._clock.time(),
+                        "retry_after": asked,
                     },
                     exc_info=error is not exc,
                 )

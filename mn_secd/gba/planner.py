@@ -143,6 +143,7 @@ class BootstrapPlanner:
     __slots__ = (
         "_retry",
         "_rng",
+        "asked_until",
         "blocked_until",
         "ended_by_expiry",
         "expires_at",
@@ -162,6 +163,9 @@ class BootstrapPlanner:
         #: The last key lifetime the BSF gave (None until one is known): the scale for retries.
         self.lifetime: float | None = None
         self.blocked_until: float | None = None
+        #: The last failure's wait was the BSF's ``Retry-After`` (capped): no bootstrap, whoever
+        #: asks, before this time.
+        self.asked_until: float | None = None
         self.failures = 0
         self._retry = False
         #: The last session's lifetime ran out (rather than being wiped with its card).
@@ -219,6 +223,7 @@ class BootstrapPlanner:
         self._retry = False
         self.ended_by_expiry = False
         self.blocked_until = None
+        self.asked_until = None
         self.expires_at = expires_at
         self.lifetime = max(0.0, expires_at - now)
         started = now if self.last_start is None else self.last_start
@@ -227,13 +232,17 @@ class BootstrapPlanner:
         )
         return self.refresh_at
 
-    def bootstrap_failed(self, now: float, *, retry: bool = True) -> float:
+    def bootstrap_failed(self, now: float, *, retry: bool = True, retry_after: float | None = None) -> float:
         """Record a failure; returns when the next bootstrap may start.
 
         With ``retry`` (a failure that may go away by itself: the BSF, the network) the planner
         asks for that bootstrap on its own (:meth:`due` answers ``RETRY``, or ``REFRESH`` while Ks
         is still valid); without it (the card is gone, the policy cannot be met) it waits for a
         caller, who is still held back until the same time.
+
+        ``retry_after``: the seconds the BSF's answer asked us to wait (its ``Retry-After``). The next
+        bootstrap comes no sooner than that, capped at :meth:`retry_after_cap`, and no sooner than
+        the planner's own back-off either; while that wait lasts, :meth:`bsf_asked_until` says so.
         """
         self.failures += 1
         self._retry = retry
@@ -256,6 +265,12 @@ class BootstrapPlanner:
             delay = max(delay, p.min_bootstrap_interval)  # a very short lifetime makes no retry loop
         else:
             delay = backoff_delay(self.failures - 1, p.failure_backoff, p.max_failure_backoff, self._rng)
+        self.asked_until = None
+        if retry_after is not None and retry_after >= 0:
+            asked = min(retry_after, self.retry_after_cap())
+            if asked >= delay:
+                delay = asked
+                self.asked_until = now + delay
         self.blocked_until = now + delay
         return self.blocked_until
 
@@ -272,6 +287,7 @@ class BootstrapPlanner:
         self.failures = 0
         self._retry = False
         self.blocked_until = None
+        self.asked_until = None
         self.last_start = None
         self.start_at = None
 
@@ -321,6 +337,19 @@ class BootstrapPlanner:
             return None
         wait = self.last_start + self.policy.min_bootstrap_interval - now
         return wait if wait > 0 else None
+
+    def retry_after_cap(self) -> float:
+        """The longest a BSF's ``Retry-After`` can hold the next bootstrap back: the longest wait of
+        the planner's own back-off (``max_failure_backoff`` before any key lifetime is known,
+        ``max_retry_interval`` after), so a broken or hostile BSF cannot park a gateway for longer
+        than a failing one would wait anyway."""
+        p = self.policy
+        return p.max_failure_backoff if self.lifetime is None else p.max_retry_interval
+
+    def bsf_asked_until(self, now: float) -> float | None:
+        """When the wait the BSF asked for (:meth:`bootstrap_failed`) ends; None when none is running."""
+        until = self.asked_until
+        return until if until is not None and now < until else None
 
     def backoff_remaining(self, now: float) -> float | None:
         """Seconds until a bootstrap may follow the last failure; None when it may start now."""

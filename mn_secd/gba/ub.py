@@ -40,6 +40,7 @@ import enum
 import logging
 import math
 import random
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,6 +62,7 @@ from mn_secd.errors import (
     BsfUnreachable,
     DigestParseError,
     NetworkAuthenticationFailure,
+    RetryAfterInvalid,
 )
 from mn_secd.gba import digest
 from mn_secd.gba.bsfxml import MAX_BODY, parse_bootstrapping_info
@@ -75,9 +77,12 @@ USER_AGENT_BASE = "Bootstrapping Client Agent; Release-6"
 TOKEN_GBA = "3gpp-gba"
 #: Unconfirmed (see the module docstring): informative only.
 TOKEN_GBA_UICC = "3gpp-gba-uicc"
-#: Statuses of the first request that mean "the BSF is there but failing for now", retried like a lost
-#: connection (a 500 too: before any AKA run a retry costs the card nothing).
-RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+#: Statuses of the first request that mean "the BSF is there but failing or overloaded for now",
+#: retried like a lost connection (a 500 too: before any AKA run a retry costs the card nothing), no
+#: sooner than the answer's ``Retry-After`` asks.
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+#: A ``Retry-After`` value longer than this is not a delay or a date: garbage, refused unread.
+MAX_RETRY_AFTER_TEXT = 64
 
 #: What the card is asked to do with one challenge: AUTHENTICATE(RAND, AUTN) in the mode's context.
 AkaCallback = Callable[[bytes, bytes], Awaitable[AkaResult]]
@@ -95,6 +100,76 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     """
     step = min(cap, math.ldexp(base, attempt))  # base * 2**attempt
     return step / 2 + rng.uniform(0.0, step / 2)
+
+
+# --- Retry-After (RFC 9110 10.2.3) -------------------------------------------------------------------
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "|".join(_MONTHS)
+_TIME = r"(\d{2}):(\d{2}):(\d{2})"
+#: IMF-fixdate, "Sun, 06 Nov 1994 08:49:37 GMT" (the form senders must use).
+_IMF_FIXDATE = re.compile(rf"(?:{'|'.join(_DAYS)}), (\d{{2}}) ({_MONTH}) (\d{{4}}) {_TIME} GMT")
+#: The obsolete forms recipients must still read (RFC 9110 5.6.7): rfc850-date and asctime-date.
+_RFC850_DATE = re.compile(rf"(?:{'|'.join(_WEEKDAYS)}), (\d{{2}})-({_MONTH})-(\d{{2}}) {_TIME} GMT")
+_ASCTIME_DATE = re.compile(rf"(?:{'|'.join(_DAYS)}) ({_MONTH}) ([ \d]\d) {_TIME} (\d{{4}})")
+
+
+def _two_digit_year(yy: int, now: datetime) -> int:
+    """RFC 9110 5.6.7: a year more than 50 years ahead is the most recent past year with those digits."""
+    year = now.year - now.year % 100 + yy
+    return year - 100 if year > now.year + 50 else year
+
+
+def parse_http_date(text: str, now: datetime) -> datetime:
+    """An HTTP-date (RFC 9110 5.6.7) in any of its three forms, as an aware UTC datetime.
+
+    ``now`` (aware) only places a two-digit rfc850 year. Raises ValueError if it is none of them.
+    """
+    if m := _IMF_FIXDATE.fullmatch(text):
+        day, month, year, hh, mm, ss = m.groups()
+    elif m := _RFC850_DATE.fullmatch(text):
+        day, month, yy, hh, mm, ss = m.groups()
+        year = str(_two_digit_year(int(yy), now))
+    elif m := _ASCTIME_DATE.fullmatch(text):
+        month, day, hh, mm, ss, year = m.groups()
+    else:
+        raise ValueError("not an HTTP-date")
+    # datetime refuses what no calendar has (31 Feb, 25:00); a leap second (:60) is read as :59.
+    return datetime(int(year), _MONTHS.index(month) + 1, int(day), int(hh), int(mm), min(int(ss), 59), tzinfo=UTC)
+
+
+def parse_retry_after(value: str, now: datetime) -> float:
+    """Seconds a ``Retry-After`` value asks to wait from ``now``: delay-seconds or an HTTP-date.
+
+    Pure, with the clock passed in. A date in the past asks for no wait (0.0); an absurdly large
+    delay is ``math.inf`` (the caller caps it). Anything else (negative, fractional, garbage, an
+    impossible date) raises :class:`~mn_secd.errors.RetryAfterInvalid`.
+    """
+    text = value.strip()
+    if len(text) > MAX_RETRY_AFTER_TEXT:
+        raise RetryAfterInvalid(f"Retry-After of {len(text)} characters is neither a delay nor a date")
+    if text.isascii() and text.isdigit():
+        return float(text) if len(text) <= 15 else math.inf  # 10**15 s: longer than any cap
+    try:
+        when = parse_http_date(text, now)
+    except ValueError:
+        raise RetryAfterInvalid(f"Retry-After {text[:40]!r} is neither delay-seconds nor an HTTP-date") from None
+    return max(0.0, (when - now).total_seconds())
+
+
+def retry_after(headers: Sequence[tuple[str, str]], now: datetime) -> float | None:
+    """The ``Retry-After`` of an answer (:func:`parse_retry_after`); None without one.
+
+    The header is a single value; several that differ say nothing usable (RetryAfterInvalid).
+    """
+    values = {v.strip() for k, v in headers if k.lower() == "retry-after"}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise RetryAfterInvalid(f"{len(values)} different Retry-After values in one answer")
+    return parse_retry_after(values.pop(), now)
 
 
 # --- sans-IO ------------------------------------------------------------------------------------------
@@ -183,6 +258,7 @@ class UbExchange:
         self._digest: digest.DigestState | None = None
         self._success: AkaSuccess | None = None
         self._resynced = False
+        self._retry_after: float | None = None
         self.aka_runs = 0
         self.http_requests = 0
 
@@ -202,9 +278,21 @@ class UbExchange:
         return UbRequest(digest.initial_authorization(self.impi, self.realm, self.uri), self._user_agent)
 
     def receive(
-        self, status: int, reason: str, headers: Sequence[tuple[str, str]], body: bytes, now: datetime
+        self,
+        status: int,
+        reason: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        now: datetime,
+        *,
+        retry_after: float | None = None,
     ) -> AkaChallenge | UbResult:
-        """The BSF's answer to the last request. ``headers`` as (name, value) pairs, repeats kept."""
+        """The BSF's answer to the last request. ``headers`` as (name, value) pairs, repeats kept.
+
+        ``retry_after``: the seconds its ``Retry-After`` asks for (:func:`retry_after`, read by the
+        caller, who logs a value it cannot use); a refusal for now (5xx, 429) carries it.
+        """
+        self._retry_after = retry_after
         if self._state in (_State.WAIT_CHALLENGE, _State.WAIT_RESYNC):
             return self._guard(lambda: self._on_challenge(status, reason, headers))
         self._expect(_State.WAIT_ANSWER)
@@ -223,7 +311,7 @@ class UbExchange:
         if status == 200:
             raise BsfAnswerInvalid("the BSF answered 200 without authenticating the client")
         if status != 401:
-            raise _rejected(status, reason or "no challenge")
+            raise _rejected(status, reason or "no challenge", self._retry_after)
         values = [v for k, v in headers if k.lower() == "www-authenticate"]
         if not values:
             raise BsfAnswerInvalid("401 without a WWW-Authenticate header")
@@ -280,7 +368,7 @@ class UbExchange:
             stale = _is_stale(headers)
             raise BsfRejected(401, "the BSF rejected the response" + (" (stale nonce)" if stale else ""))
         if status != 200:
-            raise _rejected(status, reason or "bootstrap refused")
+            raise _rejected(status, reason or "bootstrap refused", self._retry_after)
         state, success = self._digest, self._success
         assert state is not None and success is not None  # set with the WAIT_ANSWER state
         info = [v for k, v in headers if k.lower() == "authentication-info"]
@@ -325,10 +413,13 @@ class UbExchange:
             raise
 
 
-def _rejected(status: int, reason: str) -> BsfRejected:
-    """A refusal, typed by whether waiting can help: 5xx is the BSF failing for now (retryable), 4xx a
-    refusal of this subscriber or request that no retry changes."""
-    return BsfServerError(status, reason) if 500 <= status <= 599 else BsfRejected(status, reason)
+def _rejected(status: int, reason: str, retry_after: float | None) -> BsfRejected:
+    """A refusal, typed by whether waiting can help: 5xx or 429 is the BSF failing or overloaded for
+    now (retryable, after ``retry_after`` if it said), another 4xx a refusal of this subscriber or
+    request that no retry changes."""
+    if 500 <= status <= 599 or status == 429:
+        return BsfServerError(status, reason, retry_after=retry_after)
+    return BsfRejected(status, reason)
 
 
 def _is_stale(headers: Sequence[tuple[str, str]]) -> bool:
@@ -387,6 +478,7 @@ class UbClient:
         self.require_rspauth = require_rspauth
         self._clock = clock
         self._rng = rng or random.Random()
+        self._ignored_retry_after: str | None = None  # the last Retry-After logged as unusable
         self._client = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(timeout),
@@ -417,7 +509,8 @@ class UbClient:
         request = exchange.start()
         response = await self._first_request(target, request, exchange, budget)
         while True:
-            step = exchange.receive(*response, now=datetime.fromtimestamp(self._clock(), UTC))
+            now = datetime.fromtimestamp(self._clock(), UTC)
+            step = exchange.receive(*response, now=now, retry_after=self._retry_after(response, now))
             if isinstance(step, UbResult):
                 self._log_result(step)
                 return step
@@ -460,6 +553,9 @@ class UbClient:
                     return response
                 failure = response
             delay = backoff_delay(attempt, self.backoff, self.max_backoff, self._rng)
+            if failure is not None:  # never sooner than the BSF asked
+                asked = self._retry_after(failure, datetime.fromtimestamp(self._clock(), UTC))
+                delay = max(delay, asked or 0.0)
             if loop.time() + delay >= budget.deadline:  # no time left for another try: the last outcome stands
                 if failure is not None:
                     return failure
@@ -467,6 +563,27 @@ class UbClient:
             log.info("BSF not reachable; retrying", extra={"event": "ub.retry", "attempt": attempt + 1, "delay": delay})
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _retry_after(self, response: tuple[int, str, list[tuple[str, str]], bytes], now: datetime) -> float | None:
+        """The seconds a refusal for now (5xx, 429) asks to wait; None without a usable Retry-After.
+
+        A value that cannot be read is ignored (our own back-off applies) and logged once: the same
+        broken value on every answer of an overloaded BSF is one line, not one per attempt.
+        """
+        status, _, headers, _ = response
+        if status not in RETRYABLE_STATUS and not 500 <= status <= 599:
+            return None
+        try:
+            return retry_after(headers, now)
+        except RetryAfterInvalid as exc:
+            if str(exc) != self._ignored_retry_after:
+                self._ignored_retry_after = str(exc)
+                log.warning(
+                    "ignoring the BSF's Retry-After: %s",
+                    exc,
+                    extra={"event": "ub.retry_after_invalid", "kind": exc.kind, "status": status},
+                )
+            return None
 
     async def _send(
         self, target: str, request: UbRequest, budget: _Budget

@@ -29,7 +29,8 @@ XRES has as many octets as the subscriber's card gives RES (``res_length`` of it
 
 Test switches (plain attributes, changeable while serving) let client tests drive each failure over
 real HTTP: :attr:`ReferenceBsf.delay`, :attr:`~ReferenceBsf.success_delay`,
-:attr:`~ReferenceBsf.busy_responses` (with :attr:`~ReferenceBsf.busy_status`), :attr:`~ReferenceBsf.tamper_rspauth`,
+:attr:`~ReferenceBsf.busy_responses` (with :attr:`~ReferenceBsf.busy_status` and
+:attr:`~ReferenceBsf.retry_after`), :attr:`~ReferenceBsf.tamper_rspauth`,
 :attr:`~ReferenceBsf.omit_authentication_info`, :attr:`~ReferenceBsf.opaque_btids`,
 :attr:`~ReferenceBsf.malformed_xml`,
 :attr:`~ReferenceBsf.lifetime_in_past`, :attr:`~ReferenceBsf.garbage_challenge`.
@@ -167,8 +168,11 @@ class ReferenceBsf:
         self.success_delay = 0.0
         #: Answer this many of the next Ub requests with ``busy_status``, then recover.
         self.busy_responses = 0
-        #: The status of those answers: 503 (an overloaded BSF / HSS), 500 (a failing one), ...
+        #: The status of those answers: 503 (an overloaded BSF / HSS), 429, 500 (a failing one), ...
         self.busy_status = 503
+        #: The ``Retry-After`` sent, verbatim, with a busy 503 or 429 (delay-seconds, an HTTP-date,
+        #: or garbage for a broken BSF); None sends none.
+        self.retry_after: str | None = "1"
         #: Send a wrong ``rspauth`` in the 200 OK.
         self.tamper_rspauth = False
         #: Send the 200 OK without ``Authentication-Info`` (as some BSFs in the field do; RFC 2617
@@ -277,7 +281,9 @@ class ReferenceBsf:
         if self.busy_responses > 0:
             self.busy_responses -= 1
             self.busy += 1
-            headers = {"Server": SERVER, "Retry-After": "1"} if self.busy_status == 503 else {"Server": SERVER}
+            headers = {"Server": SERVER}
+            if self.retry_after is not None and self.busy_status in (429, 503):
+                headers["Retry-After"] = self.retry_after
             return web.Response(status=self.busy_status, text="busy\n", headers=headers)
         header = request.headers.get("Authorization")
         if header is None:
