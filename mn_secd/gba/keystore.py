@@ -8,7 +8,9 @@ hit the BSF in step. Subscribers are told when keys were refreshed or wiped.
 Every bootstrap costs an AKA run on the card and a sequence number, so no caller can cause them at
 will: a forced re-bootstrap (a NAF rejected the B-TID) has a minimum interval
 (:class:`~mn_secd.errors.BootstrapRateLimited`), and after a failure further bootstraps wait for the
-planner's retry time, during which callers get the last failure again. When that time comes the
+planner's retry time, during which callers get the last failure again (or, while a wait the
+BSF asked for with ``Retry-After`` runs, :class:`~mn_secd.errors.BsfAskedToWait`, forced or not:
+nobody's request reaches an overloaded BSF before it said). When that time comes the
 keystore retries by itself (unless the card is gone or cannot do the GBA mode asked for), so a
 gateway gets its key back after a BSF outage without waiting for an AE to ask.
 

@@ -20,7 +20,10 @@ simulation and the README says why:
 * **start**: resume a stored session of the same card that is still valid (refreshed at once, within
   the start jitter, if it is inside its margin); with nothing to resume, bootstrap after a random
   0..``start_jitter`` seconds (10 min), unless an AE is already waiting for a key, so that a region
-  whose power comes back does not bootstrap in the same minute.
+  whose power comes back does not bootstrap in the same minute;
+* **Retry-After**: a BSF that answered 5xx or 429 with ``Retry-After`` gets no bootstrap before it
+  asked (nor before the back-off above), capped at the back-off's own longest wait
+  (:meth:`BootstrapPlanner.retry_after_cap`), so a broken BSF cannot park a gateway for longer.
 
 A forced re-bootstrap (a NAF refused the B-TID) has a minimum interval, and waits for the retry
 time after a failure like any other bootstrap. Whatever the shares say, a timed refresh or retry,

@@ -14,7 +14,10 @@ Two layers, aioquic style:
   bounded retries with exponential backoff and jitter, but only for the first request: once the
   card has run an AUTHENTICATE, a transport failure ends the bootstrap, because repeating it could
   only mean a new challenge and a new AKA run, which is the caller's decision (the keystore
-  throttles those).
+  throttles those). A refusal for now (5xx, 429) with ``Retry-After`` (RFC 9110 10.2.3) is retried
+  no sooner than it asks, or not at all in this attempt when that does not fit in the budget; the
+  error then carries the ask (:attr:`~mn_secd.errors.BsfServerError.retry_after`) to the planner.
+  :func:`parse_retry_after` reads the header, purely, with the clock passed in.
 
 ``rspauth`` (RFC 2617 3.2.3, RFC 3310 3.4) is the BSF's proof that it knew RES, i.e. that the 200 OK
 and the B-TID and lifetime in it come from the network the card authenticated. RFC 2617 makes the
@@ -81,7 +84,7 @@ TOKEN_GBA_UICC = "3gpp-gba-uicc"
 #: retried like a lost connection (a 500 too: before any AKA run a retry costs the card nothing), no
 #: sooner than the answer's ``Retry-After`` asks.
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-#: A ``Retry-After`` value longer than this is not a delay or a date: garbage, refused unread.
+#: A ``Retry-After`` value longer than this that is not all digits cannot be a date: refused unread.
 MAX_RETRY_AFTER_TEXT = 64
 
 #: What the card is asked to do with one challenge: AUTHENTICATE(RAND, AUTN) in the mode's context.
@@ -148,10 +151,10 @@ def parse_retry_after(value: str, now: datetime) -> float:
     impossible date) raises :class:`~mn_secd.errors.RetryAfterInvalid`.
     """
     text = value.strip()
-    if len(text) > MAX_RETRY_AFTER_TEXT:
-        raise RetryAfterInvalid(f"Retry-After of {len(text)} characters is neither a delay nor a date")
     if text.isascii() and text.isdigit():
         return float(text) if len(text) <= 15 else math.inf  # 10**15 s: longer than any cap
+    if len(text) > MAX_RETRY_AFTER_TEXT:
+        raise RetryAfterInvalid(f"Retry-After of {len(text)} characters is neither a delay nor a date")
     try:
         when = parse_http_date(text, now)
     except ValueError:
