@@ -9,6 +9,8 @@ started, whatever the test did, so a failing test leaves no port, pty or process
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,28 @@ async def start_daemon() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]
     yield start
     for daemon in started:
         await daemon.kill()
+
+
+# --- another program on the modem's port ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def holder() -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """``holder(path)``: another process that holds ``path`` open (as ModemManager or a terminal
+    program would) until the test ends; it has the port open when ``holder`` returns."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def hold(path: str) -> subprocess.Popen[bytes]:
+        code = (
+            "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY); "
+            "print(flush=True); time.sleep(60)"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"\n"  # the port is open now
+        started.append(proc)
+        return proc
+
+    yield hold
+    for proc in started:
+        proc.kill()
+        proc.wait()

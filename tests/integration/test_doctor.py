@@ -14,7 +14,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,26 +138,6 @@ async def test_a_port_the_service_user_cannot_open(world: SimulatedWorld) -> Non
     code, checks, _ = await run_doctor("--config", str(config_for(world)))
     assert code == 1
     assert checks["access"]["status"] == "fail" and 'GROUP="dialout"' in checks["access"]["fix"]
-
-
-@pytest.fixture
-def holder() -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def hold(path: str) -> subprocess.Popen[bytes]:
-        code = (
-            "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY); "
-            "print(flush=True); time.sleep(60)"
-        )
-        proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdout.readline() == b"\n"
-        started.append(proc)
-        return proc
-
-    yield hold
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 async def test_another_program_on_the_port_is_named_and_the_modem_left_alone(

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
@@ -116,26 +115,6 @@ async def test_sim_busy_at_power_up_is_named_and_waited_out(make_world: MakeWorl
         assert await daemon.stop() == 0
     finally:
         await daemon.kill()
-
-
-@pytest.fixture
-def holder() -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def hold(path: str) -> subprocess.Popen[bytes]:
-        code = (
-            "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY); "
-            "print(flush=True); time.sleep(60)"
-        )
-        proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdout.readline() == b"\n"
-        started.append(proc)
-        return proc
-
-    yield hold
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 async def test_another_program_holding_the_port_is_named_in_status_and_journal(

@@ -14,7 +14,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -348,26 +348,6 @@ async def test_a_card_that_keeps_answering_6cxx_is_given_up_on(
 
 
 # --- a second process on the port ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def holder() -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def hold(path: str) -> subprocess.Popen[bytes]:
-        code = (
-            "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY); "
-            "print(flush=True); time.sleep(60)"
-        )
-        proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdout.readline() == b"\n"  # the port is open now
-        started.append(proc)
-        return proc
-
-    yield hold
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 async def test_another_process_holding_the_port_is_named(
