@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from harness import PtyModem, open_test_card
+from lab_card_profiles import ISIM_CARD, MNC3_CARD, OPC, RAND, K, challenge
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AkaSyncFailure, AuthContext
 from mn_secd.card_identity import Application, CardEvent, CardEventKind
@@ -28,7 +29,7 @@ from mn_secd.errors import (
     UiccAbsent,
 )
 from mn_secd.gba.kdf import ks_naf
-from mn_secd.sim.milenage import Milenage, generate_autn, verify_auts
+from mn_secd.sim.milenage import Milenage, verify_auts
 from mn_secd.sim.modem import Quirks
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
@@ -37,25 +38,7 @@ from mn_secd.uicc.files import parse_fcp
 from mn_secd.uicc.options import ModemConfig
 
 INS_AUTHENTICATE, INS_SELECT = 0x88, 0xA4
-K = bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc")  # TS 35.208 test set 1
-OPC = bytes.fromhex("cd63cb71954a9f4e48a5994e37a02baf")
-ISIM_CARD = CardProfile(
-    iccid="89882110000000000018", imsi="001010000000001", mnc_length=2, k=K, opc=OPC, isim=True, gba_u=True
-)
-MNC3_CARD = CardProfile(
-    iccid="8901150123456789012",
-    imsi="310150123456789",
-    mnc_length=3,
-    k=bytes.fromhex("fec86ba6eb707ed08905757b1bb44b8f"),
-    opc=bytes.fromhex("5a8d38864820197c3394b92613b20b91"),  # TS 35.208 test set 3
-)
-RAND = bytes.fromhex("23553cbe9637a89d218ae64dae47bf35")
 FAST = {"command_timeout": 2.0, "presence_poll": 0.2, "reopen_max": 0.4}
-
-
-def challenge(profile: CardProfile, seq: int, rand: bytes = RAND) -> bytes:
-    """AUTN for SQN = SEQ || IND 0 (5-bit IND): fresh for a new card whenever seq >= 1 grows."""
-    return generate_autn(Milenage(profile.k, profile.opc), rand, (seq << 5).to_bytes(6, "big"), profile.amf)
 
 
 def expected_keys(profile: CardProfile, rand: bytes = RAND) -> tuple[bytes, bytes, bytes]:

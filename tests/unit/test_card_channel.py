@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from lab_card_profiles import ISIM_CARD, MNC3_CARD, OPC, RAND, K, challenge
 
 from mn_secd.aka import AkaMacFailure, AkaSuccess, AuthContext
 from mn_secd.card_identity import Application, CardIdentity
@@ -26,7 +27,7 @@ from mn_secd.errors import (
     UiccError,
 )
 from mn_secd.gba.kdf import ks_naf
-from mn_secd.sim.milenage import Milenage, generate_autn
+from mn_secd.sim.milenage import Milenage
 from mn_secd.sim.profile import CardProfile
 from mn_secd.sim.usim import SoftUicc
 from mn_secd.uicc import files
@@ -34,25 +35,8 @@ from mn_secd.uicc.apdu import Apdu, parse_response
 from mn_secd.uicc.channel import CardChannel
 from mn_secd.uicc.options import ApplicationChoice
 
-K = bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc")  # TS 35.208 test set 1
-OPC = bytes.fromhex("cd63cb71954a9f4e48a5994e37a02baf")
-ISIM_CARD = CardProfile(
-    iccid="89882110000000000018", imsi="001010000000001", mnc_length=2, k=K, opc=OPC, isim=True, gba_u=True
-)
-MNC3_CARD = CardProfile(
-    iccid="8901150123456789012",
-    imsi="310150123456789",
-    mnc_length=3,
-    k=bytes.fromhex("fec86ba6eb707ed08905757b1bb44b8f"),
-    opc=bytes.fromhex("5a8d38864820197c3394b92613b20b91"),  # TS 35.208 test set 3
-)
-RAND = bytes.fromhex("23553cbe9637a89d218ae64dae47bf35")
 INS_SELECT, INS_READ_RECORD, INS_AUTHENTICATE = 0xA4, 0xB2, 0x88
 USIM_PREFIX, ISIM_PREFIX = files.USIM_AID_PREFIX, files.ISIM_AID_PREFIX
-
-
-def autn(profile: CardProfile, seq: int) -> bytes:
-    return generate_autn(Milenage(profile.k, profile.opc), RAND, (seq << 5).to_bytes(6, "big"), profile.amf)
 
 
 class Failure(MnSecdError):
@@ -220,7 +204,7 @@ async def test_a_card_that_went_away_is_reported_as_absent() -> None:
 async def test_authenticate_on_a_logical_channel_needs_no_select() -> None:
     identity, ch, transport = await read()
     selects = transport.count(INS_SELECT)
-    result = await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.UMTS)
+    result = await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
     res, ck, ik, _ = Milenage(K, OPC).f2345(RAND)
     assert isinstance(result, AkaSuccess) and (result.res, result.ck, result.ik) == (res, ck, ik)
     assert transport.count(INS_AUTHENTICATE) == 1 and transport.count(INS_SELECT) == selects
@@ -232,7 +216,7 @@ async def test_authenticate_on_the_basic_channel_selects_the_application_again()
     ch = CardChannel(transport)
     identity = await ch.read_identity()
     selects = transport.count(INS_SELECT)
-    result = await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.UMTS)
+    result = await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
     assert isinstance(result, AkaSuccess)
     reselect = [apdu for apdu in transport.sent[-3:] if apdu.ins == INS_SELECT]
     assert transport.count(INS_SELECT) == selects + 1 and reselect[0].data == identity.aid
@@ -241,7 +225,7 @@ async def test_authenticate_on_the_basic_channel_selects_the_application_again()
 
 async def test_a_mac_failure_is_a_value() -> None:
     identity, ch, _ = await read()
-    bad = bytearray(autn(ISIM_CARD, 1))
+    bad = bytearray(challenge(ISIM_CARD, 1))
     bad[-1] ^= 1
     assert isinstance(await ch.authenticate(identity, RAND, bytes(bad), AuthContext.UMTS), AkaMacFailure)
 
@@ -256,7 +240,7 @@ async def test_a_failed_authenticate_is_judged_by_the_transport_and_never_resent
     identity, ch, transport = await read()
     transport.fail = lambda apdu: failure if apdu.ins == INS_AUTHENTICATE else None
     with pytest.raises(expected) as info:
-        await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.UMTS)
+        await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
     assert info.value.__cause__ is failure
     assert transport.judged == [(failure, "AUTHENTICATE")]
     assert transport.count(INS_AUTHENTICATE) == 1
@@ -266,7 +250,7 @@ async def test_an_absent_card_during_authenticate_stays_absent() -> None:
     identity, ch, transport = await read()
     transport.fail = lambda apdu: UiccAbsent("no SIM")
     with pytest.raises(UiccAbsent):
-        await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.UMTS)
+        await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
     assert transport.judged == []  # nothing to judge: the card is not there
 
 
@@ -274,7 +258,7 @@ async def test_a_refusing_card_is_not_a_transport_failure() -> None:
     identity, ch, transport = await read()
     transport.answer = lambda apdu, raw: b"\x69\x85" if apdu.ins == INS_AUTHENTICATE else raw
     with pytest.raises(AuthenticateRefused, match="6985"):
-        await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.UMTS)
+        await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
     assert transport.judged == []
 
 
@@ -284,7 +268,7 @@ async def test_a_refusing_card_is_not_a_transport_failure() -> None:
 @pytest.mark.parametrize("application", [ApplicationChoice.ISIM, ApplicationChoice.USIM])
 async def test_gba_u_bootstrap_naf_derivation_and_ef_gbabp(application: ApplicationChoice) -> None:
     identity, ch, _ = await read(preference=application)
-    result = await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.GBA)
+    result = await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.GBA)
     assert isinstance(result, AkaSuccess) and result.ck is None
     btid, lifetime = "I1U8vpY3qJ0hiuZNrke/NQ==@bsf.mnc001.mcc001.pub.3gppnetwork.org", "2030-01-01T00:00:00Z"
     await ch.write_gba_bootstrap_params(identity, btid, lifetime)
@@ -308,12 +292,12 @@ async def test_ef_gbabp_falls_back_to_the_usim_and_reselects_the_isim() -> None:
 
     identity, ch, transport = await read()
     transport.answer = isim_without_gbabp
-    await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.GBA)
+    await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.GBA)
     await ch.write_gba_bootstrap_params(identity, "b@bsf.example", "2030-01-01T00:00:00Z")
     aids = [apdu.data for apdu in transport.sent if apdu.ins == INS_SELECT and apdu.p1 == 0x04]
     usim = next(aid for app, aid in identity.applications if app is Application.USIM)
     assert aids[-2:] == [usim, identity.aid]  # written under the USIM, the ISIM selected again
-    result = await ch.authenticate(identity, RAND, autn(ISIM_CARD, 2), AuthContext.UMTS)
+    result = await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 2), AuthContext.UMTS)
     assert isinstance(result, AkaSuccess)  # in the ISIM, as before
     content = await ch.read_gba_bootstrap_params(identity)  # read back from the same USIM file ...
     assert content.btid == "b@bsf.example"
@@ -323,7 +307,7 @@ async def test_ef_gbabp_falls_back_to_the_usim_and_reselects_the_isim() -> None:
 
 async def test_a_b_tid_too_long_for_ef_gbabp_is_refused_before_writing() -> None:
     identity, ch, transport = await read()
-    await ch.authenticate(identity, RAND, autn(ISIM_CARD, 1), AuthContext.GBA)
+    await ch.authenticate(identity, RAND, challenge(ISIM_CARD, 1), AuthContext.GBA)
     with pytest.raises(UiccError, match="EF_GBABP holds"):
         await ch.write_gba_bootstrap_params(identity, "x" * 180 + "@bsf.example", "2030-01-01T00:00:00Z")
     assert transport.count(0xD6) == 0  # no UPDATE BINARY
