@@ -11,6 +11,7 @@ on two private attributes of CPython's ``BaseEventLoop`` (``_ready``, ``_schedul
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
@@ -54,3 +55,12 @@ class LoopClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+def on_virtual_time(scenario: Callable[[VirtualTimeLoop], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` to its end on a fresh :class:`VirtualTimeLoop`."""
+    loop = VirtualTimeLoop()
+    try:
+        loop.run_until_complete(scenario(loop))
+    finally:
+        loop.close()

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_keystore import FakeCard, FlakyUb, identity
+from keystore_fakes import FakeCard, FlakyUb, identity
 from virtual_time import VirtualTimeLoop
 
 from mn_secd.config import GbaConfig

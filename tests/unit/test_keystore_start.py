@@ -11,16 +11,16 @@ import asyncio
 import base64
 import os
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from virtual_time import VirtualTimeLoop
+from keystore_fakes import FakeClock, identity
+from virtual_time import VirtualTimeLoop, on_virtual_time
 
 from mn_secd.aka import AkaResult, AkaSuccess, AuthContext
-from mn_secd.card_identity import Application, CardEvent, CardEventKind, CardIdentity, GbaBootstrapParams
+from mn_secd.card_identity import CardEvent, CardEventKind, CardIdentity, GbaBootstrapParams
 from mn_secd.clock import Clock
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.keystore import KeyStore
@@ -32,41 +32,6 @@ from mn_secd.ua import UaId
 
 DTLS = UaId.dtls_psk()
 NAF = "in-cse.example.net"
-
-
-def identity(n: int = 1) -> CardIdentity:
-    imsi = f"00101000000000{n}"
-    return CardIdentity(
-        iccid=f"8988211000000000001{n}",
-        imsi=imsi,
-        mnc_length=2,
-        impi=f"{imsi}@ims.mnc001.mcc001.3gppnetwork.org",
-        application=Application.USIM,
-        aid=bytes.fromhex("a0000000871002ffffffff8907090000"),
-        gba_u=True,
-        transport="csim",
-    )
-
-
-class Clockwork:
-    """A clock that moves only when the test moves it."""
-
-    def __init__(self, start: float = 1_900_000_000.0) -> None:
-        self.now = start
-        self._moved = asyncio.Event()
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        until = self.now + seconds
-        while self.now < until:
-            self._moved.clear()
-            await self._moved.wait()
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self._moved.set()
 
 
 class GbaCard:
@@ -142,7 +107,7 @@ async def settled(store: KeyStore) -> None:
 
 
 async def test_a_restart_resumes_the_gba_u_session_without_authenticate_or_bsf(tmp_path: Path) -> None:
-    clock, card = Clockwork(), GbaCard(identity())
+    clock, card = FakeClock(), GbaCard(identity(gba_u=True))
     ub = Ub(clock)
     first = KeyStore(card, ub, timing=BootstrapTiming(start_jitter=0.0), clock=clock, keeper=keeper(tmp_path))
     assert (await first.start()).action is StartAction.BOOTSTRAP
@@ -170,7 +135,7 @@ async def test_a_restart_resumes_the_gba_u_session_without_authenticate_or_bsf(t
 
 
 async def test_a_bootstrap_cut_off_after_the_cards_authenticate_is_not_resumed(tmp_path: Path) -> None:
-    clock, card = Clockwork(), GbaCard(identity())
+    clock, card = FakeClock(), GbaCard(identity(gba_u=True))
     ub = Ub(clock)
     first = KeyStore(card, ub, timing=BootstrapTiming(start_jitter=0.0), clock=clock, keeper=keeper(tmp_path))
     await first.start()
@@ -192,7 +157,7 @@ async def test_a_bootstrap_cut_off_after_the_cards_authenticate_is_not_resumed(t
 
 
 async def test_an_expired_session_or_another_card_is_forgotten_and_bootstrapped(tmp_path: Path) -> None:
-    clock, card = Clockwork(), GbaCard(identity())
+    clock, card = FakeClock(), GbaCard(identity(gba_u=True))
     ub = Ub(clock, lifetime=600.0)
     first = KeyStore(card, ub, clock=clock, keeper=keeper(tmp_path))
     await first.ensure_bootstrapped()
@@ -210,7 +175,7 @@ async def test_an_expired_session_or_another_card_is_forgotten_and_bootstrapped(
     await first.ensure_bootstrapped()
     await settled(first)
     await first.close()
-    other_card = GbaCard(identity(2))
+    other_card = GbaCard(identity(2, gba_u=True))
     other_card.gbabp, other_card.ks = card.gbabp, card.ks  # even one whose EF_GBABP looks the same
     swapped = KeyStore(other_card, ub, clock=clock, keeper=keeper(tmp_path))
     decision = await swapped.start()
@@ -221,7 +186,7 @@ async def test_an_expired_session_or_another_card_is_forgotten_and_bootstrapped(
 
 
 async def test_the_kept_session_ends_with_the_card_in_the_running_daemon(tmp_path: Path) -> None:
-    clock, card = Clockwork(), GbaCard(identity())
+    clock, card = FakeClock(), GbaCard(identity(gba_u=True))
     store = KeyStore(card, Ub(clock), clock=clock, keeper=keeper(tmp_path))
     await store.ensure_bootstrapped()
     await settled(store)
@@ -234,7 +199,7 @@ async def test_the_kept_session_ends_with_the_card_in_the_running_daemon(tmp_pat
 
 
 async def test_a_key_asked_for_while_the_start_decides_waits_for_the_resumed_session(tmp_path: Path) -> None:
-    clock, card = Clockwork(), GbaCard(identity())
+    clock, card = FakeClock(), GbaCard(identity(gba_u=True))
     ub = Ub(clock)
     first = KeyStore(card, ub, clock=clock, keeper=keeper(tmp_path))
     before = await first.get_key(NAF, DTLS)
@@ -254,7 +219,7 @@ async def test_a_key_asked_for_while_the_start_decides_waits_for_the_resumed_ses
 
 
 async def test_a_card_removed_while_the_start_decides_resumes_nothing(tmp_path: Path) -> None:
-    clock, card = Clockwork(), GbaCard(identity())
+    clock, card = FakeClock(), GbaCard(identity(gba_u=True))
     first = KeyStore(card, Ub(clock), clock=clock, keeper=keeper(tmp_path))
     await first.ensure_bootstrapped()
     await settled(first)
@@ -275,7 +240,7 @@ async def test_a_card_removed_while_the_start_decides_resumes_nothing(tmp_path: 
 
 
 async def test_a_session_of_a_mode_the_policy_no_longer_gives_is_forgotten(tmp_path: Path) -> None:
-    clock, card = Clockwork(), GbaCard(identity())
+    clock, card = FakeClock(), GbaCard(identity(gba_u=True))
     first = KeyStore(card, Ub(clock), clock=clock, keeper=keeper(tmp_path))
     await first.ensure_bootstrapped()
     await settled(first)
@@ -290,20 +255,12 @@ async def test_a_session_of_a_mode_the_policy_no_longer_gives_is_forgotten(tmp_p
 # --- the start jitter ----------------------------------------------------------------------------------
 
 
-def on_virtual_time(scenario: Callable[[VirtualTimeLoop], Coroutine[Any, Any, None]]) -> None:
-    loop = VirtualTimeLoop()
-    try:
-        loop.run_until_complete(scenario(loop))
-    finally:
-        loop.close()
-
-
 def test_with_nothing_to_resume_the_first_bootstrap_waits_for_the_start_jitter() -> None:
     async def scenario(loop: VirtualTimeLoop) -> None:
         clock = loop.clock()
         t0 = clock.time()
         ub = Ub(clock)
-        store = KeyStore(GbaCard(identity()), ub, clock=clock, rng=random.Random(11))  # start_jitter 600 s
+        store = KeyStore(GbaCard(identity(gba_u=True)), ub, clock=clock, rng=random.Random(11))  # start_jitter 600 s
         decision = await store.start()
         assert decision.action is StartAction.BOOTSTRAP and t0 < decision.at <= t0 + 600.0
         await asyncio.sleep(decision.at - t0 - 1.0)
@@ -320,7 +277,7 @@ def test_an_ae_asking_meanwhile_or_already_waiting_bootstraps_at_once() -> None:
         clock = loop.clock()
         t0 = clock.time()
         ub = Ub(clock)
-        store = KeyStore(GbaCard(identity()), ub, clock=clock, rng=random.Random(11))
+        store = KeyStore(GbaCard(identity(gba_u=True)), ub, clock=clock, rng=random.Random(11))
         decision = await store.start()
         await asyncio.sleep(5.0)
         await store.get_key(NAF, DTLS)  # an AE does not wait for the jitter
@@ -329,7 +286,7 @@ def test_an_ae_asking_meanwhile_or_already_waiting_bootstraps_at_once() -> None:
         assert ub.runs == [t0 + 5.0]  # and the jitter's bootstrap does not come on top
         await store.close()
 
-        waiting = KeyStore(GbaCard(identity()), Ub(clock), clock=clock)
+        waiting = KeyStore(GbaCard(identity(gba_u=True)), Ub(clock), clock=clock)
         decision = await waiting.start(ae_waiting=True)
         assert decision.at == clock.time()
         await asyncio.sleep(0.1)
