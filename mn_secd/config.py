@@ -16,7 +16,6 @@ read it; the key service (:mod:`mn_secd.control.registry`) reads a PSK file's co
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import os
@@ -515,6 +514,8 @@ class _Table:
         """Reject keys nobody asked for, suggesting the nearest known key (typos are the usual cause)."""
         for name in self.data:
             if name not in self.used:
+                import difflib  # only a file with a mistake in it needs the suggestion; the daemon never does
+
                 close = difflib.get_close_matches(name, sorted(self.used), n=1)
                 hint = f" (did you mean {_show(close[0])}?)" if close else ""
                 raise self.error(name, f"unknown key{hint}")

@@ -31,12 +31,13 @@ import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from mn_secd.errors import SealingUnavailable, StoredSessionInvalid
 from mn_secd.secret import SecretBytes
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 #: The systemd credential holding the session-sealing key (its name in /etc/credstore.encrypted/
 #: and in $CREDENTIALS_DIRECTORY; systemd-creds embeds it in the encrypted file).
@@ -83,6 +84,8 @@ class SessionSealer:
             raise StoredSessionInvalid("the sealed session's time has passed (it expired)")
         nonce = blob[len(MAGIC) + _NOT_AFTER.size : _HEADER]
         plaintext = bytearray(len(blob) - _HEADER - TAG_LENGTH)
+        from cryptography.exceptions import InvalidTag  # lazy, as in _cipher
+
         try:
             self._cipher().decrypt_into(nonce, blob[_HEADER:], _associated(name, iccid, expiry), plaintext)
         except InvalidTag:
@@ -103,6 +106,11 @@ class SessionSealer:
     def _cipher(self) -> AESGCM:
         if self._key.wiped:
             raise SealingUnavailable("the session-sealing key was wiped (the daemon is stopping)")
+        # Imported here, not at the top: cryptography's Rust extension carries its own OpenSSL and
+        # costs a daemon about 6.5 MB of RSS, which only a daemon that seals (persist_session on,
+        # with the session-sealing key) should pay.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         # Lent, not copied: AESGCM keys OpenSSL's context from our buffer; the context goes with
         # the object at the end of the one operation.
         return AESGCM(self._key.lend())
