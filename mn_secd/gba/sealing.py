@@ -64,6 +64,14 @@ class SessionSealer:
             raise ValueError(f"the session-sealing key is {KEY_LENGTH} octets")
         self._key = key
         self._random = random
+        # cryptography is imported when a sealer is made, not with this module: its Rust extension
+        # carries its own OpenSSL and costs a daemon about 6.5 MB of RSS, which only a daemon that
+        # seals (persist_session on, with the session-sealing key) should pay. The daemon makes its
+        # sealer at start, so the import's time and any failure of it fall there, not on the event
+        # loop at the first seal.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aesgcm: type[AESGCM] = AESGCM
 
     def seal(self, name: str, plaintext: bytes | bytearray, *, iccid: str, not_after: float) -> bytes:
         """The sealed blob of ``plaintext`` under ``name``, for the card ``iccid``, good until ``not_after``."""
@@ -84,7 +92,7 @@ class SessionSealer:
             raise StoredSessionInvalid("the sealed session's time has passed (it expired)")
         nonce = blob[len(MAGIC) + _NOT_AFTER.size : _HEADER]
         plaintext = bytearray(len(blob) - _HEADER - TAG_LENGTH)
-        from cryptography.exceptions import InvalidTag  # lazy, as in _cipher
+        from cryptography.exceptions import InvalidTag  # loaded with AESGCM in __init__
 
         try:
             self._cipher().decrypt_into(nonce, blob[_HEADER:], _associated(name, iccid, expiry), plaintext)
@@ -106,14 +114,9 @@ class SessionSealer:
     def _cipher(self) -> AESGCM:
         if self._key.wiped:
             raise SealingUnavailable("the session-sealing key was wiped (the daemon is stopping)")
-        # Imported here, not at the top: cryptography's Rust extension carries its own OpenSSL and
-        # costs a daemon about 6.5 MB of RSS, which only a daemon that seals (persist_session on,
-        # with the session-sealing key) should pay.
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
         # Lent, not copied: AESGCM keys OpenSSL's context from our buffer; the context goes with
         # the object at the end of the one operation.
-        return AESGCM(self._key.lend())
+        return self._aesgcm(self._key.lend())
 
 
 def _associated(name: str, iccid: str, expiry: int) -> bytes:
