@@ -29,7 +29,7 @@ from datetime import datetime
 
 from mn_secd.aka import AkaResult, AkaSuccess, AuthContext
 from mn_secd.card_identity import Application, CardIdentity
-from mn_secd.errors import ApduParseError, AuthenticateRefused, GbaModeUnavailable
+from mn_secd.errors import ApduParseError, AuthenticateRefused, BsfAnswerInvalid, GbaModeUnavailable
 from mn_secd.gba.bsfxml import format_lifetime
 from mn_secd.gba.kdf import ks_naf
 from mn_secd.gba.ub import UbRunner
@@ -37,6 +37,10 @@ from mn_secd.interfaces import CardAccess
 from mn_secd.logs import btid_hash
 from mn_secd.naf_keys import GbaMode, GbaPolicy
 from mn_secd.secret import SecretBytes
+
+#: EF_GBABP holds the B-TID behind a one-octet length (TS 31.102 and TS 31.103, EF_GBABP): a GBA_U
+#: B-TID longer than this cannot be written where the card's NAF derivation looks for it.
+MAX_GBA_U_BTID = 255
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,11 @@ async def bootstrap(
             raise ApduParseError("3G-context AUTHENTICATE returned no CK/IK")
         ks = SecretBytes(result.aka.ck + result.aka.ik)
     else:
+        if len(result.btid.encode()) > MAX_GBA_U_BTID:
+            raise BsfAnswerInvalid(
+                f"the BSF's B-TID of {len(result.btid.encode())} octets does not fit the card's EF_GBABP"
+                f" (at most {MAX_GBA_U_BTID})"
+            )
         await card.write_gba_bootstrap_params(result.btid, format_lifetime(result.lifetime))
     session = BootstrapSession(
         iccid=identity.iccid,
