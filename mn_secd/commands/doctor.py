@@ -81,7 +81,7 @@ from mn_secd.gba import digest
 from mn_secd.gba.sealing import CREDSTORE, SESSION_KEY_CREDENTIAL
 from mn_secd.gba.session import bootstrap
 from mn_secd.gba.session_store import RECORD_FILE, SEALED_FILE
-from mn_secd.gba.ub import UbClient, UbRequest, user_agent
+from mn_secd.gba.ub import UbClient, UbRequest, tls_verification, user_agent
 from mn_secd.naf_keys import GbaMode, GbaPolicy
 from mn_secd.nai import bsf_url
 from mn_secd.secret import SecretBytes
@@ -544,7 +544,9 @@ async def check_bsf(doc: Doctor) -> None:
         digest.initial_authorization(impi, parts.hostname or "", parts.path or "/"), user_agent(GbaMode.GBA_ME)
     )
     try:
-        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False, trust_env=False) as client:
+        async with httpx.AsyncClient(
+            timeout=HTTP_TIMEOUT, follow_redirects=False, trust_env=False, verify=tls_verification(url)
+        ) as client:
             response = await client.get(url, headers=request.headers())
     except httpx.HTTPError as exc:
         doc.add(

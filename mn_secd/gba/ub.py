@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import math
 import random
@@ -297,7 +298,7 @@ class UbExchange:
         """
         self._retry_after = retry_after
         if self._state in (_State.WAIT_CHALLENGE, _State.WAIT_RESYNC):
-            return self._guard(lambda: self._on_challenge(status, reason, headers))
+            return self._guard(lambda: self._on_challenge(status, reason, headers, body))
         self._expect(_State.WAIT_ANSWER)
         return self._guard(lambda: self._on_answer(status, reason, headers, body, now))
 
@@ -309,12 +310,12 @@ class UbExchange:
 
     # -- transitions --
 
-    def _on_challenge(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> AkaChallenge:
+    def _on_challenge(self, status: int, reason: str, headers: Sequence[tuple[str, str]], body: bytes) -> AkaChallenge:
         after_resync = self._state is _State.WAIT_RESYNC
         if status == 200:
             raise BsfAnswerInvalid("the BSF answered 200 without authenticating the client")
         if status != 401:
-            raise _rejected(status, reason or "no challenge", self._retry_after)
+            raise _rejected(status, refusal_reason(reason or "no challenge", headers, body), self._retry_after)
         values = [v for k, v in headers if k.lower() == "www-authenticate"]
         if not values:
             raise BsfAnswerInvalid("401 without a WWW-Authenticate header")
@@ -371,7 +372,7 @@ class UbExchange:
             stale = _is_stale(headers)
             raise BsfRejected(401, "the BSF rejected the response" + (" (stale nonce)" if stale else ""))
         if status != 200:
-            raise _rejected(status, reason or "bootstrap refused", self._retry_after)
+            raise _rejected(status, refusal_reason(reason or "bootstrap refused", headers, body), self._retry_after)
         state, success = self._digest, self._success
         assert state is not None and success is not None  # set with the WAIT_ANSWER state
         info = [v for k, v in headers if k.lower() == "authentication-info"]
@@ -423,6 +424,41 @@ def _rejected(status: int, reason: str, retry_after: float | None) -> BsfRejecte
     if 500 <= status <= 599 or status == 429:
         return BsfServerError(status, reason, retry_after=retry_after)
     return BsfRejected(status, reason)
+
+
+#: At most this many characters of what a BSF says about a refusal go into an error (and the log).
+MAX_REFUSAL_DETAIL = 160
+
+
+def _printable(text: str) -> str:
+    """A BSF's words made safe for one log line: printable ASCII, whitespace collapsed, bounded."""
+    cleaned = " ".join("".join(c if 0x20 <= ord(c) < 0x7F else " " for c in text).split())
+    return cleaned[:MAX_REFUSAL_DETAIL] + ("..." if len(cleaned) > MAX_REFUSAL_DETAIL else "")
+
+
+def refusal_reason(reason: str, headers: Sequence[tuple[str, str]], body: bytes) -> str:
+    """The reason phrase of a refusal, with what the BSF said about it that helps an operator.
+
+    A redirect (3xx) names where it points, since it is not followed: a ``Location`` the
+    configuration should name instead (following it would send the IMPI to wherever a BSF says).
+    A problem body (RFC 9457, ``application/problem+json``) adds its ``title`` and ``detail``.
+    Anything else in the body is ignored: it is HTML for a person, or nothing.
+    """
+    fields = {k.lower(): v for k, v in headers}
+    parts = [reason]
+    if "location" in fields:
+        parts.append(f"to {_printable(fields['location'])}, not followed: set [gba] bsf_url to the BSF's address")
+    media_type = fields.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type == "application/problem+json" and body:
+        try:
+            problem = json.loads(body)
+        except (ValueError, RecursionError):
+            problem = None
+        if isinstance(problem, dict):
+            said = [str(problem[k]) for k in ("title", "detail") if isinstance(problem.get(k), str | int)]
+            if said:
+                parts.append(_printable(": ".join(said)))
+    return ": ".join(parts)
 
 
 def _is_stale(headers: Sequence[tuple[str, str]]) -> bool:
@@ -521,7 +557,7 @@ class UbClient:
             outcome = await aka(step.rand, step.autn)
             budget.deadline += loop.time() - card_started  # the card's time is not the BSF's
             request = exchange.aka_outcome(outcome)
-            response = await self._send(target, request, budget)
+            response = await self._send_answer(target, request, budget)
 
     @staticmethod
     def _log_result(result: UbResult) -> None:
@@ -567,6 +603,26 @@ class UbClient:
             attempt += 1
             await asyncio.sleep(delay)
 
+    async def _send_answer(
+        self, target: str, request: UbRequest, budget: _Budget
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        """The request that answers a challenge (RES, or AUTS), resent once if the connection was lost.
+
+        A BSF (or a proxy in front of it) may close a kept-alive connection while the card runs
+        its AUTHENTICATE, and the close can cross our request: it is then lost with no answer at all.
+        The request is a GET, idempotent (RFC 9110 9.2.2), so it is sent once more on a new
+        connection (RFC 9112 9.3.1) rather than throwing away the card's AKA run; the card is not
+        asked again, and a BSF that did see the first copy refuses the second (its nonce is used).
+        """
+        try:
+            return await self._send(target, request, budget)
+        except _ConnectionLost as exc:
+            log.info(
+                "the BSF's connection was lost before it answered; sending the answer to its challenge again",
+                extra={"event": "ub.resend", "error": str(exc)},
+            )
+            return await self._send(target, request, budget)
+
     def _retry_after(self, response: tuple[int, str, list[tuple[str, str]], bytes], now: datetime) -> float | None:
         """The seconds a refusal for now (5xx, 429) asks to wait; None without a usable Retry-After.
 
@@ -605,8 +661,13 @@ class UbClient:
                     return response.status_code, response.reason_phrase, response.headers.multi_items(), bytes(body)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise budget.exhausted() from exc
+        except httpx.RemoteProtocolError as exc:  # a close with no answer, or HTTP/1.1 broken
+            raise _ConnectionLost(f"the BSF at {target} broke off or broke HTTP/1.1: {_printable(str(exc))}") from exc
+        except (httpx.ReadError, httpx.WriteError) as exc:
+            raise _ConnectionLost(f"the connection to the BSF at {target} was lost: {type(exc).__name__}") from exc
         except httpx.TransportError as exc:
-            raise BsfUnreachable(f"cannot reach the BSF at {target}: {type(exc).__name__}") from exc
+            detail = _printable(str(exc)) or type(exc).__name__  # e.g. the certificate check that failed
+            raise BsfUnreachable(f"cannot reach the BSF at {target}: {detail}") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -620,6 +681,10 @@ class UbClient:
         await self.aclose()
 
 
+class _ConnectionLost(BsfUnreachable):
+    """The BSF was reached but the exchange broke off before a usable answer (see ``_send_answer``)."""
+
+
 @dataclass(slots=True)
 class _Budget:
     """The time one bootstrap attempt may spend at the BSF: a deadline on the event loop's clock."""
@@ -631,16 +696,25 @@ class _Budget:
         return BsfUnreachable(f"the BSF did not answer within the {self.seconds:g} s budget of this bootstrap")
 
 
-def tls_verification(bsf_url: str | None) -> ssl.SSLContext | bool:
+def tls_verification(bsf_url: str | None) -> ssl.SSLContext:
     """What the Ub client checks a BSF's certificate against.
 
-    An ``https`` BSF: httpx's CA bundle, as always. A plain-HTTP one (the address derived from the
-    IMSI is ``http``, TS 23.003 16.2): no TLS connection is ever made to it, and loading the ~150
-    CA certificates of the bundle would cost the daemon about 1 MB for good, so the context knows
-    no CA at all; should TLS ever be attempted with it, verification fails and nothing is sent.
+    An ``https`` BSF: the system's CA store (OpenSSL's default paths: on Debian
+    ``/etc/ssl/certs``, where ``update-ca-certificates`` puts an operator's own CA) and, as before,
+    the CA bundle httpx ships (certifi), so a BSF with a certificate from a public CA is verified
+    even on a gateway without ``ca-certificates``. Operators often run the BSF under their own
+    PKI: with certifi alone such a BSF could never be reached, whatever the gateway trusted.
+    A plain-HTTP one (the address derived from the IMSI is ``http``, TS 23.003 16.2): no TLS
+    connection is ever made to it, and loading the ~150 CA certificates of the bundle would cost
+    the daemon about 1 MB for good, so the context knows no CA at all; should TLS ever be attempted
+    with it, verification fails and nothing is sent.
     """
     if bsf_url is not None and urlsplit(bsf_url).scheme == "https":
-        return True
+        import certifi  # only for an https BSF (see above); httpx depends on it
+
+        context = ssl.create_default_context()  # the system store; CERT_REQUIRED and hostname checks
+        context.load_verify_locations(cafile=certifi.where())
+        return context
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and hostname checks, no CA: fails closed
 
 

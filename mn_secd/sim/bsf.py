@@ -46,6 +46,7 @@ import logging
 import re
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -242,13 +243,17 @@ class ReferenceBsf:
         app.router.add_get(COUNTERS_PATH, self._handle_counters)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0 = any free port); returns the base URL, e.g. ``http://127.0.0.1:4711``."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve on ``host:port`` (0 = any free port); returns the base URL, e.g. ``http://127.0.0.1:4711``.
+
+        With ``ssl_context`` (a server context holding the BSF's certificate) it serves HTTPS, as an
+        operator's BSF under its own PKI does, and the URL says ``https``.
+        """
         if self._runner is not None:
             raise RuntimeError("the BSF is already running")
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except BaseException:
@@ -258,7 +263,7 @@ class ReferenceBsf:
         bound_host, bound_port = runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         log.info("reference BSF listening", extra={"event": "bsf.start", "port": bound_port})
-        return f"http://{shown}:{bound_port}"
+        return f"{'https' if ssl_context is not None else 'http'}://{shown}:{bound_port}"
 
     async def stop(self) -> None:
         if self._runner is not None:

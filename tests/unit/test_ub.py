@@ -10,6 +10,7 @@ import asyncio
 import random
 import ssl
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -204,6 +205,46 @@ def test_error_status_is_bsf_rejected(status: int) -> None:
     assert info.value.status == status
     # a 5xx is the BSF failing for now (worth a retry later), a 4xx a refusal no retry changes
     assert isinstance(info.value, BsfServerError) == (status >= 500)
+
+
+def test_a_refusal_says_what_the_bsf_said_about_it() -> None:
+    """RFC 9457 problem details and a redirect's target reach the operator; HTML does not."""
+    ex = new_exchange()
+    ex.start()
+    problem = rb'{"type":"about:blank","title":"Bad Request","status":400,"detail":"unknown IMPI\u0007 realm"}'
+    with pytest.raises(BsfRejected) as info:
+        ex.receive(400, "Bad Request", [("Content-Type", "application/problem+json; charset=utf-8")], problem, now=NOW)
+    assert str(info.value) == "BSF answered 400: Bad Request: Bad Request: unknown IMPI realm"
+
+    ex = new_exchange()
+    ex.start()
+    with pytest.raises(BsfRejected) as info:
+        ex.receive(307, "Temporary Redirect", [("location", "http://bsf2.example/ub\r\nX: y")], b"", now=NOW)
+    assert info.value.status == 307
+    assert "to http://bsf2.example/ub X: y, not followed: set [gba] bsf_url" in str(info.value)
+
+    ex, _ = _answered()
+    with pytest.raises(BsfRejected) as info:
+        ex.receive(403, "Forbidden", [("Content-Type", "text/html")], b"<h1>" + b"x" * 5000 + b"</h1>", now=NOW)
+    assert str(info.value) == "BSF answered 403: Forbidden"
+
+
+@pytest.mark.parametrize("body", [b"{", b"[1]", b'{"title": {"a": 1}}', b"[" * 100_000, b"\xff"])
+def test_a_problem_body_that_is_not_one_adds_nothing(body: bytes) -> None:
+    ex = new_exchange()
+    ex.start()
+    with pytest.raises(BsfRejected) as info:
+        ex.receive(404, "Not Found", [("Content-Type", "application/problem+json")], body, now=NOW)
+    assert str(info.value) == "BSF answered 404: Not Found"
+
+
+def test_a_long_refusal_detail_is_cut() -> None:
+    ex = new_exchange()
+    ex.start()
+    body = ('{"detail": "' + "d" * 1000 + '"}').encode()
+    with pytest.raises(BsfRejected) as info:
+        ex.receive(400, "Bad Request", [("Content-Type", "application/problem+json")], body, now=NOW)
+    assert str(info.value).endswith("d" * 160 + "...")
 
 
 def test_a_5xx_to_the_response_is_a_server_error() -> None:
@@ -485,10 +526,40 @@ async def test_retries_are_bounded() -> None:
 
 
 async def test_no_retry_once_the_card_has_run_aka() -> None:
-    bsf = ScriptedBsf(http_challenge, httpx.ReadError("reset"), http_success)
+    """After the AKA run a lost answer is resent once, the same request: never a new exchange."""
+    bsf = ScriptedBsf(http_challenge, httpx.ReadError("reset"), httpx.ReadError("reset"), http_success)
     aka = CountingAka()
     async with client(bsf) as ub:
         with pytest.raises(BsfUnreachable):
+            await ub.run(IDENTITY, aka, mode=GbaMode.GBA_ME)
+    assert len(bsf.requests) == 3 and len(aka.runs) == 1
+    assert bsf.requests[1].headers["Authorization"] == bsf.requests[2].headers["Authorization"]
+    assert 'response=""' not in bsf.requests[2].headers["Authorization"]  # not a new first request
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("connection reset"),
+        httpx.WriteError("broken pipe"),
+    ],
+)
+async def test_an_answer_lost_with_its_connection_is_resent_once_without_a_second_aka(lost: Exception) -> None:
+    bsf = ScriptedBsf(http_challenge, lost, http_success)
+    aka = CountingAka()
+    async with client(bsf) as ub:
+        result = await ub.run(IDENTITY, aka, mode=GbaMode.GBA_ME)
+    assert result.btid == BTID and len(aka.runs) == 1 and result.aka_runs == 1
+    assert len(bsf.requests) == 3
+    assert bsf.requests[1].headers["Authorization"] == bsf.requests[2].headers["Authorization"]
+
+
+async def test_a_bsf_gone_after_aka_is_not_asked_again() -> None:
+    bsf = ScriptedBsf(http_challenge, httpx.ConnectError("refused"), http_success)
+    aka = CountingAka()
+    async with client(bsf) as ub:
+        with pytest.raises(BsfUnreachable, match="refused"):
             await ub.run(IDENTITY, aka, mode=GbaMode.GBA_ME)
     assert len(bsf.requests) == 2 and len(aka.runs) == 1
 
@@ -575,5 +646,41 @@ def test_a_plain_http_bsf_loads_no_ca_and_would_refuse_any_tls_server(bsf_url: s
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname  # fails closed
 
 
-def test_an_https_bsf_is_verified_against_the_ca_bundle() -> None:
-    assert tls_verification("https://bsf.example.net") is True
+def test_an_https_bsf_is_verified_against_the_system_store_and_the_ca_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator CA the gateway trusts (OpenSSL's default paths; SSL_CERT_FILE stands in for
+    /etc/ssl/certs here) is trusted, and so is httpx's bundle of public CAs."""
+    operator_ca = tmp_path / "operator-ca.pem"
+    operator_ca.write_bytes(lab_ca_pem("Operator BSF Root CA"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(operator_ca))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))  # nothing else from this machine's store
+    context = tls_verification("https://bsf.example.net")
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    subjects = {dict(pair[0] for pair in ca["subject"]).get("commonName") for ca in context.get_ca_certs()}
+    assert "Operator BSF Root CA" in subjects
+    assert len(subjects) > 100  # certifi's public roots too
+
+
+def lab_ca_pem(name: str) -> bytes:
+    """A self-signed CA certificate (P-256), as an operator's own PKI root."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
