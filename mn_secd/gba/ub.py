@@ -616,7 +616,9 @@ class UbClient:
         """
         try:
             return await self._send(target, request, budget)
-        except _ConnectionLost as exc:
+        except BsfUnreachable as exc:
+            if not isinstance(exc.__cause__, _CONNECTION_LOST):  # refused, timed out: not worth a resend
+                raise
             log.info(
                 "the BSF's connection was lost before it answered; sending the answer to its challenge again",
                 extra={"event": "ub.resend", "error": str(exc)},
@@ -662,9 +664,9 @@ class UbClient:
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise budget.exhausted() from exc
         except httpx.RemoteProtocolError as exc:  # a close with no answer, or HTTP/1.1 broken
-            raise _ConnectionLost(f"the BSF at {target} broke off or broke HTTP/1.1: {_printable(str(exc))}") from exc
+            raise BsfUnreachable(f"the BSF at {target} broke off or broke HTTP/1.1: {_printable(str(exc))}") from exc
         except (httpx.ReadError, httpx.WriteError) as exc:
-            raise _ConnectionLost(f"the connection to the BSF at {target} was lost: {type(exc).__name__}") from exc
+            raise BsfUnreachable(f"the connection to the BSF at {target} was lost: {type(exc).__name__}") from exc
         except httpx.TransportError as exc:
             detail = _printable(str(exc)) or type(exc).__name__  # e.g. the certificate check that failed
             raise BsfUnreachable(f"cannot reach the BSF at {target}: {detail}") from exc
@@ -681,8 +683,8 @@ class UbClient:
         await self.aclose()
 
 
-class _ConnectionLost(BsfUnreachable):
-    """The BSF was reached but the exchange broke off before a usable answer (see ``_send_answer``)."""
+#: The BSF was reached but the exchange broke off before a usable answer (see ``_send_answer``).
+_CONNECTION_LOST = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 @dataclass(slots=True)
