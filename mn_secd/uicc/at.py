@@ -305,8 +305,16 @@ def parse_cimi(lines: list[str]) -> str:
 
 
 def parse_cpin(lines: list[str]) -> str:
-    """``+CPIN: READY`` -> ``READY`` (also ``SIM PIN``, ``SIM PUK``, ``NOT READY``, ...)."""
-    return _value(_only_line(lines, "+CPIN:", "AT+CPIN?"), "+CPIN:").strip('"').upper()
+    """``+CPIN: READY`` -> ``READY`` (also ``SIM PIN``, ``SIM PUK``, ``NOT READY``, ...).
+
+    A ``+CPIN:`` URC (Quectel, SIMCom and u-blox send ``+CPIN: READY`` unsolicited once the SIM is
+    read) can land inside the answer and has the answer's own shape, so it cannot be told apart.
+    Every such line states the SIM's state when it was written; the last one is the newest.
+    """
+    found = [ln for ln in lines if ln.upper().startswith("+CPIN:")]
+    if not found:
+        raise AtParseError("expected a +CPIN: line in the answer to AT+CPIN?, got none")
+    return _value(found[-1], "+CPIN:").strip('"').upper()
 
 
 # --- the connection ------------------------------------------------------------------------------------

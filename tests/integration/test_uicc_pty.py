@@ -74,6 +74,9 @@ QUIRK_SETS: dict[str, Quirks] = {
     "no-test-commands": Quirks(no_test_commands=True),
     "modem-fetches-61xx": Quirks(internal_get_response=True),
     "latency": Quirks(latency=0.02),
+    # +CPIN: READY unsolicited (Quectel, SIMCom, u-blox once the SIM is read) inside every answer,
+    # the answer to AT+CPIN? included, where it looks like a second answer line.
+    "cpin-urc-inside": Quirks(urcs_inside=True, urc_lines=("+CPIN: READY",)),
     "all-together": Quirks(
         echo=True,
         urcs_between=True,

@@ -114,6 +114,13 @@ def test_cimi_and_cpin() -> None:
         at.parse_cpin([])
 
 
+def test_cpin_with_a_cpin_urc_inside_its_answer_takes_the_newest_line() -> None:
+    """A ``+CPIN:`` URC inside the answer has the answer's shape; the last line is the newest state."""
+    assert at.parse_cpin(["+CPIN: READY", "+CPIN: READY"]) == "READY"
+    assert at.parse_cpin(["+CPIN: SIM PIN", "+CPIN: READY"]) == "READY"
+    assert at.parse_cpin(["+CPIN: READY", "+CPIN: NOT READY"]) == "NOT READY"
+
+
 # --- the connection ---------------------------------------------------------------------------------------
 
 
