@@ -210,6 +210,14 @@ class AuthenticateRefused(UiccError):
     kind = "authenticate-refused"
 
 
+class PathRefusedAuthenticate(AuthenticateRefused):
+    """The modem would not pass AUTHENTICATE on this path (``ERROR``, ``+CME ERROR: 3/4``): the
+    command never reached the card, and another way to the card (AT+CSIM instead of AT+CGLA) may
+    carry the next one."""
+
+    culprit = Culprit.MODEM
+
+
 class AuthenticateOutcomeUnknown(OperationTimeout, UiccError):
     """AUTHENTICATE was sent but no answer came in time.
 

@@ -45,6 +45,7 @@ from mn_secd.errors import (
     AtParseError,
     MnSecdError,
     ModemTimeout,
+    PathRefusedAuthenticate,
     PinRejected,
     PortGoneError,
     UiccAbsent,
@@ -57,7 +58,7 @@ from mn_secd.uicc import at, files
 from mn_secd.uicc.apdu import Apdu, parse_response
 from mn_secd.uicc.channel import CardChannel, ImsiSource
 from mn_secd.uicc.holders import PortHolder, port_holders
-from mn_secd.uicc.options import ModemConfig
+from mn_secd.uicc.options import ModemConfig, TransportChoice
 from mn_secd.uicc.pin import (
     ABSENT_STATES,
     COUNTER_QUERIES,
@@ -187,6 +188,10 @@ class CardSource(Protocol):
     def unreachable(self, detail: str | None = None) -> MnSecdError:
         """The error for "the way to the card is gone" (PortGoneError, ReaderGone), with ``detail``."""
 
+    def refused_authenticate(self, transport: ApduTransport) -> bool:
+        """The modem would not pass AUTHENTICATE through ``transport``: True when the next transport
+        this source opens takes another way to the card."""
+
 
 class Card:
     """The UICC reached through ``source``; implements :class:`mn_secd.interfaces.CardAccess`.
@@ -264,17 +269,21 @@ class Card:
             return self._identity
 
     async def authenticate(self, rand: bytes, autn: bytes, context: AuthContext) -> AkaResult:
-        """Exactly one AUTHENTICATE (3G context or GBA bootstrapping mode); never resent."""
+        """Exactly one AUTHENTICATE (3G context or GBA bootstrapping mode); never resent.
+
+        If the modem refuses it on this path, it is not sent another way (the caller's next
+        challenge is), but the next one goes another way where the source has one.
+        """
         async with self._lock:
             channel, identity = self._ready()
-            async with self._absence_noticed():
+            async with self._absence_noticed(), self._path_refusal_noticed(channel):
                 return await channel.authenticate(identity, rand, autn, context)
 
     async def gba_naf_derivation(self, naf_id: bytes, impi: str) -> bytes:
         """GBA_U NAF derivation (``DE``): Ks_ext_NAF; the card must hold a Ks from a GBA bootstrap."""
         async with self._lock:
             channel, identity = self._ready()
-            async with self._absence_noticed():
+            async with self._absence_noticed(), self._path_refusal_noticed(channel):
                 return await channel.gba_naf_derivation(identity, naf_id, impi)
 
     async def write_gba_bootstrap_params(self, btid: str, lifetime: str) -> None:
@@ -322,6 +331,37 @@ class Card:
         except UiccAbsent as exc:
             self._mark_absent(str(exc))
             raise
+
+    @contextlib.asynccontextmanager
+    async def _path_refusal_noticed(self, channel: CardChannel) -> AsyncIterator[None]:
+        """The modem refused AUTHENTICATE on this channel's path (``AT+CGLA`` answering ``ERROR``
+        while ``AT+CSIM`` would carry it): the card is reached another way from now on, if the
+        source has one, so that the next challenge is not refused too. Caller holds the lock."""
+        try:
+            yield
+        except PathRefusedAuthenticate:
+            if self._source.refused_authenticate(channel.transport):
+                await self._switch_path(channel)
+            raise
+
+    async def _switch_path(self, channel: CardChannel) -> None:
+        previous = self._identity
+        logger.warning(
+            "the modem refused AUTHENTICATE over %s; the card is reached another way from now on",
+            channel.transport.name,
+            extra={"event": "uicc.path_refused_authenticate", "transport": channel.transport.name},
+        )
+        with contextlib.suppress(Exception):  # best effort: the channel is left for another one
+            await channel.transport.close()
+        self._channel = None
+        try:
+            await self._bring_up(emit=False)
+        except MnSecdError as exc:
+            self._mark_absent(f"no other way to the card: {exc}")
+            return
+        assert self._identity is not None
+        if previous is not None and (previous.iccid, previous.impi) != (self._identity.iccid, self._identity.impi):
+            self._emit(CardEvent(CardEventKind.CHANGED, self._identity))
 
     def _on_presence(self, present: bool, why: str) -> None:
         if not present:
@@ -421,6 +461,7 @@ class ModemSource:
         self._scan: asyncio.Task[None] | None = None
         #: What each way to the card answered at the last probe.
         self.findings: list[PathFinding] = []
+        self._refused: set[str] = set()  # transports the modem would not pass AUTHENTICATE through
         port.listen(on_urc=self._on_urc, on_state=self._on_port_state, on_stray=self._on_stray)
 
     @property
@@ -453,10 +494,25 @@ class ModemSource:
     async def open_transport(self) -> ApduTransport:
         await self._check_pin()
         self.findings = []
-        return await open_transport(self.port, self._config.transport, files.USIM_AID_PREFIX, findings=self.findings)
+        return await open_transport(
+            self.port,
+            self._config.transport,
+            files.USIM_AID_PREFIX,
+            findings=self.findings,
+            avoid=frozenset(self._refused),
+        )
 
     def unreachable(self, detail: str | None = None) -> PortGoneError:
         return PortGoneError(f"{self.port.path}: {detail or 'port gone'}")
+
+    def refused_authenticate(self, transport: ApduTransport) -> bool:
+        """With ``transport = "auto"``, a transport that refused AUTHENTICATE is tried last from now on
+        (until the port goes: a modem that comes back may be another one). Never both: with both
+        refused, the card stays on the one it has."""
+        if self._config.transport is not TransportChoice.AUTO or transport.name in self._refused or self._refused:
+            return False
+        self._refused.add(transport.name)
+        return True
 
     def _tell(self, present: bool, why: str) -> None:
         if self._on_presence is not None:
@@ -472,6 +528,7 @@ class ModemSource:
     def _on_port_state(self, up: bool) -> None:
         if up:
             self._pin.card_powered_again()  # a modem that reset powered the card again
+            self._refused.clear()  # and may be another modem, or run other firmware
             self._strays = 0
             self._look_for_holders()
         self._tell(up, "port back" if up else "port gone")

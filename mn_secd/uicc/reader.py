@@ -102,6 +102,10 @@ class ReaderSource:
     def unreachable(self, detail: str | None = None) -> ReaderGone:
         return ReaderGone(f"PC/SC reader {self.wanted!r}: {detail or 'not there (unplugged, or pcscd not running)'}")
 
+    def refused_authenticate(self, transport: ApduTransport) -> bool:
+        """A reader has one way to the card."""
+        return False
+
     # --- presence -----------------------------------------------------------------------------------
 
     def _tell(self, present: bool, why: str) -> None:

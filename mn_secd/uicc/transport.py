@@ -22,7 +22,7 @@ twice is harmless (:func:`~mn_secd.uicc.apdu.idempotent`); an AUTHENTICATE never
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,9 +31,9 @@ from mn_secd.errors import (
     AtCommandError,
     AtParseError,
     AuthenticateOutcomeUnknown,
-    AuthenticateRefused,
     MnSecdError,
     ModemTimeout,
+    PathRefusedAuthenticate,
     PortGoneError,
     TransportUnavailable,
     UiccAbsent,
@@ -85,7 +85,7 @@ class ApduTransport(Protocol):
 
     def one_shot_error(self, exc: MnSecdError, what: str) -> MnSecdError:
         """What ``exc`` from sending ``what`` (an AUTHENTICATE, never resent) means for its outcome:
-        :class:`~mn_secd.errors.AuthenticateRefused` if the command surely never reached the card,
+        :class:`~mn_secd.errors.PathRefusedAuthenticate` if the command surely never reached the card,
         :class:`~mn_secd.errors.AuthenticateOutcomeUnknown` if it may have, else ``exc`` itself."""
 
     async def close(self) -> None:
@@ -127,7 +127,7 @@ def at_one_shot_error(exc: MnSecdError, what: str) -> MnSecdError:
     if isinstance(exc, ModemTimeout | PortGoneError | AtParseError | AnswerLost):
         return AuthenticateOutcomeUnknown(f"{what} sent, no usable answer: {exc}")
     if isinstance(exc, AtCommandError) and (exc.cme in _REFUSING_CME or (exc.cme is None and exc.text is None)):
-        return AuthenticateRefused(f"the modem refused {what} ({exc}): it will not pass AUTHENTICATE on this path")
+        return PathRefusedAuthenticate(f"the modem refused {what} ({exc}): it will not pass AUTHENTICATE on this path")
     return exc
 
 
@@ -340,27 +340,37 @@ async def _try_csim(port: AtCommandPort, timeout: float, found: list[PathFinding
 
 
 async def open_transport(
-    port: AtCommandPort, preference: TransportChoice, aid: bytes, *, findings: list[PathFinding] | None = None
+    port: AtCommandPort,
+    preference: TransportChoice,
+    aid: bytes,
+    *,
+    findings: list[PathFinding] | None = None,
+    avoid: frozenset[str] = frozenset(),
 ) -> ApduTransport:
     """Pick and open a transport: ``cgla`` (AT+CCHO with ``aid``), ``csim``, or ``auto`` (CGLA, then CSIM).
 
-    What each path answered is appended to ``findings`` when given; TransportUnavailable names it.
+    With ``auto``, a transport named in ``avoid`` (the modem refused AUTHENTICATE on it) is passed
+    over while another one works. What each path answered is appended to ``findings`` when given;
+    TransportUnavailable names it.
     """
     timeout = min(port.command_timeout, PROBE_TIMEOUT)
     found = findings if findings is not None else []
-    if preference in (TransportChoice.AUTO, TransportChoice.CGLA):
-        cgla = await _try_cgla(port, aid, timeout, found)
-        if cgla is not None:
-            return cgla
-        if preference == TransportChoice.CGLA:
-            raise TransportUnavailable(
-                f'AT+CCHO/AT+CGLA do not work on this modem ({_summary(found)}); try transport = "auto"'
-            )
-    csim = await _try_csim(port, timeout, found)
-    if csim is None:
-        hint = "" if preference == TransportChoice.AUTO else '; try transport = "auto"'
-        raise TransportUnavailable(f"this modem cannot run GBA over AT: {_summary(found)}{hint}")
-    return csim
+    paths: dict[str, Callable[[], Awaitable[ApduTransport | None]]] = {
+        CglaTransport.name: lambda: _try_cgla(port, aid, timeout, found),
+        CsimTransport.name: lambda: _try_csim(port, timeout, found),
+    }
+    # auto: CGLA first, but a transport that refused AUTHENTICATE last
+    order = sorted(paths, key=lambda name: name in avoid) if preference is TransportChoice.AUTO else [preference.value]
+    for name in order:
+        transport = await paths[name]()
+        if transport is not None:
+            return transport
+    if preference is TransportChoice.CGLA:
+        raise TransportUnavailable(
+            f'AT+CCHO/AT+CGLA do not work on this modem ({_summary(found)}); try transport = "auto"'
+        )
+    hint = "" if preference is TransportChoice.AUTO else '; try transport = "auto"'
+    raise TransportUnavailable(f"this modem cannot run GBA over AT: {_summary(found)}{hint}")
 
 
 def _summary(found: list[PathFinding]) -> str:

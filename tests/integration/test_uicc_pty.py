@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import subprocess
 import sys
+import threading
+import tty
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -256,6 +259,69 @@ async def test_authenticate_refused_by_the_modem(make_modem: Callable[..., PtyMo
     card = await opened(cards, world.path)
     with pytest.raises(AuthenticateRefused):
         await card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
+
+
+class _CglaRefusesAuthenticate:
+    """A small pty peer in front of the emulator: ``AT+CGLA`` carrying AUTHENTICATE is answered
+    ``ERROR`` and never reaches the card (as a modem with a shorter AT+CGLA line than AT+CSIM would);
+    everything else passes through both ways unchanged."""
+
+    def __init__(self, modem_path: str) -> None:
+        self._master, slave = os.openpty()
+        tty.setraw(slave)
+        self.path = os.ttyname(slave)
+        self._keep = slave  # our side stays open: the host's close is not an end of file here
+        self._modem = os.open(modem_path, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(self._modem)
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        line = b""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._master, self._modem], [], [], 0.05)
+            if self._modem in ready:
+                os.write(self._master, os.read(self._modem, 4096))
+            if self._master in ready:
+                line += os.read(self._master, 4096)
+                while b"\r" in line:
+                    command, _, line = line.partition(b"\r")
+                    apdu = command.partition(b',"')[2]
+                    if command.upper().startswith(b"AT+CGLA=") and apdu[2:4] == b"88":
+                        self.refused += 1
+                        os.write(self._master, b"\r\nERROR\r\n")
+                    else:
+                        os.write(self._modem, command + b"\r")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for fd in (self._master, self._keep, self._modem):
+            os.close(fd)
+
+
+async def test_a_path_that_refuses_authenticate_is_left_for_another_one(
+    make_modem: Callable[..., PtyModem], cards: list[Card]
+) -> None:
+    """AT+CGLA refusing AUTHENTICATE (``ERROR``) while AT+CSIM carries it: the refused challenge is
+    not sent again, on any path; the next one goes through AT+CSIM and succeeds."""
+    world = make_modem()
+    peer = _CglaRefusesAuthenticate(world.path)
+    try:
+        card = await opened(cards, peer.path)
+        assert card.transport_name == "cgla"
+        with pytest.raises(AuthenticateRefused):
+            await card.authenticate(RAND, challenge(ISIM_CARD, 1), AuthContext.UMTS)
+        assert peer.refused == 1 and world.modem.apdu_count(INS_AUTHENTICATE) == 0
+        assert card.transport_name == "csim"  # switched before the next challenge
+        result = await card.authenticate(RAND, challenge(ISIM_CARD, 2), AuthContext.UMTS)
+        assert isinstance(result, AkaSuccess) and result.res == expected_keys(ISIM_CARD)[0]
+        assert peer.refused == 1 and world.modem.apdu_count(INS_AUTHENTICATE) == 1
+    finally:
+        await asyncio.gather(*(c.close() for c in cards))
+        peer.close()
 
 
 async def test_get_response_looping_forever_is_capped(make_modem: Callable[..., PtyModem], cards: list[Card]) -> None:
