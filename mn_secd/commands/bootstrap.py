@@ -95,13 +95,14 @@ def describe(session: BootstrapSession, now: float) -> str:
 
 async def _bootstrap_once(modem: ModemConfig, gba: GbaConfig) -> BootstrapSession:
     from mn_secd.uicc.card import open_card
+    from mn_secd.uicc.serial import CLI_SYNC_SECONDS
 
     try:
         ub = UbClient(gba.bsf_url, timeout=gba.http_timeout, retries=gba.retries, require_rspauth=gba.require_rspauth)
     except ValueError as exc:
         raise ConfigError("(command line)" if gba.bsf_url else "(config)", "bsf_url", str(exc)) from None
     async with ub:
-        card = await open_card(modem)
+        card = await open_card(modem, sync_for=CLI_SYNC_SECONDS)
         try:
             return await bootstrap(card, ub, gba.mode)
         finally:

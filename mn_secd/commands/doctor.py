@@ -94,7 +94,7 @@ from mn_secd.uicc.holders import PortHolder, port_holders
 from mn_secd.uicc.options import ModemConfig, TransportChoice
 from mn_secd.uicc.pin import READY_STATES, SIM_PIN, SIM_PUK, PinKeeper
 from mn_secd.uicc.reader import ReaderSource, survey_readers
-from mn_secd.uicc.serial import AtPort
+from mn_secd.uicc.serial import CLI_SYNC_SECONDS, AtPort
 from mn_secd.uicc.transport import ApduTransport, PathFinding, open_transport
 
 #: systemd's exit status when a unit's credentials cannot be set up (systemd.exec(5), 243/CREDENTIALS).
@@ -390,7 +390,12 @@ async def check_modem(doc: Doctor) -> None:
     if modem is None or modem.port is None or not doc.port_usable:
         doc.add("modem", Verdict.SKIP, "the port is not free to use")
         return
-    port = AtPort(modem.port, baud=modem.baud, command_timeout=min(modem.command_timeout, COMMAND_TIMEOUT))
+    port = AtPort(
+        modem.port,
+        baud=modem.baud,
+        command_timeout=min(modem.command_timeout, COMMAND_TIMEOUT),
+        sync_for=CLI_SYNC_SECONDS,  # a modem a few seconds after power-up is waited for, not failed
+    )
     try:
         await port.open()
     except MnSecdError as exc:

@@ -25,6 +25,7 @@ from mn_secd.card_identity import CardIdentity
 from mn_secd.uicc.card import Card, ModemSource, open_card
 from mn_secd.uicc.options import ApplicationChoice, ModemConfig, TransportChoice
 from mn_secd.uicc.reader import ReaderSource, survey_readers
+from mn_secd.uicc.serial import CLI_SYNC_SECONDS
 
 EXIT_MAC_FAILURE = 3
 
@@ -115,7 +116,8 @@ def modem_config(args: argparse.Namespace) -> ModemConfig:
 
 
 async def _open(args: argparse.Namespace) -> Card:
-    return await open_card(modem_config(args))
+    # A modem switched on a moment ago may not answer AT yet: wait for it, a bounded while.
+    return await open_card(modem_config(args), sync_for=CLI_SYNC_SECONDS)
 
 
 def _describe(card: Card, identity: CardIdentity) -> list[str]:

@@ -103,6 +103,8 @@ _SELECT_MF = bytes.fromhex("00A4000C023F00")
 #: Siemens keeps up to this many buffered SELECTs ("19 DFs and 1 EF") to send again before a command.
 _MAX_SELECT_PATH = 20
 #: What another program on the port seems to ask, and the answer everyone on the port then sees.
+#: V.250 numeric forms of the basic result codes the emulator gives (ATV0).
+_NUMERIC_CODES = {"OK": "0", "ERROR": "4"}
 _FOREIGN_ANSWER = "\r\n+CSQ: 19,99\r\n\r\nOK\r\n"
 
 
@@ -193,6 +195,13 @@ class Quirks:
     #: Another program shares the port (ModemManager probing): every this many seconds, while idle,
     #: an answer to an AT+CSQ the host never sent (``+CSQ: 19,99`` and ``OK``).
     foreign_answers: float = 0.0
+    #: The stored profile holds ``ATV0`` (saved with ``AT&W``): numeric result codes at power-on
+    #: (V.250 6.2.6: ``0<CR>`` for OK, ``4<CR>`` for ERROR, information lines without the leading
+    #: ``<CR><LF>``) until ``ATV1``; ``ATZ`` restores the profile's V0.
+    numeric_results: bool = False
+    #: Seconds after power-up (start and every return of the port) during which the modem ignores
+    #: the port: no echo, no answer, input dropped (a modem still booting).
+    boot_silent: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ccho_style not in CCHO_STYLES:
@@ -201,7 +210,15 @@ class Quirks:
             raise ValueError(f"pin_counter must be one of {PIN_COUNTER_STYLES}, not {self.pin_counter!r}")
         if self.split_size < 1:
             raise ValueError("split_size must be >= 1")
-        for name in ("split_delay", "latency", "auth_latency", "boot_no_sim", "boot_sim_busy", "foreign_answers"):
+        for name in (
+            "split_delay",
+            "latency",
+            "auth_latency",
+            "boot_no_sim",
+            "boot_sim_busy",
+            "foreign_answers",
+            "boot_silent",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("cme0_every", "drop_answer_every", "wrong_le"):
@@ -302,7 +319,9 @@ class ModemEmulator:
         self._urc_turn = 0
         # Modem settings (reset by a power cycle, i.e. by restore()).
         self._echo = self._quirks.echo
+        self._verbose = not self._quirks.numeric_results  # V.250 V1 (verbose) or V0 (numeric)
         self._cmee = 0
+        self._booted_at = time.monotonic()  # power-up of the modem itself (boot_silent)
         # Logical channels the modem knows are open on the card, and AT+CCHO's session tokens.
         self._card_channels: set[int] = set()
         self._sessions: dict[int, int] = {}  # session key (channel or Sierra handle) -> channel
@@ -372,9 +391,11 @@ class ModemEmulator:
             os.set_blocking(wake_w, False)
             port = _Port(master, slave, os.ttyname(slave), wake_r, wake_w)
             self._echo = self._quirks.echo
+            self._verbose = not self._quirks.numeric_results
             self._cmee = 0
             self._urc_queue.clear()
             self._powered_at, self._pin_taken_at = time.monotonic(), None
+            self._booted_at = self._powered_at
             self._select_path = []
             if self._link is not None:
                 tmp = f"{self._link}.{os.getpid()}.tmp"
@@ -440,6 +461,8 @@ class ModemEmulator:
                 new = dataclasses.replace(new, **changes)  # type: ignore[arg-type]
             if "echo" in changes or new.echo != self._quirks.echo:
                 self._echo = new.echo
+            if "numeric_results" in changes or new.numeric_results != self._quirks.numeric_results:
+                self._verbose = not new.numeric_results  # as if the profile had just been loaded
             if (new.cme0_every, new.drop_answer_every) != (self._quirks.cme0_every, self._quirks.drop_answer_every):
                 self._apdu_commands = 0  # "every Nth" counts from the moment it is switched on
             self._quirks = new
@@ -571,8 +594,10 @@ class ModemEmulator:
 
     def _handle_line(self, port: _Port, line: str) -> None:
         with self._lock:
-            self._log.append(line)
             q = self._quirks
+            if time.monotonic() - self._booted_at < q.boot_silent:
+                return  # still booting: the line is lost, as on a modem whose firmware is not up
+            self._log.append(line)
             echo = self._echo
         if line[:2].upper() != "AT":
             return  # V.250: a line without the "AT" prefix is not a command; a modem ignores it
@@ -594,12 +619,17 @@ class ModemEmulator:
         except _AnswerDropped:
             info, final = [], "OK"
         self._sleep(port, q.latency)
+        with self._lock:
+            verbose = self._verbose  # after the command: ATV1 answers in the form it asks for
         out = bytearray()
         for text in info:
-            out += f"\r\n{text}\r\n".encode("latin-1")
+            out += f"\r\n{text}\r\n".encode("latin-1") if verbose else f"{text}\r\n".encode("latin-1")
         if q.urcs_inside:
             out += self._next_urc(q)
-        out += f"\r\n{final}\r\n".encode("latin-1")
+        if verbose:
+            out += f"\r\n{final}\r\n".encode("latin-1")
+        else:  # V.250 6.2.6, V0: <numeric code><CR>; an extended code (+CME ERROR) keeps its text
+            out += f"{_NUMERIC_CODES.get(final, final)}\r".encode("latin-1")
         self._write(port, bytes(out))
 
     def _cme_text(self, code: int) -> str:
@@ -649,12 +679,17 @@ class ModemEmulator:
             with self._lock:
                 self._echo = upper == "E1"
             return
+        if upper in ("V", "V0", "V1"):
+            with self._lock:
+                self._verbose = upper == "V1"
+            return
         if upper in ("I", "I0"):
             info += ["mn_secd AT modem emulator", "Revision: 1"]
             return
         if upper in ("Z", "Z0"):
             with self._lock:
                 self._echo = q.echo
+                self._verbose = not q.numeric_results
                 self._cmee = 0
             return
         if not upper.startswith("+"):

@@ -52,6 +52,10 @@ QUIRK_HELP: dict[str, str] = {
     "a bare OK (Quectel EG95)",
     "wrong_le": "the card answers READ BINARY/RECORD N times in a row with 6Cxx (exact length) and the "
     "modem passes it on instead of re-issuing the command (Nordic nRF91)",
+    "numeric_results": "a modem whose profile stores ATV0: numeric result codes (0, 4) until ATV1 "
+    "(an ATV0 saved with AT&W)",
+    "boot_silent": "ignore the port for SECONDS after power-up and after the port returns: no echo, no answer "
+    "(a modem still booting)",
     "foreign_answers": "another program shares the port: every SECONDS, while idle, an answer to an AT+CSQ "
     "the host never sent (ModemManager probing the port)",
 }

@@ -11,7 +11,8 @@ prefixes (and which bare shapes) belong to its answer, and every other line is a
 
 Quirks tolerated (``docs/MODEMS.md`` says which modems do what): echo on, URCs between the lines
 of an answer, answers split over many writes, ``\\r\\n`` / ``\\r`` / ``\\n`` line ends, no space
-after the colon, unquoted or lowercase hex, ``+CCHO:`` with a session handle or a bare number.
+after the colon, unquoted or lowercase hex, ``+CCHO:`` with a session handle or a bare number,
+V.250 numeric result codes (``0``/``4``) in answer to ``ATV1`` only (:func:`verbose_results`).
 
 After a command times out the modem may still answer it later; :meth:`AtConnection.abandon` keeps
 that command in line so its late answer is swallowed (reported as :class:`Discarded`) instead of
@@ -167,6 +168,10 @@ class Command:
     prefixes: tuple[str, ...] = ()  # e.g. ("+CSIM:",): prefixed information lines of the answer
     bare: re.Pattern[str] | None = field(default=None, compare=False)  # unprefixed information lines
     secret: bool = field(default=False, compare=False)
+    #: ``0`` / ``4`` alone on a line are this command's OK / ERROR (V.250 numeric result codes).
+    #: Only :func:`verbose_results` sets it: elsewhere a bare digit is an answer (Fibocom's
+    #: ``AT+CCHO`` session number), never a final result code.
+    numeric_final: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.text.isascii() or not self.text.isprintable() or not self.text.upper().startswith("AT"):
@@ -225,6 +230,18 @@ def ccho(aid: bytes) -> Command:
     if not 1 <= len(aid) <= 16:
         raise ValueError("an AID is 1..16 octets")
     return Command(f'AT+CCHO="{_hex(aid)}"', ("+CCHO:",), _BARE_SESSION)
+
+
+def verbose_results() -> Command:
+    """``ATV1``: verbose result codes, whatever the modem's stored profile says (ITU-T V.250 6.2.6).
+
+    A modem whose profile holds ``ATV0`` (saved with ``AT&W``) answers with V.250's numeric codes,
+    ``0<CR>`` for OK and ``4<CR>`` for ERROR, until it is told ``ATV1``; it may answer ``ATV1``
+    itself in either form. So this one command takes a bare ``0`` as OK and ``4`` as ERROR. It is
+    not saved on the modem (no ``AT&W``): the setting lasts until the modem restarts, and the port
+    sends it again at every open.
+    """
+    return Command("ATV1", numeric_final=True)
 
 
 def cchc(session: str) -> Command:
@@ -324,6 +341,8 @@ _FINAL_OK = "OK"
 _FINAL_ERROR = "ERROR"
 _CME = "+CME ERROR:"
 _CMS = "+CMS ERROR:"
+#: V.250 numeric result codes, taken only for a command that allows them (``numeric_final``).
+_NUMERIC_FINALS: dict[str, Final] = {"0": Ok(), "4": Error()}
 
 
 def _final(line: str) -> Final | None:
@@ -413,6 +432,8 @@ class AtConnection:
     def _classify(self, line: str) -> Event:
         command = self._stale[0] if self._stale else self._pending
         final = _final(line)
+        if final is None and command is not None and command.numeric_final:
+            final = _NUMERIC_FINALS.get(line)
         if command is None:
             if final is None:
                 return Stray(line) if _is_command_line(line) else Urc(line)

@@ -655,6 +655,7 @@ async def open_card(
     *,
     pin: PinKeeper | None = None,
     notices: Callable[[PortSharing | MnSecdError], None] | None = None,
+    sync_for: float = 0.0,
 ) -> Card:
     """Reach the card as ``config`` says and bring it up (identity read, application selected on our channel).
 
@@ -665,7 +666,8 @@ async def open_card(
     open, the Card follows removals, insertions and a vanishing port or reader by itself (card events).
     Through the modem, ``pin`` (the same keeper at every attempt: it remembers a PIN entry) may unlock
     the SIM; ``notices`` hears of another program on the port from the moment the port opens, and of
-    a card that came back locked or busy.
+    a card that came back locked or busy. ``sync_for`` > 0 waits that long at open for a modem that
+    does not answer yet (:meth:`AtPort._sync`; the command-line tools, not the daemon).
     """
     source: CardSource
     if config.uses_reader:
@@ -676,7 +678,11 @@ async def open_card(
     else:
         assert config.port is not None  # ModemConfig requires it for every AT transport
         port = AtPort(
-            config.port, baud=config.baud, command_timeout=config.command_timeout, reopen_max=config.reopen_max
+            config.port,
+            baud=config.baud,
+            command_timeout=config.command_timeout,
+            reopen_max=config.reopen_max,
+            sync_for=sync_for,
         )
         modem = ModemSource(port, config, pin)
         if notices is not None:

@@ -33,8 +33,16 @@ logger = logging.getLogger(__name__)
 
 #: errno values that mean the device behind the fd is gone, not that one read failed.
 _GONE_ERRNOS = frozenset({errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF, errno.EPIPE})
-#: Commands sent after every (re)open: no echo, numeric +CME ERROR codes.
+#: Commands sent after every (re)open, once ``ATV1`` has made the result codes verbose
+#: (:func:`~mn_secd.uicc.at.verbose_results`): no echo, numeric +CME ERROR codes.
 INIT_COMMANDS = ("ATE0", "AT+CMEE=1")
+#: How long one ``ATV1`` of the AT sync waits for its answer, and then for a late one, before the
+#: next is sent: a sync probe every 0.75 s.
+SYNC_PROBE = 0.5
+SYNC_GRACE = 0.25
+#: How long ``mn-secd uicc``, ``bootstrap`` and ``doctor`` wait at open for a modem that does not
+#: answer yet (its first seconds after power-up). The daemon does not sync: it reopens with back-off.
+CLI_SYNC_SECONDS = 10.0
 
 
 def _command_name(command: at.Command) -> str:
@@ -97,8 +105,12 @@ class AtPort:
         command_timeout: float = 5.0,
         reopen_initial: float = 0.1,
         reopen_max: float = 5.0,
+        sync_for: float = 0.0,
     ) -> None:
+        if sync_for < 0:
+            raise ValueError("sync_for must be >= 0")
         self.path = path
+        self.sync_for = sync_for
         self.baud = baud
         self.command_timeout = command_timeout
         self._on_urc: Callable[[str], None] | None = None
@@ -141,7 +153,7 @@ class AtPort:
     async def open(self) -> None:
         """Open and initialise the port; PortGoneError if it cannot be opened or does not answer."""
         self._closing = False
-        await self._open_and_init()
+        await self._open_and_init(sync=True)
 
     async def close(self) -> None:
         """Stop reopening, fail any outstanding command, release the tty."""
@@ -153,14 +165,61 @@ class AtPort:
                 await task
         self._drop_fd(PortGoneError(f"{self.path}: port closed"))
 
-    async def _open_and_init(self) -> None:
+    async def _open_and_init(self, *, sync: bool = False) -> None:
+        """Open, then ``ATV1``, ``ATE0``, ``AT+CMEE=1``; with ``sync`` (and ``sync_for``) the first
+        open waits out a modem that is still silent after power-up (:meth:`_sync`)."""
         self._open_fd()
+        text = "ATV1"
         try:
+            if not (sync and self.sync_for > 0 and await self._sync()):
+                await self._verbose(self.command_timeout)
             for text in INIT_COMMANDS:
                 await self.command(at.plain(text))
         except (ModemTimeout, AtCommandError) as exc:
             self._drop_fd(PortGoneError(f"{self.path}: modem does not answer"))
             raise PortGoneError(f"{self.path}: modem does not answer {text}: {exc}") from exc
+
+    async def _verbose(self, timeout: float) -> None:
+        """``ATV1``, accepting V.250's ``0`` as its OK: a modem whose stored profile says ``ATV0``
+        answers only in numeric codes until then. An ERROR to it was written verbosely, so the
+        modem is in verbose mode already and init goes on."""
+        try:
+            await self.command(at.verbose_results(), timeout=timeout)
+        except AtCommandError as exc:
+            logger.debug("ATV1 refused: %s", exc, extra={"event": "uicc.at_v1_refused"})
+
+    async def _sync(self) -> bool:
+        """The AT sync of the first open: an ``ATV1`` every 0.75 s for up to ``sync_for`` seconds,
+        until the modem answers anything (a modem still booting ignores the port).
+
+        True once an ``ATV1`` was answered; False when only a late answer came (a slow modem, which
+        then gets a full-timeout ``ATV1``). No answer at all is :class:`ModemTimeout`. Only ever
+        ``ATV1``: the sync never repeats a command that does anything to the card.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.sync_for
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ModemTimeout(f"ATV1: no answer within {self.sync_for:g} s (AT sync)")
+            try:
+                await self._verbose(min(SYNC_PROBE, left))
+                return True
+            except ModemTimeout:
+                pass
+            # The probe was abandoned: an answer that comes now is late, but says the modem is up.
+            try:
+                async with asyncio.timeout(max(0.0, min(SYNC_GRACE, deadline - loop.time()))):
+                    await self._stale_cleared.wait()
+            except TimeoutError:
+                # Still silent. An answer that comes after all is dropped, or taken for the next
+                # probe's: the same ATV1, so nothing is mistaken.
+                self._conn.forget_stale()
+                self._stale_cleared.set()
+                continue
+            if self._fd < 0:
+                raise PortGoneError(f"{self.path}: port gone")
+            return False
 
     def _open_fd(self) -> None:
         try:

@@ -321,3 +321,31 @@ def test_answer_parsers_only_raise_at_parse_error(lines: list[str]) -> None:
     for parser in (at.parse_csim, at.parse_cgla, at.parse_ccho, at.parse_cimi, at.parse_cpin):
         with contextlib.suppress(AtParseError):
             parser(lines)
+
+
+# --- V.250 numeric result codes (a modem whose stored profile says ATV0) -----------------------------------
+
+
+def test_atv1_takes_a_bare_0_as_ok_and_4_as_error() -> None:
+    conn = AtConnection()
+    conn.send(at.verbose_results())
+    assert run(conn, b"ATV1\r0\r") == [Echo("ATV1"), Ok()]  # echo on and V0: both in the profile
+    conn.send(at.verbose_results())
+    assert run(conn, b"\r\nOK\r\n") == [Ok()]  # a modem in V1 already
+    conn.send(at.verbose_results())
+    assert run(conn, b"4\r") == [Error()]
+    assert conn.pending is None
+
+
+def test_a_bare_digit_is_never_a_final_result_outside_atv1() -> None:
+    conn = AtConnection()
+    conn.send(at.plain("ATE0"))
+    assert run(conn, b"0\r") == [Urc("0")]  # not OK: the command is still outstanding
+    assert conn.pending is not None
+    conn.abandon()
+    conn.forget_stale()
+    conn.send(at.ccho(bytes.fromhex("A0000000871002")))
+    assert run(conn, b"0\r\n4\r\n") == [Info("0"), Info("4")]  # Fibocom's bare channel number(s)
+    assert conn.pending is not None
+    assert run(conn, b"\r\nOK\r\n") == [Ok()]
+    assert run(conn, b"0\r") == [Urc("0")]  # nothing outstanding: no stray final either
